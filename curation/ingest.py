@@ -1,0 +1,191 @@
+"""Ingest: validate every sample of every shard and record it in `samples` or `rejects`.
+
+Per shard it writes three artifacts, each atomically:
+    samples/<shard>.parquet   accepted samples and their metadata
+    rejects/<shard>.parquet   every sample (or part of the shard) that was refused, with a reason
+    shards/<shard>.parquet    one row of bookkeeping, written last: the shard's commit record
+A shard whose commit record carries the same input fingerprint and config hash is skipped,
+so a rerun after a crash redoes only the shards that were not committed.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pyarrow as pa
+
+from . import schemas
+from .errors import ShardReadError
+from .parallel import map_shards
+from .shards import ShardRef, TruncatedShard, expand_shards, iter_samples, open_shard
+from .validate import IMAGE_EXTS, Rejected, ValidationConfig, validate_image
+from .workspace import Workspace, config_hash, read_parquet_metadata, write_parquet_atomic
+
+STAGE = "ingest"
+
+
+def make_sample_id(shard: str, key: str) -> str:
+    """Stable across reruns and machines: depends only on the shard's name and the key."""
+    return hashlib.blake2b(f"{shard}/{key}".encode(), digest_size=8).hexdigest()
+
+
+@dataclass
+class ShardResult:
+    shard: str
+    n_read: int = 0
+    n_accepted: int = 0
+    n_rejected: int = 0
+    skipped: bool = False
+    seconds: float = 0.0
+    reasons: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class IngestSummary:
+    shards: list[ShardResult] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)  # shard url -> one-line reason
+    missing: list[str] = field(default_factory=list)
+
+    @property
+    def accepted(self) -> int:
+        return sum(r.n_accepted for r in self.shards)
+
+    @property
+    def rejected(self) -> int:
+        return sum(r.n_rejected for r in self.shards)
+
+    @property
+    def skipped(self) -> int:
+        return sum(r.skipped for r in self.shards)
+
+
+def _paths(ws: Workspace, shard: str) -> dict[str, Path]:
+    return {kind: ws.root / kind / f"{shard}.parquet" for kind in ("samples", "rejects", "shards")}
+
+
+def _decode_meta(files: dict[str, bytes]) -> dict:
+    raw = files.get("json")
+    if raw is None:
+        return {}
+    try:
+        meta = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise Rejected("bad_json", f"{exc.__class__.__name__}: {exc}") from exc
+    if not isinstance(meta, dict):
+        raise Rejected("bad_json", f"expected an object, got {type(meta).__name__}")
+    return meta
+
+
+def _caption(meta: dict, files: dict[str, bytes]) -> str | None:
+    if isinstance(meta.get("caption"), str):
+        return meta["caption"]
+    if "txt" in files:
+        return files["txt"].decode("utf-8", errors="replace")
+    return None
+
+
+def ingest_shard(ws_root: str, ref: ShardRef, config: ValidationConfig) -> ShardResult:
+    """Ingest one shard; skip it if it was committed with the same fingerprint and config."""
+    ws = Workspace(Path(ws_root))
+    paths = _paths(ws, ref.name)
+    chash = config_hash(config.as_dict())
+    done = read_parquet_metadata(paths["shards"])
+    if done.get("fingerprint") == ref.fingerprint and done.get("config_hash") == chash:
+        return ShardResult(shard=ref.name, skipped=True)
+
+    start = time.perf_counter()
+    rows: list[dict] = []
+    rejects: list[dict] = []
+    n_read = 0
+
+    def reject(key, reason, detail="", url=None):
+        rejects.append({"shard": ref.name, "key": key, "reason": reason, "detail": detail[:500], "url": url})
+
+    stream = open_shard(ref.url)
+    try:
+        for idx, raw in enumerate(iter_samples(stream)):
+            n_read += 1
+            url = None
+            try:
+                meta = _decode_meta(raw.files)
+                url = meta.get("url") if isinstance(meta.get("url"), str) else None
+                ext = next((e for e in IMAGE_EXTS if e in raw.files), None)
+                if ext is None:
+                    raise Rejected("missing_image", "members: " + ",".join(sorted(raw.files)))
+                data = raw.files[ext]
+                info = validate_image(data, config)
+            except Rejected as rej:
+                reject(raw.key, rej.reason, rej.detail, url)
+                continue
+            rows.append(
+                {
+                    "sample_id": make_sample_id(ref.name, raw.key),
+                    "shard": ref.name,
+                    "key": raw.key,
+                    "idx": idx,
+                    "shard_url": ref.url,
+                    "url": url,
+                    "caption": _caption(meta, raw.files),
+                    "sha256": hashlib.sha256(data).hexdigest(),
+                    "width": info.width,
+                    "height": info.height,
+                    "format": info.format,
+                    "ext": ext,
+                    "mode": info.mode,
+                    "bytes": len(data),
+                    "meta": raw.files["json"].decode("utf-8") if "json" in raw.files else None,
+                }
+            )
+    except TruncatedShard as cut:
+        reject(cut.partial_key, "truncated_tar", f"shard ends early after {n_read} samples: {cut}")
+    finally:
+        stream.close()
+
+    seconds = time.perf_counter() - start
+    stamp = {"fingerprint": ref.fingerprint, "config_hash": chash, "stage": STAGE}
+    write_parquet_atomic(pa.Table.from_pylist(rows, schema=schemas.SAMPLES), paths["samples"], stamp)
+    write_parquet_atomic(pa.Table.from_pylist(rejects, schema=schemas.REJECTS), paths["rejects"], stamp)
+    record = {
+        "shard": ref.name,
+        "shard_url": ref.url,
+        "fingerprint": ref.fingerprint,
+        "config_hash": chash,
+        "n_read": n_read,
+        "n_accepted": len(rows),
+        "n_rejected": len(rejects),
+        "seconds": seconds,
+        "ingested_at": datetime.now(timezone.utc),
+    }
+    write_parquet_atomic(pa.Table.from_pylist([record], schema=schemas.SHARDS), paths["shards"], stamp)
+    reasons: dict[str, int] = {}
+    for r in rejects:
+        reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
+    return ShardResult(ref.name, n_read, len(rows), len(rejects), False, seconds, reasons)
+
+
+def ingest(
+    ws: Workspace,
+    specs: list[str],
+    config: ValidationConfig | None = None,
+    workers: int = 2,
+    source: str | None = None,
+    progress: bool = True,
+) -> IngestSummary:
+    """Ingest every shard the specs name, in parallel. Bad shards are reported, not raised."""
+    config = config or ValidationConfig()
+    refs, missing = expand_shards(specs, source)
+    summary = IngestSummary(missing=missing)
+    work = functools.partial(ingest_shard, str(ws.root), config=config)
+    for ref, result in map_shards(work, refs, workers=workers, desc="ingest", progress=progress):
+        if isinstance(result, BaseException):
+            msg = str(result) if isinstance(result, ShardReadError) else f"{result.__class__.__name__}: {result}"
+            summary.failed[ref.url] = msg
+        else:
+            summary.shards.append(result)
+    summary.shards.sort(key=lambda r: r.shard)
+    return summary

@@ -1,0 +1,92 @@
+"""The workspace: a directory of per-shard artifacts plus `catalog.duckdb`.
+
+Every artifact is written under a temporary name and renamed into place, so a crash
+leaves either nothing or a whole file, never half of one.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+DEFAULT_WORKSPACE = "./workspace"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def resolve_workspace(path: str | os.PathLike | None = None) -> "Workspace":
+    """`path`, else $WEBDISTILL_WORKSPACE, else ./workspace."""
+    chosen = path or os.environ.get("WEBDISTILL_WORKSPACE") or DEFAULT_WORKSPACE
+    return Workspace(Path(chosen))
+
+
+@dataclass(frozen=True)
+class Workspace:
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root).expanduser().resolve())
+
+    @property
+    def catalog_path(self) -> Path:
+        return self.root / "catalog.duckdb"
+
+    def artifact_dir(self, *parts: str) -> Path:
+        d = self.root.joinpath(*parts)
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+
+@contextmanager
+def atomic_path(final: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `final`; rename it onto `final` only on success."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; artifacts are ordinary files
+        os.replace(tmp_path, final)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_parquet_atomic(table: pa.Table, final: Path, metadata: dict | None = None) -> None:
+    """Write `table` to `final` atomically, with optional JSON-able key/value metadata."""
+    if metadata:
+        merged = dict(table.schema.metadata or {})
+        merged.update({k.encode(): json.dumps(v).encode() for k, v in metadata.items()})
+        table = table.replace_schema_metadata(merged)
+    with atomic_path(final) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+
+
+def read_parquet_metadata(path: Path) -> dict:
+    """The JSON key/value metadata written by `write_parquet_atomic` ({} if unreadable)."""
+    try:
+        raw = pq.read_schema(path).metadata or {}
+    except (OSError, pa.ArrowInvalid):
+        return {}
+    out = {}
+    for k, v in raw.items():
+        try:
+            out[k.decode()] = json.loads(v)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            continue
+    return out
+
+
+def config_hash(config: dict) -> str:
+    """A short, stable hash of a stage's config: part of every artifact's skip key."""
+    blob = json.dumps(config, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
