@@ -107,8 +107,8 @@ def _needs_refresh(ws: Workspace) -> bool:
     except duckdb.Error:
         return False
     try:
-        row = con.execute("SELECT value FROM catalog_info WHERE key = 'workspace'").fetchone()
-        return row is None or row[0] != str(ws.root)
+        rows = con.execute("SELECT value FROM catalog_info WHERE key = 'workspace'").fetchall()
+        return not rows or rows[0][0] != str(ws.root)
     except duckdb.Error:
         return True
     finally:

@@ -77,7 +77,9 @@ def expand_shards(specs: list[str], source: str | None = None) -> tuple[list[Sha
     found: dict[str, ShardRef] = {}
     missing: list[str] = []
     for spec in specs:
-        for one in braceexpand.braceexpand(spec):
+        absent: list[str] = []
+        expanded = list(braceexpand.braceexpand(spec))
+        for one in expanded:
             urls: list[str]
             if _is_url(one):
                 urls = [one]
@@ -87,17 +89,21 @@ def expand_shards(specs: list[str], source: str | None = None) -> tuple[list[Sha
                 urls = sorted(glob.glob(one))
             else:
                 urls = [one] if os.path.isfile(one) else []
-            if not urls:
-                missing.append(one)
-                continue
             for url in urls:
                 url = url if _is_url(url) else str(Path(url).resolve())
                 try:
                     fp = _fingerprint(url)
-                except (OSError, FileNotFoundError) as exc:
-                    missing.append(f"{url} ({exc.__class__.__name__})")
+                except OSError as exc:  # FileNotFoundError for URLs too
+                    absent.append(f"{url} ({exc.__class__.__name__})")
                     continue
                 found[url] = ShardRef(url=url, name=shard_name(url, source), fingerprint=fp)
+            if not urls:
+                absent.append(one)
+        if absent and len(expanded) == 1:
+            missing.append(absent[0])
+        elif absent:  # one line per spec, however many names it expands to
+            shown = ", ".join(absent[:3]) + (", ..." if len(absent) > 3 else "")
+            missing.append(f"{spec} ({len(absent)} of {len(expanded)} names: {shown})")
     names: dict[str, str] = {}
     for ref in found.values():
         if ref.name in names:

@@ -76,7 +76,7 @@ def train_demo_teacher(demo_dir: str | Path, epochs: int = 20, seed: int = 0, lo
             loss.backward()
             opt.step()
             sched.step()
-            total += float(loss) * len(idx)
+            total += loss.item() * len(idx)
         log(f"teacher epoch {epoch + 1}/{epochs}: loss {total / len(x):.4f}")
     seconds = time.perf_counter() - start
     model.eval()

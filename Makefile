@@ -1,0 +1,39 @@
+# The two commands that work on a fresh machine: `make demo` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.setup-done
+export HF_HUB_OFFLINE := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export DO_NOT_TRACK := 1
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+# Re-run when the dependencies change. Fashion-MNIST comes from Debian; without apt or root
+# the demo goes on without that domain.
+$(STAMP): pyproject.toml Makefile
+	@if [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null && [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then \
+		echo "installing Fashion-MNIST (Debian package dataset-fashion-mnist)"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null) \
+			|| echo "Fashion-MNIST could not be installed: the demo will go on without it"; \
+	fi
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -e '.[dev]' 2>&1 | grep -v '^WARNING: Location' ; test $${PIPESTATUS[0]} -eq 0
+	# animal-mnist declares tensorflow as a dependency it does not need for its data files.
+	$(BIN)/python -m pip install -q --no-deps animal-mnist==0.4 2>&1 | grep -v '^WARNING: Location' ; test $${PIPESTATUS[0]} -eq 0
+	@touch $(STAMP)
+
+demo: setup
+	$(BIN)/webdistill demo
+
+test: setup
+	$(BIN)/python -m pytest -q tests
+
+bench: setup
+	$(BIN)/python bench/ingest_throughput.py
+
+clean:
+	rm -rf $(VENV) workspace demo .pytest_cache

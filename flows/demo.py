@@ -1,0 +1,129 @@
+"""`webdistill demo`: build the demo crawl and teacher, run the pipeline on them, and
+print what was found against the ground truth. Each step is skipped when its output
+exists for the same parameters, so a second `make demo` is quick."""
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import duckdb
+
+from curation import catalog
+from curation.workspace import Workspace
+
+
+def _cached(marker: Path, params: dict) -> bool:
+    try:
+        return json.loads(marker.read_text()).get("params") == params
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def _step(name: str, timings: dict):
+    class _Timer:
+        def __enter__(self):
+            print(f"== {name}", flush=True)
+            self.t = time.perf_counter()
+
+        def __exit__(self, *exc):
+            timings[name] = time.perf_counter() - self.t
+
+    return _Timer()
+
+
+def build_inputs(out: Path, size: int, n_shards: int, teacher_epochs: int, workers: int, seed: int,
+                 timings: dict) -> tuple[dict, dict]:
+    """The demo crawl and the demo teacher (reused when built before with the same parameters)."""
+    from curation import demo_sources
+    from curation.demo_crawl import build_demo_crawl
+    from distill.demo_teacher import train_demo_teacher
+
+    crawl_params = {"size": size, "shards": n_shards, "seed": seed, "fashion": demo_sources.fashion_available()}
+    marker = out / "crawl" / "build.json"
+    with _step("demo crawl", timings):
+        if not crawl_params["fashion"]:
+            print(f"Fashion-MNIST not found in {demo_sources.FASHION_DIR} (Debian package dataset-fashion-mnist): "
+                  "the demo goes on without that domain")
+        if _cached(marker, crawl_params):
+            crawl = json.loads(marker.read_text())["summary"]
+            print(f"reusing the crawl in {out / 'crawl'}")
+        else:
+            crawl = build_demo_crawl(out, size, n_shards, seed=seed, workers=workers)
+            marker.write_text(json.dumps({"params": crawl_params, "summary": crawl}, indent=2))
+    teacher_params = {"epochs": teacher_epochs, "seed": seed, "crawl": crawl_params}
+    tmarker = out / "teacher" / "build.json"
+    with _step("demo teacher", timings):
+        if _cached(tmarker, teacher_params) and (out / "teacher" / "teacher.json").exists():
+            teacher = json.loads((out / "teacher" / "teacher.json").read_text())
+            print(f"reusing the teacher in {out / 'teacher'}")
+        else:
+            teacher = train_demo_teacher(out, epochs=teacher_epochs, seed=seed)
+            tmarker.write_text(json.dumps({"params": teacher_params}, indent=2))
+    return crawl, teacher
+
+
+def ingest_report(ws: Workspace, truth_path: Path) -> list[tuple]:
+    """Per defect kind: planted in the crawl vs rejected by ingest with that reason."""
+    con = duckdb.connect()
+    con.execute(f"CREATE VIEW truth AS SELECT * FROM read_parquet('{truth_path}')")
+    con.execute(f"CREATE VIEW rejects AS SELECT * FROM read_parquet('{ws.root}/rejects/*.parquet')")
+    return con.execute(
+        """
+        WITH planted AS (
+            SELECT defect, count(*) AS n FROM truth
+            WHERE defect IS NOT NULL AND defect <> 'truncated_tar' GROUP BY defect
+            UNION ALL SELECT 'truncated_tar', count(DISTINCT shard) FROM truth WHERE defect = 'truncated_tar'),
+        found AS (
+            SELECT r.reason, count(*) AS n,
+                   count(*) FILTER (WHERE t.defect = r.reason) AS correct
+            FROM rejects r LEFT JOIN truth t USING (shard, key) GROUP BY r.reason)
+        SELECT coalesce(p.defect, f.reason) AS kind, coalesce(p.n, 0) AS planted, coalesce(f.n, 0) AS rejected,
+               coalesce(f.correct, 0) AS matching_ground_truth
+        FROM planted p FULL JOIN found f ON p.defect = f.reason ORDER BY kind
+        """
+    ).fetchall()
+
+
+def run_demo(workspace: Workspace, out: str, size: int, n_shards: int, teacher_epochs: int, workers: int,
+             seed: int) -> int:
+    from curation.ingest import ingest
+
+    out_dir = Path(out).resolve()
+    timings: dict[str, float] = {}
+    crawl, teacher = build_inputs(out_dir, size, n_shards, teacher_epochs, workers, seed, timings)
+
+    started = datetime.now(timezone.utc)
+    with _step("ingest", timings):
+        summary = ingest(workspace, [str(out_dir / "crawl")], workers=workers)
+        catalog.refresh(workspace)
+        catalog.record_run(workspace, "ingest", started, {"shards": str(out_dir / "crawl"), "demo": True},
+                           {"accepted": summary.accepted, "rejected": summary.rejected, "failed": summary.failed})
+    if summary.failed:
+        for url, why in summary.failed.items():
+            print(f"shard {url} failed: {why}")
+        return 1
+
+    stats = catalog.query(workspace, "SELECT count(*) AS n, count(DISTINCT sha256) AS distinct_images FROM samples").to_pylist()[0]
+    ingest_seconds = sum(r.seconds for r in summary.shards if not r.skipped)
+    fresh = [r for r in summary.shards if not r.skipped]
+    rate = sum(r.n_read for r in fresh) / ingest_seconds if ingest_seconds else float("nan")
+
+    print()
+    print("webdistill demo: results")
+    print(f"  crawl           {crawl['samples']} samples in {crawl['shards']} shards ({out_dir / 'crawl'})")
+    print("  domains         " + ", ".join(f"{k} {v}" for k, v in sorted(crawl["domains"].items())))
+    print(f"  teacher         {teacher['factory']} on {teacher['train_samples']} MNIST digits: "
+          f"test accuracy {teacher['test_accuracy']:.4f} on {crawl['mnist_test']} held-out digits")
+    print(f"  ingest          {summary.accepted} accepted, {summary.rejected} rejected, "
+          f"{stats['n'] - stats['distinct_images']} exact duplicates by sha256"
+          + (f"; {rate:.0f} samples/s per worker" if fresh else " (all shards unchanged: skipped)"))
+    print()
+    print(f"  {'defect':<20}{'planted':>9}{'rejected':>10}{'matching truth':>16}")
+    for kind, planted, rejected, correct in ingest_report(workspace, out_dir / "crawl" / "ground_truth.parquet"):
+        print(f"  {kind:<20}{planted:>9}{rejected:>10}{correct:>16}")
+    print()
+    print("  stage times     " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
+    print(f"  workspace       {workspace.root} (try: webdistill sql \"SELECT reason, count(*) FROM rejects GROUP BY ALL\")")
+    return 0
