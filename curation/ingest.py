@@ -27,6 +27,8 @@ from .validate import IMAGE_EXTS, Rejected, ValidationConfig, validate_image
 from .workspace import Workspace, config_hash, read_parquet_metadata, write_parquet_atomic
 
 STAGE = "ingest"
+# Bump when validation or the artifacts change: committed shards are redone, not skipped.
+INGEST_VERSION = 2
 
 
 def make_sample_id(shard: str, key: str) -> str:
@@ -93,7 +95,7 @@ def ingest_shard(ws_root: str, ref: ShardRef, config: ValidationConfig) -> Shard
     """Ingest one shard; skip it if it was committed with the same fingerprint and config."""
     ws = Workspace(Path(ws_root))
     paths = _paths(ws, ref.name)
-    chash = config_hash(config.as_dict())
+    chash = config_hash(config.as_dict() | {"version": INGEST_VERSION})
     done = read_parquet_metadata(paths["shards"])
     if done.get("fingerprint") == ref.fingerprint and done.get("config_hash") == chash:
         return ShardResult(shard=ref.name, skipped=True)

@@ -55,6 +55,8 @@ def validate_image(data: bytes, config: ValidationConfig) -> ImageInfo:
                 raise Rejected("decompression_bomb", f"{w}x{h} > {config.max_pixels} px or side > {config.max_side}")
             if min(w, h) < config.min_side:
                 raise Rejected("too_small", f"{w}x{h}")
+            im.verify()  # checksums: catches PNG corruption a lenient decoder would let through
+            im = Image.open(io.BytesIO(data))  # verify() leaves the image unusable; open it again
             im.load()  # a full decode, not only the header
             return ImageInfo(width=w, height=h, format=fmt, mode=im.mode)
     except Rejected:
