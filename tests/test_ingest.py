@@ -220,3 +220,13 @@ def test_sigkill_midway_then_rerun_loses_and_duplicates_nothing(small_crawl, tmp
     assert len({r["sample_id"] for r in got}) == len(got)
     rej = lambda ws: sorted(map(str, pq.read_table(ws.root / "rejects").select(["shard", "key", "reason"]).to_pylist()))  # noqa: E731
     assert rej(killed) == rej(clean)
+
+
+def test_demo_crawl_without_fashion_keeps_its_size(tmp_path, monkeypatch):
+    from curation import demo_sources
+    from curation.demo_crawl import build_demo_crawl
+
+    monkeypatch.setattr(demo_sources, "FASHION_DIR", tmp_path / "no-fashion-here")
+    summary = build_demo_crawl(tmp_path / "demo", size=300, n_shards=2, workers=1, progress=False)
+    assert summary["fashion"] is False and "fashion" not in summary["domains"]
+    assert summary["samples"] == 300 and sum(summary["domains"].values()) == 300
