@@ -23,15 +23,22 @@ from .workspace import Workspace
 
 @dataclass(frozen=True)
 class ViewSpec:
-    subdir: str  # artifacts live in <workspace>/<subdir>/*.parquet
+    pattern: str  # artifacts: <workspace>/<pattern>, a glob of parquet files
     schema: pa.Schema  # used for an empty, typed view until the first artifact exists
     description: str
 
 
 VIEWS: dict[str, ViewSpec] = {
-    "samples": ViewSpec("samples", schemas.SAMPLES, "accepted samples: one row per valid image"),
-    "rejects": ViewSpec("rejects", schemas.REJECTS, "refused samples and unreadable parts of shards, with a reason"),
-    "shards": ViewSpec("shards", schemas.SHARDS, "one row per ingested shard: counts, fingerprint, timing"),
+    "samples": ViewSpec("samples/*.parquet", schemas.SAMPLES, "accepted samples: one row per valid image"),
+    "rejects": ViewSpec("rejects/*.parquet", schemas.REJECTS, "refused samples and unreadable parts of shards, with a reason"),
+    "shards": ViewSpec("shards/*.parquet", schemas.SHARDS, "one row per ingested shard: counts, fingerprint, timing"),
+    "embeddings": ViewSpec("embeddings/*/*.parquet", schemas.EMBEDDINGS,
+                           "id maps of the per-shard vectors: embedder, shard, row in the .npy, sample_id"),
+    "dups": ViewSpec("dups/*.parquet", schemas.DUPS,
+                     "near-duplicate clusters per embedder: cluster_id is the representative's sample_id"),
+    "clusters": ViewSpec("clusters/*.parquet", schemas.CLUSTERS, "k-means cluster of every sample, per embedder"),
+    "knn_scores": ViewSpec("knn_scores/*.parquet", schemas.KNN_SCORES,
+                           "similarity to a named reference set (higher = closer), per sample"),
 }
 
 TABLES = {
@@ -66,9 +73,8 @@ def _duckdb_types(schema: pa.Schema) -> list[tuple[str, str]]:
 
 
 def _view_sql(ws: Workspace, name: str, spec: ViewSpec) -> str:
-    directory = ws.root / spec.subdir
-    if directory.is_dir() and any(directory.glob("*.parquet")):
-        glob = str(directory / "*.parquet").replace("'", "''")
+    if any(ws.root.glob(spec.pattern)):
+        glob = str(ws.root / spec.pattern).replace("'", "''")
         return f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM read_parquet('{glob}', union_by_name=true)"
     cols = ", ".join(f'CAST(NULL AS {t}) AS "{c}"' for c, t in _duckdb_types(spec.schema))
     return f"CREATE OR REPLACE VIEW {name} AS SELECT {cols} WHERE false"

@@ -44,3 +44,15 @@ SHARDS = pa.schema(
         ("ingested_at", pa.timestamp("us", tz="UTC")),
     ]
 )
+
+EMBEDDINGS = pa.schema([("embedder", pa.string()), ("shard", pa.string()), ("row", pa.int32()),
+                        ("sample_id", pa.string()), ("ok", pa.bool_())])
+
+DUPS = pa.schema([("embedder", pa.string()), ("sample_id", pa.string()), ("cluster_id", pa.string()),
+                  ("cluster_size", pa.int32()), ("is_representative", pa.bool_())])
+
+CLUSTERS = pa.schema([("embedder", pa.string()), ("sample_id", pa.string()), ("cluster", pa.int32()),
+                      ("centroid_sim", pa.float32())])
+
+KNN_SCORES = pa.schema([("name", pa.string()), ("embedder", pa.string()), ("sample_id", pa.string()),
+                        ("knn_sim", pa.float32())])

@@ -1,0 +1,176 @@
+"""Embed: one L2-normalised float16 `.npy` per shard, with its id map.
+
+    embeddings/<embedder>/<shard>.npy      (n, dim) float16, row i = the i-th accepted sample
+    embeddings/<embedder>/<shard>.parquet  embedder, shard, row, sample_id  (the id map; its commit record)
+
+Images are decoded in DataLoader workers straight from the shards (each worker streams whole
+shards); the model runs batched under inference_mode in the main process. A shard is skipped
+when its id map carries the same ingest stamp and embedder config.
+"""
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from tqdm import tqdm
+
+from . import schemas
+from .embedders import Embedder
+from .shards import TruncatedShard, iter_samples, open_shard
+from .workspace import Workspace, atomic_path, config_hash, read_parquet_metadata, write_parquet_atomic
+
+EMBED_VERSION = 1
+
+
+@dataclass
+class ShardJob:
+    shard: str
+    shard_url: str
+    keys: list[str]  # accepted keys in shard order
+    ext: list[str]
+    sample_ids: list[str]
+    stamp: dict
+
+
+@dataclass
+class EmbedSummary:
+    embedder: str
+    embedded: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    samples: int = 0
+    failed_images: int = 0
+    seconds: float = 0.0
+
+
+class ShardImages(IterableDataset):
+    """Yields (job index, row, image tensor, ok) for the accepted samples of each job's shard."""
+
+    def __init__(self, jobs: list[ShardJob], preprocess, blank: torch.Tensor):
+        self.jobs, self.preprocess, self.blank = jobs, preprocess, blank
+
+    def __iter__(self):
+        info = get_worker_info()
+        mine = range(len(self.jobs)) if info is None else range(info.id, len(self.jobs), info.num_workers)
+        for j in mine:
+            job = self.jobs[j]
+            rows = {k: i for i, k in enumerate(job.keys)}
+            seen = set()
+            stream = open_shard(job.shard_url)
+            try:
+                for raw in iter_samples(stream):
+                    row = rows.get(raw.key)
+                    if row is None:
+                        continue
+                    seen.add(row)
+                    try:
+                        yield j, row, self.preprocess(Image.open(io.BytesIO(raw.files[job.ext[row]]))), True
+                    except Exception:  # noqa: BLE001 - the shard changed since ingest: keep the row, flag it
+                        yield j, row, self.blank, False
+            except TruncatedShard:
+                pass  # ingest kept only samples before the cut; anything missing is flagged below
+            finally:
+                stream.close()
+            for row in set(range(len(job.keys))) - seen:
+                yield j, row, self.blank, False
+
+
+def _low_priority_worker(_: int) -> None:
+    """Decode workers yield the cores to the model's threads and fill the gaps between its ops."""
+    os.nice(10)
+
+
+def _paths(ws: Workspace, embedder: str, shard: str) -> tuple[Path, Path]:
+    d = ws.root / "embeddings" / embedder
+    return d / f"{shard}.npy", d / f"{shard}.parquet"
+
+
+def shard_jobs(ws: Workspace, stamp_extra: dict | None = None) -> list[ShardJob]:
+    """One job per ingested shard with accepted samples, rows in shard order."""
+    jobs = []
+    for samples_file in sorted((ws.root / "samples").glob("*.parquet")):
+        meta = read_parquet_metadata(samples_file)
+        t = pq.read_table(samples_file, columns=["key", "ext", "sample_id", "shard_url", "idx"]).sort_by("idx")
+        if t.num_rows == 0:
+            continue
+        stamp = {"ingest": [meta.get("fingerprint"), meta.get("config_hash")]} | (stamp_extra or {})
+        jobs.append(ShardJob(samples_file.stem, t["shard_url"][0].as_py(), t["key"].to_pylist(), t["ext"].to_pylist(),
+                             t["sample_id"].to_pylist(), stamp))
+    return jobs
+
+
+def plan_jobs(ws: Workspace, embedder: Embedder) -> tuple[list[ShardJob], list[str]]:
+    """Shards that need embedding, and those already done for the same inputs and config."""
+    chash = config_hash(embedder.config | {"version": EMBED_VERSION})
+    jobs, skipped = [], []
+    for job in shard_jobs(ws, {"config_hash": chash}):
+        npy, ids = _paths(ws, embedder.name, job.shard)
+        if npy.exists() and read_parquet_metadata(ids).get("stamp") == job.stamp:
+            skipped.append(job.shard)
+        else:
+            jobs.append(job)
+    return jobs, skipped
+
+
+def load_images(jobs: list[ShardJob], preprocess, batch_size: int = 512, workers: int = 1,
+                progress: bool = True, desc: str = "decode"):
+    """Yield (job index, rows, uint8 image batch, ok) over the jobs' accepted samples."""
+    blank = preprocess(Image.new("RGB", (8, 8)))
+    workers = max(0, min(workers, len(jobs)))
+    loader = DataLoader(ShardImages(jobs, preprocess, blank), batch_size=batch_size, num_workers=workers,
+                        prefetch_factor=4 if workers else None, pin_memory=torch.cuda.is_available(),
+                        worker_init_fn=_low_priority_worker if workers else None)
+    with tqdm(total=sum(len(j.keys) for j in jobs), desc=desc, unit="img", disable=not progress or None) as bar:
+        for batch in loader:
+            yield batch
+            bar.update(len(batch[2]))
+
+
+def _write_shard(ws: Workspace, embedder: Embedder, job: ShardJob, vectors: np.ndarray, ok: np.ndarray) -> None:
+    npy, ids = _paths(ws, embedder.name, job.shard)
+    with atomic_path(npy) as tmp:
+        with open(tmp, "wb") as fh:
+            np.save(fh, vectors.astype(np.float16))
+    n = len(job.keys)
+    table = pa.table({"embedder": [embedder.name] * n, "shard": [job.shard] * n, "row": np.arange(n, dtype=np.int32),
+                      "sample_id": job.sample_ids, "ok": ok}, schema=schemas.EMBEDDINGS)
+    write_parquet_atomic(table, ids, {"stamp": job.stamp, "dim": embedder.dim, "config": embedder.config,
+                                         "args": embedder.args})
+
+
+def embed(ws: Workspace, embedder: Embedder, batch_size: int = 256, workers: int = 1,
+          progress: bool = True) -> EmbedSummary:
+    """Embed every ingested shard not yet embedded with this embedder's config."""
+    import time
+
+    jobs, skipped = plan_jobs(ws, embedder)
+    summary = EmbedSummary(embedder.name, skipped=skipped)
+    if not jobs:
+        return summary
+    start = time.perf_counter()
+    buffers = {j: np.zeros((len(job.keys), embedder.dim), np.float32) for j, job in enumerate(jobs)}
+    oks = {j: np.zeros(len(job.keys), bool) for j, job in enumerate(jobs)}
+    remaining = {j: len(job.keys) for j, job in enumerate(jobs)}
+    for job_idx, rows, x, ok in load_images(jobs, embedder.preprocess, batch_size, workers, progress,
+                                            desc=f"embed {embedder.name}"):
+        vecs = embedder.encode_images(x).numpy()
+        for j in torch.unique(job_idx).tolist():
+            sel = (job_idx == j).numpy()
+            r = rows.numpy()[sel]
+            buffers[j][r] = vecs[sel]
+            oks[j][r] = ok.numpy()[sel]
+            remaining[j] -= int(sel.sum())
+            if remaining[j] == 0:  # the shard is complete: write it now, free its buffer
+                _write_shard(ws, embedder, jobs[j], buffers.pop(j), oks[j])
+                summary.embedded.append(jobs[j].shard)
+                summary.failed_images += int((~oks.pop(j)).sum())
+    summary.samples = sum(len(job.keys) for job in jobs)
+    summary.seconds = time.perf_counter() - start
+    return summary
