@@ -14,8 +14,10 @@ import sys
 import traceback
 from datetime import datetime, timezone
 
-# Offline by default: no hub downloads, no telemetry.
-for _var, _value in (("HF_HUB_OFFLINE", "1"), ("PREFECT_SERVER_ANALYTICS_ENABLED", "false"), ("DO_NOT_TRACK", "1")):
+# Offline by default: no hub downloads, no telemetry. OpenMP threads that sleep instead of spinning
+# leave CPU to the decode workers that feed the model (measured in bench/embed_throughput.py).
+for _var, _value in (("HF_HUB_OFFLINE", "1"), ("PREFECT_SERVER_ANALYTICS_ENABLED", "false"), ("DO_NOT_TRACK", "1"),
+                     ("OMP_WAIT_POLICY", "PASSIVE")):
     os.environ.setdefault(_var, _value)
 
 from curation import catalog  # noqa: E402
@@ -71,6 +73,62 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 def cmd_sql(args: argparse.Namespace) -> int:
     ws = resolve_workspace(args.workspace)
     table = catalog.query(ws, args.query)
+    _print_table(table, args)
+    return 0
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from curation.embed import embed
+    from curation.embedders import make_embedder
+
+    ws = resolve_workspace(args.workspace)
+    embedder = make_embedder(args.embedder, args.pretrained, args.teacher, args.device, args.precision)
+    if args.embedder.startswith("open_clip:") and not args.pretrained:
+        print("embed: no --pretrained weights: the vectors come from a randomly initialised model", file=sys.stderr)
+    started = datetime.now(timezone.utc)
+    summary = embed(ws, embedder, batch_size=args.batch_size, workers=args.workers)
+    catalog.refresh(ws)
+    catalog.record_run(ws, "embed", started, embedder.args, {"embedded": summary.embedded, "samples": summary.samples,
+                       "skipped": len(summary.skipped), "seconds": summary.seconds})
+    rate = f" at {summary.samples / summary.seconds:.0f} images/s" if summary.seconds else ""
+    print(f"embed {embedder.name}: {len(summary.embedded)} shard(s), {summary.samples} images{rate}; "
+          f"{len(summary.skipped)} unchanged and skipped; vectors of dim {embedder.dim} in "
+          f"{ws.root / 'embeddings' / embedder.name}")
+    if summary.failed_images:
+        print(f"webdistill: error: {summary.failed_images} image(s) could not be read again (flagged ok=false)",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def _index_config(args: argparse.Namespace):
+    from curation.index import IndexConfig
+
+    return IndexConfig(ivf_threshold=args.ivf_threshold, nlist=args.nlist, pq_m=args.pq_m, nprobe=args.nprobe,
+                       dup_threshold=args.dup_threshold, kmeans_k=args.kmeans_k)
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from curation.embedders import embedder_dir_name
+    from curation.index import build_index, kmeans_clusters, near_duplicates
+
+    ws = resolve_workspace(args.workspace)
+    name, config = embedder_dir_name(args.embedder), _index_config(args)
+    started = datetime.now(timezone.utc)
+    meta = build_index(ws, name, config)
+    dups = near_duplicates(ws, name, config)
+    clusters = kmeans_clusters(ws, name, config)
+    catalog.refresh(ws)
+    catalog.record_run(ws, "index", started, {"embedder": name} | vars(config),
+                       {"index": meta, "dups": dups, "kmeans_k": clusters["k"]})
+    print(f"index {name}: {meta['kind']} index of {meta['size']} vectors (dim {meta['dim']})"
+          + (" unchanged" if meta["skipped"] else f" built in {meta['seconds']:.1f}s"))
+    print(f"near-duplicates at cosine >= {config.dup_threshold}: {dups.get('clusters')} clusters, "
+          f"{dups.get('duplicates')} samples that duplicate another; k-means: {clusters['k']} clusters")
+    return 0
+
+
+def _print_table(table, args: argparse.Namespace) -> None:
     if args.format == "csv":
         import pyarrow.csv as pacsv
 
@@ -78,12 +136,102 @@ def cmd_sql(args: argparse.Namespace) -> int:
         pacsv.write_csv(table, buf)
         sys.stdout.write(buf.getvalue().decode())
     elif args.format == "json":
-        json.dump(table.to_pylist(), sys.stdout, default=str, indent=None)
+        json.dump(table.to_pylist(), sys.stdout, default=str)
         sys.stdout.write("\n")
     else:
         import duckdb
 
-        duckdb.from_arrow(table).show(max_rows=args.max_rows, max_width=args.max_width)
+        duckdb.from_arrow(table).show(max_rows=getattr(args, "max_rows", 40), max_width=getattr(args, "max_width", None))
+
+
+def _query_vectors(ws, name: str, args: argparse.Namespace):
+    """The query vectors for --sample-id / --image / --text, and a label for each."""
+    import numpy as np
+    from PIL import Image
+
+    from curation.embedders import embedder_from_workspace
+    from curation.errors import WebdistillError
+    from curation.index import vectors_of
+
+    if args.sample_id:
+        return vectors_of(ws, name, args.sample_id), list(args.sample_id)
+    embedder = embedder_from_workspace(ws.root, name)
+    if args.text:
+        return embedder.encode_text(args.text).numpy(), list(args.text)
+    images = []
+    for path in args.image:
+        try:
+            with Image.open(path) as im:
+                images.append(embedder.preprocess(im))
+        except (OSError, ValueError) as exc:
+            raise WebdistillError(f"cannot read image {path}: {exc}") from exc
+    import torch
+
+    return embedder.encode_images(torch.stack(images)).numpy().astype(np.float32), list(args.image)
+
+
+def cmd_knn(args: argparse.Namespace) -> int:
+    import pyarrow as pa
+
+    from curation.embedders import embedder_dir_name
+    from curation.index import search
+
+    ws = resolve_workspace(args.workspace)
+    name = embedder_dir_name(args.embedder)
+    queries, labels = _query_vectors(ws, name, args)
+    hits = search(ws, name, queries, k=args.k, nprobe=args.nprobe)
+    rows = [{"query": label, "rank": r + 1, "sample_id": sid, "similarity": round(sim, 4)}
+            for label, found in zip(labels, hits) for r, (sid, sim) in enumerate(found)]
+    if not rows:
+        print("knn: no neighbours found", file=sys.stderr)
+        return 1
+    con_table = catalog.query(ws, "SELECT sample_id, shard, key, width, height, url, caption FROM samples WHERE sample_id IN ("
+                              + ",".join(f"'{r['sample_id']}'" for r in rows) + ")").to_pylist()
+    meta = {m["sample_id"]: m for m in con_table}
+    table = pa.Table.from_pylist([r | {k: v for k, v in meta.get(r["sample_id"], {}).items() if k != "sample_id"}
+                                  for r in rows])
+    _print_table(table, args)
+    return 0
+
+
+def cmd_knn_score(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from curation.embedders import embedder_dir_name, embedder_from_workspace
+    from curation.errors import WebdistillError
+    from curation.index import knn_score, vectors_of
+
+    ws = resolve_workspace(args.workspace)
+    name = embedder_dir_name(args.embedder)
+    if args.sql:
+        table = catalog.query(ws, args.sql)
+        if "sample_id" not in table.column_names:
+            raise WebdistillError("--sql must return a sample_id column")
+        ref, what = vectors_of(ws, name, table.column("sample_id").to_pylist()), f"sql: {args.sql}"
+    elif args.prompts:
+        ref, what = embedder_from_workspace(ws.root, name).encode_text(args.prompts).numpy(), f"prompts: {args.prompts}"
+    else:
+        from PIL import Image
+        import torch
+
+        embedder = embedder_from_workspace(ws.root, name)
+        files = sorted(p for p in __import__("pathlib").Path(args.images).rglob("*") if p.is_file())
+        tensors = []
+        for f in files:
+            try:
+                with Image.open(f) as im:
+                    tensors.append(embedder.preprocess(im))
+            except (OSError, ValueError):
+                print(f"knn-score: skipping {f}: not a readable image", file=sys.stderr)
+        if not tensors:
+            raise WebdistillError(f"no readable images in {args.images}")
+        ref = np.concatenate([embedder.encode_images(torch.stack(tensors[i:i + 256])).numpy()
+                              for i in range(0, len(tensors), 256)])
+        what = f"images: {args.images}"
+    result = knn_score(ws, name, args.name, ref, k=args.k, description=what)
+    catalog.refresh(ws)
+    print(f"knn-score {args.name}: {result['samples']} samples scored against {result['reference']} reference "
+          f"vectors (k={result['k']}); column knn_sim in view knn_scores WHERE name = '{args.name}'")
     return 0
 
 
@@ -128,6 +276,61 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-rows", type=int, default=40, help="rows shown by --format table (default: %(default)s)")
     p.add_argument("--max-width", type=int, default=None, help="width of --format table (default: terminal)")
     p.set_defaults(func=cmd_sql)
+
+    p = sub.add_parser("embed", parents=[ws], help="embed every ingested image (open_clip or the teacher's features)",
+                       description="Write one L2-normalised float16 .npy per shard, with its id map, under "
+                       "embeddings/<embedder>/. Images are decoded in DataLoader workers, straight from the shards. "
+                       "Shards already embedded with the same model and weights are skipped.")
+    p.add_argument("--embedder", default="open_clip:ViT-S-32",
+                   help="open_clip:<model name> (any open_clip model) or teacher (default: %(default)s)")
+    p.add_argument("--pretrained", default=None, help="open_clip pretrained tag or a local checkpoint path")
+    p.add_argument("--teacher", default=None, help="teacher model spec, for --embedder teacher")
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=1, help="decode workers (default: %(default)s)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="bf16 autocast is faster on CPUs with AMX/AVX512-BF16; fp16 applies on GPU (default: fp32)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.set_defaults(func=cmd_embed)
+
+    def index_options(p):
+        p.add_argument("--embedder", default="open_clip:ViT-S-32", help="which embeddings (default: %(default)s)")
+        p.add_argument("--nprobe", type=int, default=32, help="IVF lists probed per query (default: %(default)s)")
+
+    p = sub.add_parser("index", parents=[ws], help="FAISS index, near-duplicate clusters and k-means clusters",
+                       description="Build a FAISS index over one embedder's vectors (exact IndexFlatIP below "
+                       "--ivf-threshold vectors, IVF or IVF-PQ above), then near-duplicate clusters (range search + "
+                       "connected components; identical bytes always share a cluster) into the `dups` view and "
+                       "k-means clusters into `clusters`. Files open with plain faiss.read_index and pyarrow.")
+    index_options(p)
+    p.add_argument("--ivf-threshold", type=int, default=100_000, help="exact search below this many vectors")
+    p.add_argument("--nlist", type=int, default=None, help="IVF lists (default: about 4*sqrt(n))")
+    p.add_argument("--pq-m", type=int, default=0, help="> 0: IVF-PQ with this many sub-quantizers")
+    p.add_argument("--dup-threshold", type=float, default=0.95, help="cosine similarity of near-duplicates")
+    p.add_argument("--kmeans-k", type=int, default=64, help="k-means clusters (default: %(default)s)")
+    p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("knn", parents=[ws], help="nearest neighbours of a sample, an image file or a text",
+                       description="Print the nearest samples with their catalog metadata.")
+    index_options(p)
+    q = p.add_mutually_exclusive_group(required=True)
+    q.add_argument("--sample-id", nargs="+", help="query by sample_id(s)")
+    q.add_argument("--image", nargs="+", help="query by image file(s)")
+    q.add_argument("--text", nargs="+", help="query by text (embedders with a text tower)")
+    p.add_argument("-k", type=int, default=10, help="neighbours per query (default: %(default)s)")
+    p.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    p.set_defaults(func=cmd_knn)
+
+    p = sub.add_parser("knn-score", parents=[ws], help="score every sample by its similarity to a reference set",
+                       description="Mean cosine similarity of each sample to its k nearest reference vectors, "
+                       "stored as knn_sim in the `knn_scores` view under --name (higher = closer).")
+    index_options(p)
+    p.add_argument("--name", required=True, help="name of the score")
+    r = p.add_mutually_exclusive_group(required=True)
+    r.add_argument("--images", help="a folder of target images")
+    r.add_argument("--prompts", nargs="+", help="class prompts, e.g. 'a photo of the digit 3'")
+    r.add_argument("--sql", help="a query returning the sample_ids of the reference set")
+    p.add_argument("-k", type=int, default=5, help="reference neighbours averaged (default: %(default)s)")
+    p.set_defaults(func=cmd_knn_score)
 
     p = sub.add_parser("demo", parents=[ws], help="build the demo crawl and teacher from offline data, then run the pipeline",
                        description="Build a crawl of real images (MNIST as the teacher's domain, mixed with Fashion-MNIST, "

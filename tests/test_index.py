@@ -1,0 +1,224 @@
+import io
+import json
+from collections import Counter, defaultdict
+
+import faiss
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+
+from curation import catalog
+from curation.embed import embed
+from curation.embedders import EmbedderError, make_embedder
+from curation.index import IndexConfig, build_index, kmeans_clusters, knn_score, near_duplicates, search, vectors_of
+from curation.ingest import ingest
+from curation.workspace import Workspace
+
+from .conftest import run_cli
+
+SPEC = "tests.models_for_tests:thumbnail"  # a real module:factory teacher spec, fast and meaningful
+EMB = "teacher"
+
+
+def _field(seed: int) -> Image.Image:
+    small = np.random.default_rng(seed).integers(0, 256, (6, 6, 3), dtype=np.uint8)
+    return Image.fromarray(small).resize((160, 160), Image.BICUBIC)
+
+
+def _jpeg(im: Image.Image, quality: int = 90) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def dup_crawl(tmp_path_factory):
+    """300 distinct images in 3 shards, then 20 exact and 20 near-duplicates (crop, resize, re-encode)."""
+    root = tmp_path_factory.mktemp("dupcrawl")
+    rng = np.random.default_rng(0)
+    family, samples = {}, []
+    for i in range(300):
+        samples.append({"__key__": f"{i:04d}", "jpg": _jpeg(_field(i))})
+        family[f"{i:04d}"] = i
+    for d in range(40):
+        orig, key = int(rng.integers(300)), f"{300 + d:04d}"
+        if d % 2 == 0:
+            data = samples[orig]["jpg"]
+        else:
+            im = _field(orig)
+            w, h = im.size
+            c = [int(w * rng.uniform(0, 0.06)) for _ in range(4)]
+            side = int(150 * rng.uniform(0.7, 1.3))
+            data = _jpeg(im.crop((c[0], c[1], w - c[2], h - c[3])).resize((side, side)), int(rng.integers(55, 85)))
+        samples.append({"__key__": key, "jpg": data})
+        family[key] = orig
+    order = rng.permutation(len(samples))
+    for s in range(3):
+        with wds.TarWriter(str(root / f"{s:05d}.tar")) as sink:
+            for i in order[s::3]:
+                sink.write(samples[i])
+    ws = Workspace(root / "ws")
+    ingest(ws, [str(root)], workers=1, progress=False)
+    embed(ws, make_embedder("teacher", teacher=SPEC), batch_size=64, workers=1, progress=False)
+    catalog.refresh(ws)
+    return ws, family
+
+
+def _clusters(ws: Workspace) -> dict[str, str]:
+    rows = catalog.query(ws, f"SELECT key, cluster_id FROM dups JOIN samples USING (sample_id) WHERE embedder = '{EMB}'")
+    return {r["key"]: r["cluster_id"] for r in rows.to_pylist()}
+
+
+def pair_precision_recall(clusters: dict[str, str], family: dict[str, int]) -> tuple[float, float]:
+    members = defaultdict(list)
+    for key, cid in clusters.items():
+        members[cid].append(family[key])
+    predicted = sum(len(m) * (len(m) - 1) // 2 for m in members.values())
+    correct = sum(c * (c - 1) // 2 for m in members.values() for c in Counter(m).values())
+    true = sum(c * (c - 1) // 2 for c in Counter(family.values()).values())
+    return correct / max(predicted, 1), correct / true
+
+
+def test_planted_duplicates_are_recovered(dup_crawl):
+    ws, family = dup_crawl
+    config = IndexConfig(dup_threshold=0.9)
+    assert build_index(ws, EMB, config)["kind"] == "flat"
+    summary = near_duplicates(ws, EMB, config)
+    catalog.refresh(ws)
+    clusters = _clusters(ws)
+    precision, recall = pair_precision_recall(clusters, family)
+    assert precision > 0.95 and recall > 0.95, (precision, recall)
+    assert summary["clusters"] == 300
+    # identical bytes always share a cluster, and each cluster has exactly one representative
+    same_bytes = catalog.query(ws, "SELECT sha256, count(DISTINCT cluster_id) AS n FROM samples JOIN dups USING (sample_id) "
+                                   "GROUP BY sha256 HAVING count(*) > 1").to_pylist()
+    assert same_bytes and all(r["n"] == 1 for r in same_bytes)
+    reps = catalog.query(ws, "SELECT cluster_id, count(*) FILTER (WHERE is_representative) AS reps, "
+                             "bool_or(is_representative AND sample_id = cluster_id) AS named FROM dups GROUP BY ALL").to_pylist()
+    assert len(reps) == 300 and all(r["reps"] == 1 and r["named"] for r in reps)
+
+
+def test_ivf_and_ivfpq_paths_match_the_exact_clusters(dup_crawl):
+    ws, family = dup_crawl
+    exact = IndexConfig(dup_threshold=0.9)
+    build_index(ws, EMB, exact)
+    near_duplicates(ws, EMB, exact)
+    want = _clusters(ws)
+    for ivf in (IndexConfig(dup_threshold=0.9, ivf_threshold=100, nlist=8, nprobe=8),
+                IndexConfig(dup_threshold=0.9, ivf_threshold=100, nlist=8, nprobe=8, pq_m=12)):
+        meta = build_index(ws, EMB, ivf)
+        assert meta["kind"] == ("ivfpq" if ivf.pq_m else "ivf")
+        near_duplicates(ws, EMB, ivf)
+        got = _clusters(ws)
+        # tolerance: candidates come from the approximate index, the exact similarity decides;
+        # with 8 of 8 lists probed the partition must be identical
+        assert sorted(Counter(got.values()).values()) == sorted(Counter(want.values()).values())
+        assert pair_precision_recall(got, family) == pair_precision_recall(want, family)
+
+
+def test_artifacts_open_with_plain_faiss_numpy_and_pyarrow(dup_crawl):
+    ws, _ = dup_crawl
+    build_index(ws, EMB, IndexConfig())
+    index = faiss.read_index(str(ws.root / "index" / EMB / "index.faiss"))
+    ids = pq.read_table(ws.root / "index" / EMB / "ids.parquet")
+    assert index.ntotal == ids.num_rows == 340
+    vec = np.load(ws.root / "embeddings" / EMB / "00000.npy")
+    id_map = pq.read_table(ws.root / "embeddings" / EMB / "00000.parquet")
+    assert vec.dtype == np.float16 and vec.shape[0] == id_map.num_rows
+    assert np.allclose(np.linalg.norm(vec.astype(np.float32), axis=1), 1.0, atol=1e-2)
+    # the first vector of shard 00000 finds itself through the plain index and the id map
+    _, rows = index.search(vec[:1].astype(np.float32), 1)
+    assert ids.column("sample_id")[int(rows[0, 0])].as_py() == id_map.column("sample_id")[0].as_py()
+
+
+def test_reruns_are_idempotent(dup_crawl):
+    ws, _ = dup_crawl
+    again = embed(ws, make_embedder("teacher", teacher=SPEC), progress=False)
+    assert again.embedded == [] and len(again.skipped) == 3
+    config = IndexConfig(dup_threshold=0.9)
+    build_index(ws, EMB, config)
+    near_duplicates(ws, EMB, config)
+    mtimes = {p: p.stat().st_mtime_ns for p in (ws.root / "index").rglob("*")} | {
+        p: p.stat().st_mtime_ns for p in (ws.root / "dups").glob("*")}
+    assert build_index(ws, EMB, config)["skipped"] and near_duplicates(ws, EMB, config)["skipped"]
+    assert mtimes == {p: p.stat().st_mtime_ns for p in mtimes}
+
+
+def test_knn_kmeans_and_knn_scores(dup_crawl):
+    ws, family = dup_crawl
+    build_index(ws, EMB, IndexConfig())
+    ids = catalog.query(ws, "SELECT sample_id, key FROM samples ORDER BY key").to_pylist()
+    key_of = {r["sample_id"]: r["key"] for r in ids}
+    # a near-duplicate's nearest neighbour (after itself) is its original
+    near_key = "0301"
+    near_id = next(r["sample_id"] for r in ids if r["key"] == near_key)
+    hits = search(ws, EMB, vectors_of(ws, EMB, [near_id]), k=2)[0]
+    assert key_of[hits[0][0]] == near_key and family[key_of[hits[1][0]]] == family[near_key]
+
+    result = kmeans_clusters(ws, EMB, IndexConfig(kmeans_k=5))
+    assert result["k"] == 5 and sum(result["sizes"]) == 340
+    catalog.refresh(ws)
+    assert catalog.query(ws, "SELECT count(DISTINCT cluster) AS k, count(*) AS n FROM clusters").to_pylist() == [{"k": 5, "n": 340}]
+
+    ref = vectors_of(ws, EMB, [near_id])
+    knn_score(ws, EMB, "near_0301", ref, k=1)
+    catalog.refresh(ws)
+    top = catalog.query(ws, "SELECT key FROM knn_scores JOIN samples USING (sample_id) WHERE name = 'near_0301' "
+                            "ORDER BY knn_sim DESC LIMIT 2").to_pylist()
+    assert {family[r["key"]] for r in top} == {family[near_key]}
+
+
+def test_knn_and_knn_score_from_the_command_line(dup_crawl, tmp_path):
+    ws, family = dup_crawl
+    build_index(ws, EMB, IndexConfig())
+    target = tmp_path / "targets"
+    target.mkdir()
+    _field(7).save(target / "seven.png")
+    (target / "notes.txt").write_text("not an image")
+    res = run_cli("knn", "-w", str(ws.root), "--embedder", "teacher", "--image", str(target / "seven.png"), "-k", "2",
+                  "--format", "json")
+    assert res.returncode == 0, res.stderr
+    rows = json.loads(res.stdout)
+    assert [family[r["key"]] for r in rows][0] == 7 and rows[0]["similarity"] > 0.9
+    res = run_cli("knn-score", "-w", str(ws.root), "--embedder", "teacher", "--name", "sevens", "--images", str(target))
+    assert res.returncode == 0 and "skipping" in res.stderr, res.stderr
+    res = run_cli("knn-score", "-w", str(ws.root), "--embedder", "teacher", "--name", "first",
+                  "--sql", "SELECT sample_id FROM samples WHERE key = '0000'")
+    assert res.returncode == 0, res.stderr
+    out = run_cli("sql", "-w", str(ws.root), "SELECT name, count(*) AS n FROM knn_scores GROUP BY ALL ORDER BY name",
+                  "--format", "csv").stdout.strip().splitlines()
+    assert {'"first",340', '"sevens",340'} <= set(out[1:])
+    bad = run_cli("knn-score", "-w", str(ws.root), "--embedder", "teacher", "--name", "x", "--sql", "SELECT 1 AS a")
+    assert bad.returncode == 2 and "sample_id" in bad.stderr
+
+
+def test_open_clip_embedder_loads_a_user_checkpoint(dup_crawl, tmp_path):
+    import open_clip
+
+    from curation.embedders import MODEL_CONFIGS
+
+    open_clip.add_model_config(MODEL_CONFIGS)
+    torch.manual_seed(1)
+    model = open_clip.create_model("webdistill-tiny-clip")
+    ckpt = tmp_path / "mine.pt"
+    torch.save(model.state_dict(), ckpt)
+    embedder = make_embedder("open_clip:webdistill-tiny-clip", pretrained=str(ckpt))
+    x = torch.stack([embedder.preprocess(_field(i)) for i in range(4)])
+    assert x.dtype == torch.uint8 and x.shape == (4, 3, 32, 32)
+    got = embedder.encode_images(x)
+    model.eval()
+    with torch.no_grad():
+        norm = (x.float() / 255 - torch.tensor(embedder.mean).view(1, 3, 1, 1)) / torch.tensor(embedder.std).view(1, 3, 1, 1)
+        want = torch.nn.functional.normalize(model.encode_image(norm), dim=-1)
+    assert torch.allclose(got, want, atol=1e-5)
+    text = embedder.encode_text(["a photo of the digit 3", "a shoe"])
+    assert text.shape == (2, embedder.dim) and torch.allclose(text.norm(dim=1), torch.ones(2), atol=1e-4)
+    with pytest.raises(EmbedderError):
+        make_embedder("open_clip:webdistill-tiny-clip", pretrained=str(tmp_path / "missing.pt"))
+    with pytest.raises(EmbedderError):
+        make_embedder("open_clip:no-such-model")
+    with pytest.raises(EmbedderError):
+        make_embedder("clip-retrieval")
