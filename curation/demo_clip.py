@@ -10,6 +10,7 @@ which makes the image tower tell instances apart: near-duplicates land close tog
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -41,7 +42,11 @@ def train_demo_clip(ws: Workspace, out: str | Path, seconds: float = 150.0, batc
 
     open_clip.add_model_config(MODEL_CONFIGS)
     torch.manual_seed(seed)
-    model, _, _ = open_clip.create_model_and_transforms(MODEL, pretrained=None)
+    logging.disable(logging.WARNING)  # open_clip warns that a model built to be trained has no weights
+    try:
+        model, _, _ = open_clip.create_model_and_transforms(MODEL, pretrained=None)
+    finally:
+        logging.disable(logging.NOTSET)
     tokenizer = open_clip.get_tokenizer(MODEL)
     size = model.visual.image_size[0] if isinstance(model.visual.image_size, tuple) else model.visual.image_size
     mean = torch.tensor(model.visual.preprocess_cfg["mean"]).view(1, 3, 1, 1)

@@ -6,6 +6,7 @@ Preprocessing runs in DataLoader workers, so it must be picklable and model-free
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,12 +129,16 @@ class OpenClipEmbedder(Embedder):
         if pretrained and ("/" in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))) \
                 and not os.path.isfile(pretrained):
             raise EmbedderError(f"checkpoint not found: {pretrained}")
+        if not pretrained:  # the CLI says it in one line of its own
+            logging.disable(logging.WARNING)
         try:
             model, _, val_transform = open_clip.create_model_and_transforms(
                 model_name, pretrained=pretrained or None, device=device, weights_only=True)
         except RuntimeError as exc:  # an unknown tag, or a checkpoint that does not fit the model
             raise EmbedderError(f"cannot load open_clip {model_name} with pretrained={pretrained}: "
                                 f"{str(exc).splitlines()[0]}") from exc
+        finally:
+            logging.disable(logging.NOTSET)
         self.model = model.eval()
         if type(model.visual).__name__ != "VisionTransformer":  # conv towers run faster channels_last on CPU
             self.memory_format = torch.channels_last

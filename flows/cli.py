@@ -240,7 +240,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     return run_demo(
         workspace=resolve_workspace(args.workspace), out=args.out, size=args.size, n_shards=args.shards,
-        teacher_epochs=args.teacher_epochs, workers=args.workers, seed=args.seed,
+        teacher_epochs=args.teacher_epochs, workers=args.workers, seed=args.seed, clip_seconds=args.clip_seconds,
     )
 
 
@@ -335,13 +335,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", parents=[ws], help="build the demo crawl and teacher from offline data, then run the pipeline",
                        description="Build a crawl of real images (MNIST as the teacher's domain, mixed with Fashion-MNIST, "
                        "animal silhouettes, letters, natural-image crops and 8x8 digits) with planted defects and "
-                       "duplicates, train a small teacher on a kept-aside MNIST split, ingest the crawl, and print "
-                       "what was found against the ground truth.")
+                       "duplicates, train a small teacher on a kept-aside MNIST split, ingest the crawl, train a small "
+                       "CLIP on its image-caption pairs and embed with it (as a user's --pretrained checkpoint), build "
+                       "the FAISS index, near-duplicate and k-means clusters, and print what was found against the "
+                       "ground truth.")
     p.add_argument("--out", default="demo", help="where the crawl, eval set and teacher go (default: %(default)s)")
     p.add_argument("--size", type=int, default=52_000, help="samples in the crawl (default: %(default)s)")
     p.add_argument("--shards", type=int, default=24, help="shards in the crawl (default: %(default)s)")
     p.add_argument("--teacher-epochs", type=int, default=20, help="teacher training epochs (default: %(default)s)")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="parallel processes (default: %(default)s)")
+    p.add_argument("--clip-seconds", type=float, default=150.0,
+                   help="CPU seconds to train the demo's small CLIP (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of everything random in the demo (default: %(default)s)")
     p.set_defaults(func=cmd_demo)
     return parser

@@ -86,8 +86,78 @@ def ingest_report(ws: Workspace, truth_path: Path) -> list[tuple]:
     ).fetchall()
 
 
+def dup_report(ws: Workspace, embedder: str, truth_path: Path) -> dict:
+    """Near-duplicate clusters against the planted duplicates: pairwise precision and recall
+    (a pair = two samples in one cluster; true when one duplicates the other or both duplicate
+    the same original), and the share of planted exact / near duplicates found with their original."""
+    con = duckdb.connect()
+    con.execute(f"CREATE VIEW truth AS SELECT * FROM read_parquet('{truth_path}')")
+    con.execute(f"CREATE VIEW samples AS SELECT * FROM read_parquet('{ws.root}/samples/*.parquet')")
+    con.execute(f"CREATE VIEW dups AS SELECT * FROM read_parquet('{ws.root}/dups/{embedder}.parquet')")
+    con.execute("""CREATE VIEW labelled AS SELECT d.cluster_id, t.key, coalesce(t.duplicate_of, t.key) AS family,
+                   t.dup_kind FROM dups d JOIN samples s USING (sample_id) JOIN truth t USING (shard, key)""")
+    predicted, correct, true = con.execute("""
+        SELECT (SELECT sum(n * (n - 1) / 2) FROM (SELECT count(*) AS n FROM labelled GROUP BY cluster_id)),
+               (SELECT sum(n * (n - 1) / 2) FROM (SELECT count(*) AS n FROM labelled GROUP BY cluster_id, family)),
+               (SELECT sum(n * (n - 1) / 2) FROM (SELECT count(*) AS n FROM labelled GROUP BY family))""").fetchall()[0]
+    found = dict((kind, (hit, total)) for kind, hit, total in con.execute("""
+        SELECT a.dup_kind, count(*) FILTER (WHERE a.cluster_id = b.cluster_id), count(*)
+        FROM labelled a JOIN labelled b ON b.key = a.family WHERE a.dup_kind IS NOT NULL GROUP BY ALL""").fetchall())
+    return {"pair_precision": correct / predicted if predicted else float("nan"),
+            "pair_recall": correct / true if true else float("nan"), "found": found}
+
+
+def relevance_auroc(ws: Workspace, name: str, truth_path: Path) -> float:
+    """AUROC of a knn score for telling the teacher's domain (MNIST in the crawl) from the rest."""
+    from sklearn.metrics import roc_auc_score
+
+    rows = duckdb.connect().execute(f"""
+        SELECT t.in_domain, k.knn_sim FROM read_parquet('{ws.root}/knn_scores/{name}.parquet') k
+        JOIN read_parquet('{ws.root}/samples/*.parquet') s USING (sample_id)
+        JOIN read_parquet('{truth_path}') t USING (shard, key)""").fetchall()
+    labels, scores = zip(*rows)
+    return float(roc_auc_score(labels, scores))
+
+
+def embed_and_index(workspace: Workspace, out_dir: Path, clip_seconds: float, workers: int, seed: int,
+                    crawl_params: dict, timings: dict) -> dict:
+    """Train the demo CLIP (as a user's checkpoint), embed with it, index, cluster and score."""
+    from curation.demo_clip import MODEL, train_demo_clip
+    from curation.embed import embed
+    from curation.embedders import make_embedder
+    from curation.index import IndexConfig, build_index, kmeans_clusters, knn_score, near_duplicates
+
+    clip_dir = out_dir / "clip"
+    clip_dir.mkdir(parents=True, exist_ok=True)
+    params = {"seconds": clip_seconds, "seed": seed, "crawl": crawl_params}
+    with _step("demo CLIP", timings):
+        if _cached(clip_dir / "build.json", params) and (clip_dir / f"{MODEL}.pt").exists():
+            clip = json.loads((clip_dir / "clip.json").read_text())
+            print(f"reusing the CLIP checkpoint in {clip_dir}")
+        else:
+            clip = train_demo_clip(workspace, clip_dir, seconds=clip_seconds, seed=seed)
+            (clip_dir / "build.json").write_text(json.dumps({"params": params}))
+    started = datetime.now(timezone.utc)
+    with _step("embed", timings):
+        embedder = make_embedder(f"open_clip:{MODEL}", pretrained=str(clip_dir / f"{MODEL}.pt"))
+        summary = embed(workspace, embedder, batch_size=512, workers=1)
+        catalog.record_run(workspace, "embed", started, embedder.args, {"samples": summary.samples})
+    config = IndexConfig(dup_threshold=0.97)
+    with _step("index", timings):
+        meta = build_index(workspace, embedder.name, config)
+        dups = near_duplicates(workspace, embedder.name, config)
+        kmeans = kmeans_clusters(workspace, embedder.name, config)
+        prompts = [f"handwritten digit {d}" for d in range(10)]
+        knn_score(workspace, embedder.name, "digit_prompts", embedder.encode_text(prompts).numpy(), k=3,
+                  description=f"prompts: {prompts}")
+        catalog.refresh(workspace)
+    return {"clip": clip, "embedder": embedder.name, "index": meta, "dups": dups, "kmeans_k": kmeans["k"],
+            "embed_rate": summary.samples / summary.seconds if summary.seconds else None}
+
+
 def run_demo(workspace: Workspace, out: str, size: int, n_shards: int, teacher_epochs: int, workers: int,
-             seed: int) -> int:
+             seed: int, clip_seconds: float = 150.0) -> int:
+    from curation import demo_sources
     from curation.ingest import ingest
 
     out_dir = Path(out).resolve()
@@ -123,6 +193,24 @@ def run_demo(workspace: Workspace, out: str, size: int, n_shards: int, teacher_e
     print(f"  {'defect':<20}{'planted':>9}{'rejected':>10}{'matching truth':>16}")
     for kind, planted, rejected, correct in ingest_report(workspace, out_dir / "crawl" / "ground_truth.parquet"):
         print(f"  {kind:<20}{planted:>9}{rejected:>10}{correct:>16}")
+    crawl_params = {"size": size, "shards": n_shards, "seed": seed, "fashion": demo_sources.fashion_available()}
+    emb = embed_and_index(workspace, out_dir, clip_seconds, workers, seed, crawl_params, timings)
+    truth = out_dir / "crawl" / "ground_truth.parquet"
+    report = dup_report(workspace, emb["embedder"], truth)
+    clip = emb["clip"]
+    print()
+    print(f"  CLIP            {clip['model']} trained {clip['seconds']:.0f}s on {clip['pairs_seen']} image-caption pairs, "
+          f"loaded with --pretrained {clip['checkpoint']}")
+    if emb["embed_rate"]:
+        print(f"  embed           {emb['embed_rate']:.0f} images/s")
+    print(f"  index           {emb['index']['kind']} FAISS index of {emb['index']['size']} vectors; "
+          f"{emb['kmeans_k']} k-means clusters")
+    print(f"  near-dups       cosine >= {emb['dups']['threshold']}: {emb['dups']['clusters']} clusters; pairwise "
+          f"precision {report['pair_precision']:.3f}, recall {report['pair_recall']:.3f} against the ground truth")
+    for kind, (hit, total) in sorted(report["found"].items()):
+        print(f"                  planted {kind} duplicates found with their original: {hit}/{total}")
+    print(f"  zero-shot       AUROC of similarity to 'handwritten digit N' prompts for the teacher's domain: "
+          f"{relevance_auroc(workspace, 'digit_prompts', truth):.3f}")
     print()
     print("  stage times     " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
     print(f"  workspace       {workspace.root} (try: webdistill sql \"SELECT reason, count(*) FROM rejects GROUP BY ALL\")")
