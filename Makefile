@@ -34,6 +34,8 @@ test: setup
 
 bench: setup
 	$(BIN)/python bench/ingest_throughput.py
+	$(BIN)/python bench/embed_throughput.py --shards 3 --repeats 3
+	$(BIN)/python bench/dedup_1m.py
 
 clean:
 	rm -rf $(VENV) workspace demo .pytest_cache

@@ -31,7 +31,7 @@ from .workspace import Workspace, atomic_path, config_hash, read_parquet_metadat
 INDEX_VERSION = 1
 
 
-class IndexError_(WebdistillError):
+class IndexMissing(WebdistillError):
     """No embeddings to index, or no index to query."""
 
 
@@ -66,7 +66,7 @@ def load_vectors(ws: Workspace, embedder: str) -> Vectors:
     folder = ws.root / "embeddings" / embedder
     id_maps = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
     if not id_maps:
-        raise IndexError_(f"no embeddings for {embedder!r} in {ws.root}; run `webdistill embed` first")
+        raise IndexMissing(f"no embeddings for {embedder!r} in {ws.root}; run `webdistill embed` first")
     xs, ids, stamps = [], [], []
     for m in id_maps:
         xs.append(np.load(m.with_suffix(".npy")).astype(np.float32))
@@ -125,7 +125,7 @@ def build_index(ws: Workspace, embedder: str, config: IndexConfig = IndexConfig(
 def open_index(ws: Workspace, embedder: str, nprobe: int = 32) -> tuple[faiss.Index, np.ndarray, dict]:
     paths = _paths(ws, embedder)
     if not paths["index"].exists():
-        raise IndexError_(f"no index for {embedder!r}; run `webdistill index --embedder ...` first")
+        raise IndexMissing(f"no index for {embedder!r}; run `webdistill index --embedder ...` first")
     index = faiss.read_index(str(paths["index"]))
     if hasattr(index, "nprobe") or isinstance(index, faiss.IndexIVF):
         faiss.extract_index_ivf(index).nprobe = nprobe
@@ -235,7 +235,7 @@ def vectors_of(ws: Workspace, embedder: str, sample_ids: list[str]) -> np.ndarra
     row = {sid: r for r, sid in enumerate(vec.sample_ids)}
     missing = [s for s in sample_ids if s not in row]
     if missing:
-        raise IndexError_(f"{len(missing)} sample_id(s) have no {embedder} embedding, e.g. {missing[0]}")
+        raise IndexMissing(f"{len(missing)} sample_id(s) have no {embedder} embedding, e.g. {missing[0]}")
     return vec.x[[row[s] for s in sample_ids]]
 
 
@@ -243,7 +243,7 @@ def knn_score(ws: Workspace, embedder: str, name: str, reference: np.ndarray, k:
               description: str = "") -> dict:
     """Mean cosine similarity of every sample to its k nearest reference vectors (higher = closer)."""
     if len(reference) == 0:
-        raise IndexError_("the reference set is empty")
+        raise IndexMissing("the reference set is empty")
     vec = load_vectors(ws, embedder)
     ref = np.ascontiguousarray(reference, dtype=np.float32)
     ref /= np.linalg.norm(ref, axis=1, keepdims=True).clip(1e-12)

@@ -122,7 +122,7 @@ def load_model(spec: str) -> LoadedModel:
         cfg = json.loads(sidecar.read_text()) if sidecar else {}
         return LoadedModel(module, spec, int(cfg.get("input_size", 224)), tuple(cfg.get("mean", IMAGENET_MEAN)),
                            tuple(cfg.get("std", IMAGENET_STD)), list(cfg.get("classes", [])), scripted=True)
-    if ":" not in spec or spec.endswith((".pt", ".pth", ".json")):
-        raise ModelSpecError(f"model spec not found: {spec}")
     name, _, weights = spec.partition("@")
+    if ":" not in name:
+        raise ModelSpecError(f"model spec not found: {spec}")
     return LoadedModel(_with_weights(_factory(name), weights or None, spec), spec)

@@ -211,11 +211,13 @@ def cmd_knn_score(args: argparse.Namespace) -> int:
     elif args.prompts:
         ref, what = embedder_from_workspace(ws.root, name).encode_text(args.prompts).numpy(), f"prompts: {args.prompts}"
     else:
-        from PIL import Image
+        from pathlib import Path
+
         import torch
+        from PIL import Image
 
         embedder = embedder_from_workspace(ws.root, name)
-        files = sorted(p for p in __import__("pathlib").Path(args.images).rglob("*") if p.is_file())
+        files = sorted(p for p in Path(args.images).rglob("*") if p.is_file())
         tensors = []
         for f in files:
             try:
