@@ -83,8 +83,13 @@ class ShardImages(IterableDataset):
 
 
 def _low_priority_worker(_: int) -> None:
-    """Decode workers yield the cores to the model's threads and fill the gaps between its ops."""
-    os.nice(10)
+    """Decode workers yield the cores to the model's threads and fill the gaps between its ops:
+    preempting one OpenMP thread stalls them all, so a decode that barges in costs far more than
+    its own CPU time."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):  # not Linux: a lower priority is the next best thing
+        os.nice(10)
 
 
 def _paths(ws: Workspace, embedder: str, shard: str) -> tuple[Path, Path]:

@@ -288,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", default=None, help="open_clip pretrained tag or a local checkpoint path")
     p.add_argument("--teacher", default=None, help="teacher model spec, for --embedder teacher")
     p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default: %(default)s)")
-    p.add_argument("--workers", type=int, default=1, help="decode workers (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=2, help="decode workers, at idle priority (default: %(default)s)")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
                    help="bf16 autocast is faster on CPUs with AMX/AVX512-BF16; fp16 applies on GPU (default: fp32)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")

@@ -140,7 +140,7 @@ def embed_and_index(workspace: Workspace, out_dir: Path, clip_seconds: float, wo
     started = datetime.now(timezone.utc)
     with _step("embed", timings):
         embedder = make_embedder(f"open_clip:{MODEL}", pretrained=str(clip_dir / f"{MODEL}.pt"))
-        summary = embed(workspace, embedder, batch_size=512, workers=1)
+        summary = embed(workspace, embedder, batch_size=512, workers=2)
         catalog.record_run(workspace, "embed", started, embedder.args, {"samples": summary.samples})
     config = IndexConfig(dup_threshold=0.97)
     with _step("index", timings):
