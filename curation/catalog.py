@@ -127,7 +127,10 @@ def connect_readonly(ws: Workspace) -> duckdb.DuckDBPyConnection:
         raise CatalogMissing(f"no catalog at {ws.catalog_path}; run `webdistill ingest` first")
     if _needs_refresh(ws):  # the workspace was moved: repoint the views
         refresh(ws)
-    con = duckdb.connect(str(ws.catalog_path), read_only=True)
+    try:
+        con = duckdb.connect(str(ws.catalog_path), read_only=True)
+    except duckdb.IOException as exc:  # a stage holds the write lock for a moment
+        raise SQLError(f"the catalog is busy ({_first_line(exc)}); try again in a moment") from exc
     allowed = str(ws.root).replace("'", "''") + "/"
     for setting in (
         f"SET allowed_directories=['{allowed}']",

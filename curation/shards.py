@@ -47,8 +47,12 @@ class TruncatedShard(Exception):
 
 
 def shard_name(url: str, source: str | None = None) -> str:
-    base = url.rstrip("/").split("/")[-1].split()[-1] if url.startswith("pipe:") else url.rstrip("/").split("/")[-1]
-    stem = _TAR_SUFFIX.sub("", base)
+    """The file stem: `.../00012.tar?sig=x` -> `00012`; for `pipe:` commands, the last tar named in it."""
+    if url.startswith("pipe:"):
+        tokens = url[len("pipe:"):].split()
+        tars = [t for t in tokens if _TAR_SUFFIX.search(t.split("?")[0])]
+        url = tars[-1] if tars else (tokens[-1] if tokens else "pipe")
+    stem = _TAR_SUFFIX.sub("", url.split("?")[0].rstrip("/").split("/")[-1])
     return f"{source}-{stem}" if source else stem
 
 

@@ -230,3 +230,16 @@ def test_demo_crawl_without_fashion_keeps_its_size(tmp_path, monkeypatch):
     summary = build_demo_crawl(tmp_path / "demo", size=300, n_shards=2, workers=1, progress=False)
     assert summary["fashion"] is False and "fashion" not in summary["domains"]
     assert summary["samples"] == 300 and sum(summary["domains"].values()) == 300
+
+
+@pytest.mark.parametrize("url, name", [
+    ("/data/crawl/00012.tar", "00012"),
+    ("https://host.example/crawl/00012.tar?sig=abc", "00012"),
+    ("pipe:aws s3 cp s3://bucket/crawl/00007.tar -", "00007"),
+    ("pipe:sleep 1 && cat /x/part-3.tar.gz", "part-3"),
+])
+def test_shard_names(url, name):
+    from curation.shards import shard_name
+
+    assert shard_name(url) == name
+    assert shard_name(url, source="web") == f"web-{name}"
