@@ -34,9 +34,10 @@ def _captions(ws: Workspace, jobs) -> list[str]:
     return caps
 
 
-def train_demo_clip(ws: Workspace, out: str | Path, seconds: float = 150.0, batch_size: int = 256,
+def train_demo_clip(ws: Workspace, out: str | Path, steps: int = 100, batch_size: int = 256,
                     max_samples: int = 30_000, seed: int = 0, text_weight: float = 1.0, log=print) -> dict:
-    """Train for about `seconds` of CPU time on up to `max_samples` accepted samples."""
+    """Train for a fixed number of steps (reproducible, unlike a time budget) on up to `max_samples`
+    accepted samples. 100 steps of 256 take about 2.5 minutes on 2 cores."""
     import open_clip
     from open_clip.loss import ClipLoss
 
@@ -71,7 +72,7 @@ def train_demo_clip(ws: Workspace, out: str | Path, seconds: float = 150.0, batc
     model.train()
     start, step, seen, epoch = time.perf_counter(), 0, 0, 0
     history = []
-    while time.perf_counter() - start < seconds:
+    while step < steps:
         order = torch.randperm(len(images))
         for i in range(0, len(order) - batch_size + 1, batch_size):
             idx = order[i : i + batch_size]
@@ -92,7 +93,7 @@ def train_demo_clip(ws: Workspace, out: str | Path, seconds: float = 150.0, batc
             if step % 20 == 0:
                 history.append(round(loss.item(), 4))
                 log(f"clip step {step}: loss {loss.item():.3f} ({seen / (time.perf_counter() - start):.0f} pairs/s)")
-            if time.perf_counter() - start >= seconds:
+            if step >= steps:
                 break
         epoch += 1
     out = Path(out)

@@ -242,7 +242,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     return run_demo(
         workspace=resolve_workspace(args.workspace), out=args.out, size=args.size, n_shards=args.shards,
-        teacher_epochs=args.teacher_epochs, workers=args.workers, seed=args.seed, clip_seconds=args.clip_seconds,
+        teacher_epochs=args.teacher_epochs, workers=args.workers, seed=args.seed, clip_steps=args.clip_steps,
     )
 
 
@@ -346,8 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", type=int, default=24, help="shards in the crawl (default: %(default)s)")
     p.add_argument("--teacher-epochs", type=int, default=20, help="teacher training epochs (default: %(default)s)")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="parallel processes (default: %(default)s)")
-    p.add_argument("--clip-seconds", type=float, default=150.0,
-                   help="CPU seconds to train the demo's small CLIP (default: %(default)s)")
+    p.add_argument("--clip-steps", type=int, default=100,
+                   help="training steps (of 256 pairs) for the demo's small CLIP (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of everything random in the demo (default: %(default)s)")
     p.set_defaults(func=cmd_demo)
     return parser

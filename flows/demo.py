@@ -119,7 +119,7 @@ def relevance_auroc(ws: Workspace, name: str, truth_path: Path) -> float:
     return float(roc_auc_score(labels, scores))
 
 
-def embed_and_index(workspace: Workspace, out_dir: Path, clip_seconds: float, workers: int, seed: int,
+def embed_and_index(workspace: Workspace, out_dir: Path, clip_steps: int, workers: int, seed: int,
                     crawl_params: dict, timings: dict) -> dict:
     """Train the demo CLIP (as a user's checkpoint), embed with it, index, cluster and score."""
     from curation.demo_clip import MODEL, train_demo_clip
@@ -129,13 +129,13 @@ def embed_and_index(workspace: Workspace, out_dir: Path, clip_seconds: float, wo
 
     clip_dir = out_dir / "clip"
     clip_dir.mkdir(parents=True, exist_ok=True)
-    params = {"seconds": clip_seconds, "seed": seed, "crawl": crawl_params}
+    params = {"steps": clip_steps, "seed": seed, "crawl": crawl_params}
     with _step("demo CLIP", timings):
         if _cached(clip_dir / "build.json", params) and (clip_dir / f"{MODEL}.pt").exists():
             clip = json.loads((clip_dir / "clip.json").read_text())
             print(f"reusing the CLIP checkpoint in {clip_dir}")
         else:
-            clip = train_demo_clip(workspace, clip_dir, seconds=clip_seconds, seed=seed)
+            clip = train_demo_clip(workspace, clip_dir, steps=clip_steps, seed=seed)
             (clip_dir / "build.json").write_text(json.dumps({"params": params}))
     started = datetime.now(timezone.utc)
     with _step("embed", timings):
@@ -156,7 +156,7 @@ def embed_and_index(workspace: Workspace, out_dir: Path, clip_seconds: float, wo
 
 
 def run_demo(workspace: Workspace, out: str, size: int, n_shards: int, teacher_epochs: int, workers: int,
-             seed: int, clip_seconds: float = 150.0) -> int:
+             seed: int, clip_steps: int = 100) -> int:
     from curation import demo_sources
     from curation.ingest import ingest
 
@@ -194,7 +194,7 @@ def run_demo(workspace: Workspace, out: str, size: int, n_shards: int, teacher_e
     for kind, planted, rejected, correct in ingest_report(workspace, out_dir / "crawl" / "ground_truth.parquet"):
         print(f"  {kind:<20}{planted:>9}{rejected:>10}{correct:>16}")
     crawl_params = {"size": size, "shards": n_shards, "seed": seed, "fashion": demo_sources.fashion_available()}
-    emb = embed_and_index(workspace, out_dir, clip_seconds, workers, seed, crawl_params, timings)
+    emb = embed_and_index(workspace, out_dir, clip_steps, workers, seed, crawl_params, timings)
     truth = out_dir / "crawl" / "ground_truth.parquet"
     report = dup_report(workspace, emb["embedder"], truth)
     clip = emb["clip"]
