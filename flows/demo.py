@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -21,16 +22,15 @@ def _cached(marker: Path, params: dict) -> bool:
         return False
 
 
+@contextmanager
 def _step(name: str, timings: dict):
-    class _Timer:
-        def __enter__(self):
-            print(f"== {name}", flush=True)
-            self.t = time.perf_counter()
-
-        def __exit__(self, *exc):
-            timings[name] = time.perf_counter() - self.t
-
-    return _Timer()
+    """Announce a step and record how long it took."""
+    print(f"== {name}", flush=True)
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[name] = time.perf_counter() - start
 
 
 def build_inputs(out: Path, size: int, n_shards: int, teacher_epochs: int, workers: int, seed: int,
@@ -175,10 +175,17 @@ def run_demo(workspace: Workspace, out: str, size: int, n_shards: int, teacher_e
             print(f"shard {url} failed: {why}")
         return 1
 
-    stats = catalog.query(workspace, "SELECT count(*) AS n, count(DISTINCT sha256) AS distinct_images FROM samples").to_pylist()[0]
+    stats = catalog.query(workspace, "SELECT count(*) AS n, count(DISTINCT sha256) AS distinct_images, "
+                          "(SELECT count(*) FROM rejects) AS rejected FROM samples").to_pylist()[0]
     ingest_seconds = sum(r.seconds for r in summary.shards if not r.skipped)
     fresh = [r for r in summary.shards if not r.skipped]
     rate = sum(r.n_read for r in fresh) / ingest_seconds if ingest_seconds else float("nan")
+
+    crawl_params = {"size": size, "shards": n_shards, "seed": seed, "fashion": demo_sources.fashion_available()}
+    emb = embed_and_index(workspace, out_dir, clip_steps, workers, seed, crawl_params, timings)
+    truth = out_dir / "crawl" / "ground_truth.parquet"
+    report = dup_report(workspace, emb["embedder"], truth)
+    clip = emb["clip"]
 
     print()
     print("webdistill demo: results")
@@ -186,18 +193,13 @@ def run_demo(workspace: Workspace, out: str, size: int, n_shards: int, teacher_e
     print("  domains         " + ", ".join(f"{k} {v}" for k, v in sorted(crawl["domains"].items())))
     print(f"  teacher         {teacher['factory']} on {teacher['train_samples']} MNIST digits: "
           f"test accuracy {teacher['test_accuracy']:.4f} on {crawl['mnist_test']} held-out digits")
-    print(f"  ingest          {summary.accepted} accepted, {summary.rejected} rejected, "
+    print(f"  ingest          {stats['n']} accepted, {stats['rejected']} rejected, "
           f"{stats['n'] - stats['distinct_images']} exact duplicates by sha256"
           + (f"; {rate:.0f} samples/s per worker" if fresh else " (all shards unchanged: skipped)"))
     print()
     print(f"  {'defect':<20}{'planted':>9}{'rejected':>10}{'matching truth':>16}")
-    for kind, planted, rejected, correct in ingest_report(workspace, out_dir / "crawl" / "ground_truth.parquet"):
+    for kind, planted, rejected, correct in ingest_report(workspace, truth):
         print(f"  {kind:<20}{planted:>9}{rejected:>10}{correct:>16}")
-    crawl_params = {"size": size, "shards": n_shards, "seed": seed, "fashion": demo_sources.fashion_available()}
-    emb = embed_and_index(workspace, out_dir, clip_steps, workers, seed, crawl_params, timings)
-    truth = out_dir / "crawl" / "ground_truth.parquet"
-    report = dup_report(workspace, emb["embedder"], truth)
-    clip = emb["clip"]
     print()
     print(f"  CLIP            {clip['model']} trained {clip['seconds']:.0f}s on {clip['pairs_seen']} image-caption pairs, "
           f"loaded with --pretrained {clip['checkpoint']}")
