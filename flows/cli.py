@@ -146,11 +146,7 @@ def _print_table(table, args: argparse.Namespace) -> None:
 
 def _query_vectors(ws, name: str, args: argparse.Namespace):
     """The query vectors for --sample-id / --image / --text, and a label for each."""
-    import numpy as np
-    from PIL import Image
-
     from curation.embedders import embedder_from_workspace
-    from curation.errors import WebdistillError
     from curation.index import vectors_of
 
     if args.sample_id:
@@ -158,16 +154,30 @@ def _query_vectors(ws, name: str, args: argparse.Namespace):
     embedder = embedder_from_workspace(ws.root, name)
     if args.text:
         return embedder.encode_text(args.text).numpy(), list(args.text)
-    images = []
-    for path in args.image:
+    return _encode_image_files(embedder, args.image, strict=True), list(args.image)
+
+
+def _encode_image_files(embedder, paths, strict: bool):
+    """Embed image files; an unreadable one is an error (strict) or skipped with one line."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from curation.errors import WebdistillError
+
+    tensors = []
+    for path in paths:
         try:
             with Image.open(path) as im:
-                images.append(embedder.preprocess(im))
+                tensors.append(embedder.preprocess(im))
         except (OSError, ValueError) as exc:
-            raise WebdistillError(f"cannot read image {path}: {exc}") from exc
-    import torch
-
-    return embedder.encode_images(torch.stack(images)).numpy().astype(np.float32), list(args.image)
+            if strict:
+                raise WebdistillError(f"cannot read image {path}: {exc}") from exc
+            print(f"skipping {path}: not a readable image", file=sys.stderr)
+    if not tensors:
+        raise WebdistillError("no readable images")
+    return np.concatenate([embedder.encode_images(torch.stack(tensors[i:i + 256])).numpy()
+                           for i in range(0, len(tensors), 256)])
 
 
 def cmd_knn(args: argparse.Namespace) -> int:
@@ -195,8 +205,6 @@ def cmd_knn(args: argparse.Namespace) -> int:
 
 
 def cmd_knn_score(args: argparse.Namespace) -> int:
-    import numpy as np
-
     from curation.embedders import embedder_dir_name, embedder_from_workspace
     from curation.errors import WebdistillError
     from curation.index import knn_score, vectors_of
@@ -213,23 +221,8 @@ def cmd_knn_score(args: argparse.Namespace) -> int:
     else:
         from pathlib import Path
 
-        import torch
-        from PIL import Image
-
-        embedder = embedder_from_workspace(ws.root, name)
         files = sorted(p for p in Path(args.images).rglob("*") if p.is_file())
-        tensors = []
-        for f in files:
-            try:
-                with Image.open(f) as im:
-                    tensors.append(embedder.preprocess(im))
-            except (OSError, ValueError):
-                print(f"knn-score: skipping {f}: not a readable image", file=sys.stderr)
-        if not tensors:
-            raise WebdistillError(f"no readable images in {args.images}")
-        ref = np.concatenate([embedder.encode_images(torch.stack(tensors[i:i + 256])).numpy()
-                              for i in range(0, len(tensors), 256)])
-        what = f"images: {args.images}"
+        ref, what = _encode_image_files(embedder_from_workspace(ws.root, name), files, strict=False), f"images: {args.images}"
     result = knn_score(ws, name, args.name, ref, k=args.k, description=what)
     catalog.refresh(ws)
     print(f"knn-score {args.name}: {result['samples']} samples scored against {result['reference']} reference "
