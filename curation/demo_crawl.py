@@ -21,7 +21,7 @@ import os
 import struct
 import tarfile
 import zlib
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -153,15 +154,14 @@ def _write_shard(ws: Workspace, embedder: Embedder, job: ShardJob, vectors: np.n
 def embed(ws: Workspace, embedder: Embedder, batch_size: int = 256, workers: int = 1,
           progress: bool = True) -> EmbedSummary:
     """Embed every ingested shard not yet embedded with this embedder's config."""
-    import time
-
     jobs, skipped = plan_jobs(ws, embedder)
     summary = EmbedSummary(embedder.name, skipped=skipped)
     if not jobs:
         return summary
     start = time.perf_counter()
-    buffers = {j: np.zeros((len(job.keys), embedder.dim), np.float32) for j, job in enumerate(jobs)}
-    oks = {j: np.zeros(len(job.keys), bool) for j, job in enumerate(jobs)}
+    # buffers exist only for shards in flight: allocated on a shard's first batch, freed once written
+    buffers: dict[int, np.ndarray] = {}
+    oks: dict[int, np.ndarray] = {}
     remaining = {j: len(job.keys) for j, job in enumerate(jobs)}
     for job_idx, rows, x, ok in load_images(jobs, embedder.preprocess, batch_size, workers, progress,
                                             desc=f"embed {embedder.name}"):
@@ -169,6 +169,9 @@ def embed(ws: Workspace, embedder: Embedder, batch_size: int = 256, workers: int
         for j in torch.unique(job_idx).tolist():
             sel = (job_idx == j).numpy()
             r = rows.numpy()[sel]
+            if j not in buffers:
+                buffers[j] = np.zeros((len(jobs[j].keys), embedder.dim), np.float32)
+                oks[j] = np.zeros(len(jobs[j].keys), bool)
             buffers[j][r] = vecs[sel]
             oks[j][r] = ok.numpy()[sel]
             remaining[j] -= int(sel.sum())

@@ -167,7 +167,7 @@ def test_shards_over_http_and_brace_patterns(small_crawl, tmp_path):
         ws_http, ws_local = Workspace(tmp_path / "h"), Workspace(tmp_path / "l")
         s1 = ingest(ws_http, [f"http://127.0.0.1:{port}/{{00000..00001}}.tar"], workers=1, progress=False)
         s2 = ingest(ws_local, [str(small_crawl / "crawl" / "0000[01].tar")], workers=1, progress=False)
-        assert not s1.failed and len(s1.shards) == 2
+        assert not s1.failed and len(s1.shards) == 2 and len(s2.shards) == 2
         ids = lambda ws: sorted(pq.read_table(ws.root / "samples").column("sample_id").to_pylist())  # noqa: E731
         assert ids(ws_http) == ids(ws_local)
     finally:

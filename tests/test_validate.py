@@ -1,4 +1,3 @@
-import numpy as np
 import pytest
 
 from curation.demo_crawl import decompression_bomb_png
