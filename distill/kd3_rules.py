@@ -1,0 +1,48 @@
+"""KD^3's dynamic-selection rules (Tang et al., ICCV 2023), in one place.
+
+The scoring stage (combined prediction, threshold flag), the `kd3` selection policy and the
+`kd3` loss's per-epoch selection all call these two functions.
+
+- `combine_weight(e, E)`: the teacher's weight `a(e)` in `z = a*z_T + (1-a)*z_S`:
+  `a(e) = 1 - exp(-5((e+1)/R - 1)^2)` for `e < E/2`, else 0 (student only), with `R = 2E/3`.
+  The reference code's R = 160 and cut-off 120 for E = 240 are this rule at E = 240.
+- `class_thresholds(labels, confidences, n_classes, tau)`: FlexMatch-style class-adaptive
+  thresholds `tau_c = tau * s_c / (2 - s_c)`, `s_c = N_c / max_c N_c`, where `N_c` counts the
+  samples whose combined prediction is `c` with confidence above `tau` (the class's "learning
+  effect"). While no class has any such sample, every class gets `tau`.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+DEFAULT_TAU = 0.95
+
+
+def combine_weight(epoch: int, epochs: int) -> float:
+    """The teacher's weight a(e) in the combined prediction at 0-based `epoch` of `epochs`."""
+    if epochs <= 0:
+        raise ValueError("epochs must be positive")
+    if epoch >= epochs / 2:
+        return 0.0
+    ramp = 2.0 * epochs / 3.0
+    return 1.0 - math.exp(-5.0 * ((epoch + 1) / ramp - 1.0) ** 2)
+
+
+def class_thresholds(labels: np.ndarray, confidences: np.ndarray, n_classes: int,
+                     tau: float = DEFAULT_TAU) -> np.ndarray:
+    """Per-class thresholds (n_classes,) from the pool's combined predictions."""
+    labels = np.asarray(labels)
+    confident = labels[np.asarray(confidences) > tau]
+    counts = np.bincount(confident.astype(np.int64), minlength=n_classes)[:n_classes].astype(np.float64)
+    if counts.max() == 0:
+        return np.full(n_classes, tau)
+    s = counts / counts.max()
+    return tau * s / (2.0 - s)
+
+
+def passes_threshold(labels: np.ndarray, confidences: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """True where a sample's combined confidence exceeds its predicted class's threshold."""
+    labels = np.asarray(labels).astype(np.int64)
+    return np.asarray(confidences) > np.asarray(thresholds)[labels]
