@@ -6,11 +6,13 @@ Views point at absolute globs, so they are rebuilt whenever the workspace moves
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 
 import duckdb
 import pyarrow as pa
@@ -38,6 +40,8 @@ VIEWS: dict[str, ViewSpec] = {
     "clusters": ViewSpec("clusters/*.parquet", schemas.CLUSTERS, "k-means cluster of every sample, per embedder"),
     "knn_scores": ViewSpec("knn_scores/*.parquet", schemas.KNN_SCORES,
                            "similarity to a named reference set (higher = closer), per sample"),
+    "scores": ViewSpec("scores/*/*.parquet", schemas.SCORES,
+                       "per-sample teacher/student scores of every scoring run (see score_columns)"),
 }
 
 TABLES = {
@@ -45,6 +49,13 @@ TABLES = {
         run_id VARCHAR PRIMARY KEY, stage VARCHAR, started_at TIMESTAMPTZ, finished_at TIMESTAMPTZ,
         params JSON, summary JSON)""",
     "catalog_info": "CREATE TABLE IF NOT EXISTS catalog_info (key VARCHAR PRIMARY KEY, value VARCHAR)",
+    "score_columns": "CREATE TABLE IF NOT EXISTS score_columns (name VARCHAR PRIMARY KEY, description VARCHAR)",
+    "selections": """CREATE TABLE IF NOT EXISTS selections (
+        name VARCHAR PRIMARY KEY, size BIGINT, query VARCHAR, policy VARCHAR, score_run VARCHAR,
+        path VARCHAR, manifest_sha256 VARCHAR, created_at TIMESTAMPTZ, config JSON)""",
+    "students": """CREATE TABLE IF NOT EXISTS students (
+        name VARCHAR PRIMARY KEY, selection VARCHAR, loss VARCHAR, teacher_mode VARCHAR, eval_accuracy DOUBLE,
+        checkpoint VARCHAR, created_at TIMESTAMPTZ, summary JSON)""",
 }
 
 # User SQL may only read. DuckDB's own parser names each statement's type.
@@ -87,9 +98,46 @@ def refresh(ws: Workspace) -> None:
             con.execute(ddl)
         for name, spec in VIEWS.items():
             con.execute(_view_sql(ws, name, spec))
-        con.execute("INSERT OR REPLACE INTO catalog_info VALUES ('workspace', ?)", [str(ws.root)])
+        con.executemany("INSERT OR REPLACE INTO score_columns VALUES (?, ?)", list(schemas.SCORE_COLUMNS.items()))
+        sources = candidate_sources(ws)
+        con.execute(_candidates_sql(sources))
+        con.executemany("INSERT OR REPLACE INTO catalog_info VALUES (?, ?)",
+                        [("workspace", str(ws.root))] + [(f"candidates.{k}", json.dumps(v)) for k, v in sources.items()])
     finally:
         con.close()
+
+
+def _newest(paths) -> Path | None:
+    paths = [p for p in paths if p.is_file()]
+    return max(paths, key=lambda p: p.stat().st_mtime_ns) if paths else None
+
+
+def candidate_sources(ws: Workspace) -> dict:
+    """What the `candidates` view joins: the newest near-duplicate and k-means results, the newest
+    finished scoring run, and every named kNN score."""
+    dups = _newest(ws.root.glob("dups/*.parquet"))
+    clusters = _newest(ws.root.glob("clusters/*.parquet"))
+    run = _newest(ws.root.glob("scores/*/run.json"))
+    return {"dups_embedder": dups.stem if dups else None, "clusters_embedder": clusters.stem if clusters else None,
+            "score_run": run.parent.name if run else None,
+            "knn": sorted(p.stem for p in ws.root.glob("knn_scores/*.parquet"))}
+
+
+def _quote(value: str | None) -> str:
+    return "NULL" if value is None else "'" + value.replace("'", "''") + "'"
+
+
+def _candidates_sql(src: dict) -> str:
+    knn_cols = "".join(f', k{i}.knn_sim AS "knn_{n}"' for i, n in enumerate(src["knn"]))
+    knn_joins = "".join(f" LEFT JOIN (SELECT sample_id, knn_sim FROM knn_scores WHERE name = {_quote(n)}) k{i} USING (sample_id)"
+                        for i, n in enumerate(src["knn"]))
+    return f"""CREATE OR REPLACE VIEW candidates AS
+        SELECT s.*, d.cluster_id, d.cluster_size, d.is_representative, c.cluster, c.centroid_sim,
+               sc.* EXCLUDE (sample_id, shard, "row"){knn_cols}
+        FROM samples s
+        LEFT JOIN (SELECT * FROM dups WHERE embedder = {_quote(src["dups_embedder"])}) d USING (sample_id)
+        LEFT JOIN (SELECT * FROM clusters WHERE embedder = {_quote(src["clusters_embedder"])}) c USING (sample_id)
+        LEFT JOIN (SELECT * FROM scores WHERE run = {_quote(src["score_run"])}) sc USING (sample_id){knn_joins}"""
 
 
 def record_run(ws: Workspace, stage: str, started_at: datetime, params: dict, summary: dict) -> str:
@@ -104,6 +152,30 @@ def record_run(ws: Workspace, stage: str, started_at: datetime, params: dict, su
     finally:
         con.close()
     return run_id
+
+
+def _upsert(ws: Workspace, table: str, row: list) -> None:
+    con = _connect_rw(ws)
+    try:
+        con.execute(TABLES[table])
+        con.execute(f"INSERT OR REPLACE INTO {table} VALUES ({', '.join('?' * len(row))})", row)
+    finally:
+        con.close()
+
+
+def record_selection(ws: Workspace, manifest: dict, path: Path) -> None:
+    digest = hashlib.sha256((path / "manifest.json").read_bytes()).hexdigest()
+    config = {k: manifest.get(k) for k in ("limit", "seed", "score_run", "teacher", "counts_per_class")}
+    _upsert(ws, "selections", [manifest["name"], manifest["total"], manifest.get("query"), manifest.get("policy"),
+                               manifest.get("score_run"), str(path), digest, datetime.now(timezone.utc),
+                               json.dumps(config)])
+
+
+def record_student(ws: Workspace, summary: dict) -> None:
+    """A distillation run's summary.json, as a row of `students`."""
+    _upsert(ws, "students", [summary["name"], summary.get("selection"), summary.get("loss"),
+                             summary.get("teacher_mode"), summary.get("eval_accuracy"), summary.get("checkpoint"),
+                             datetime.now(timezone.utc), json.dumps(summary, default=str)])
 
 
 def _needs_refresh(ws: Workspace) -> bool:

@@ -151,6 +151,31 @@ def _write_shard(ws: Workspace, embedder: Embedder, job: ShardJob, vectors: np.n
                                          "args": embedder.args})
 
 
+def per_shard_outputs(jobs: list[ShardJob], preprocess, compute, batch_size: int = 256, workers: int = 1,
+                      progress: bool = True, desc: str = "shards"):
+    """Run `compute(uint8 batch) -> {name: (B, ...) array}` over the jobs' accepted samples and
+    yield (job index, {name: (n, ...) array in row order}, ok (n,)) as soon as a shard is complete.
+    Buffers exist only for shards in flight: allocated on a shard's first batch, freed once yielded."""
+    buffers: dict[int, dict[str, np.ndarray]] = {}
+    oks: dict[int, np.ndarray] = {}
+    remaining = {j: len(job.keys) for j, job in enumerate(jobs)}
+    for job_idx, rows, x, ok in load_images(jobs, preprocess, batch_size, workers, progress, desc=desc):
+        out = compute(x)
+        for j in torch.unique(job_idx).tolist():
+            sel = (job_idx == j).numpy()
+            r = rows.numpy()[sel]
+            if j not in buffers:
+                n = len(jobs[j].keys)
+                buffers[j] = {k: np.zeros((n, *v.shape[1:]), v.dtype) for k, v in out.items()}
+                oks[j] = np.zeros(n, bool)
+            for k, v in out.items():
+                buffers[j][k][r] = v[sel]
+            oks[j][r] = ok.numpy()[sel]
+            remaining[j] -= int(sel.sum())
+            if remaining[j] == 0:
+                yield j, buffers.pop(j), oks.pop(j)
+
+
 def embed(ws: Workspace, embedder: Embedder, batch_size: int = 256, workers: int = 1,
           progress: bool = True) -> EmbedSummary:
     """Embed every ingested shard not yet embedded with this embedder's config."""
@@ -159,26 +184,12 @@ def embed(ws: Workspace, embedder: Embedder, batch_size: int = 256, workers: int
     if not jobs:
         return summary
     start = time.perf_counter()
-    # buffers exist only for shards in flight: allocated on a shard's first batch, freed once written
-    buffers: dict[int, np.ndarray] = {}
-    oks: dict[int, np.ndarray] = {}
-    remaining = {j: len(job.keys) for j, job in enumerate(jobs)}
-    for job_idx, rows, x, ok in load_images(jobs, embedder.preprocess, batch_size, workers, progress,
-                                            desc=f"embed {embedder.name}"):
-        vecs = embedder.encode_images(x).numpy()
-        for j in torch.unique(job_idx).tolist():
-            sel = (job_idx == j).numpy()
-            r = rows.numpy()[sel]
-            if j not in buffers:
-                buffers[j] = np.zeros((len(jobs[j].keys), embedder.dim), np.float32)
-                oks[j] = np.zeros(len(jobs[j].keys), bool)
-            buffers[j][r] = vecs[sel]
-            oks[j][r] = ok.numpy()[sel]
-            remaining[j] -= int(sel.sum())
-            if remaining[j] == 0:  # the shard is complete: write it now, free its buffer
-                _write_shard(ws, embedder, jobs[j], buffers.pop(j), oks[j])
-                summary.embedded.append(jobs[j].shard)
-                summary.failed_images += int((~oks.pop(j)).sum())
+    outputs = per_shard_outputs(jobs, embedder.preprocess, lambda x: {"vec": embedder.encode_images(x).numpy()},
+                                batch_size, workers, progress, desc=f"embed {embedder.name}")
+    for j, out, ok in outputs:
+        _write_shard(ws, embedder, jobs[j], out["vec"], ok)
+        summary.embedded.append(jobs[j].shard)
+        summary.failed_images += int((~ok).sum())
     summary.samples = sum(len(job.keys) for job in jobs)
     summary.seconds = time.perf_counter() - start
     return summary

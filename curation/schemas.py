@@ -56,3 +56,42 @@ CLUSTERS = pa.schema([("embedder", pa.string()), ("sample_id", pa.string()), ("c
 
 KNN_SCORES = pa.schema([("name", pa.string()), ("embedder", pa.string()), ("sample_id", pa.string()),
                         ("knn_sim", pa.float32())])
+
+# The `scores` view's columns, documented in the catalog's `score_columns` table. For every
+# score, higher = more in-distribution / more useful for distilling this teacher.
+SCORE_COLUMNS: dict[str, str] = {
+    "msp": "maximum softmax probability of the teacher (Hendrycks & Gimpel 2017)",
+    "max_logit": "the teacher's largest logit (Hendrycks et al. 2022)",
+    "energy": "negative free energy T*logsumexp(z/T) of the teacher's logits (Liu et al. 2020)",
+    "neg_entropy": "minus the entropy of the teacher's softmax",
+    "gen": "GEN: minus the generalised entropy sum p^0.1 (1-p)^0.1 over the top-100 classes (Liu et al. 2023)",
+    "odin": "ODIN: softmax score at temperature T after an input step of size epsilon toward the predicted class (Liang et al. 2018)",
+    "bn_score": "BatchNorm-statistics score: -sum over BN layers and channels of mean_hw(u)^2, u=(a-beta)/gamma; white-box, needs no data",
+    "mahalanobis": "minus the Mahalanobis distance of teacher features to the nearest class mean (tied covariance), "
+                   "class statistics from the pool's confidently pseudo-labelled samples (Lee et al. 2018)",
+    "rel_mahalanobis": "minus the relative Mahalanobis distance: class distance minus the distance to the background "
+                       "Gaussian of the reference samples (Ren et al. 2021)",
+    "knn_teacher": "cosine similarity of teacher features to the k-th nearest confident reference sample (Sun et al. 2022)",
+    "teacher_label": "the teacher's pseudo-label (argmax)",
+    "teacher_conf": "the teacher's confidence in its pseudo-label (= msp)",
+    "teacher_logits": "the teacher's logits, float16 (they go into the curated shards as logits.npy)",
+    "student_label": "the student's prediction (with --student)",
+    "student_conf": "the student's confidence (with --student)",
+    "agreement": "1 when teacher and student predict the same class, else 0 (with --student)",
+    "neg_kl": "minus KL(teacher || student) of the softmax outputs (with --student)",
+    "neg_js": "minus the Jensen-Shannon divergence of teacher and student softmax outputs (with --student)",
+    "kd3_label": "KD^3 combined prediction a*p_T + (1-a)*p_S: its label (teacher alone without a student)",
+    "kd3_conf": "KD^3 combined prediction: its confidence",
+    "kd3_threshold": "KD^3 class-adaptive threshold tau*s_c/(2-s_c) of the sample's combined label",
+    "kd3_pass": "true when kd3_conf exceeds kd3_threshold (Tang et al. 2023)",
+    "decoded": "false when the image could not be decoded again at scoring time (its scores are null)",
+}
+
+SCORES = pa.schema(
+    [("run", pa.string()), ("sample_id", pa.string()), ("shard", pa.string()), ("row", pa.int32()),
+     ("decoded", pa.bool_()), ("teacher_label", pa.int32()), ("teacher_conf", pa.float32()),
+     *[(c, pa.float32()) for c in ("msp", "max_logit", "energy", "neg_entropy", "gen", "bn_score", "odin")],
+     ("kd3_label", pa.int32()), ("kd3_conf", pa.float32()), ("teacher_logits", pa.list_(pa.float32())),
+     ("mahalanobis", pa.float32()), ("rel_mahalanobis", pa.float32()), ("knn_teacher", pa.float32()),
+     ("kd3_threshold", pa.float32()), ("kd3_pass", pa.bool_())]
+)

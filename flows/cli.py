@@ -230,6 +230,55 @@ def cmd_knn_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_score(args: argparse.Namespace) -> int:
+    from curation.score import ScoreConfig, score
+
+    ws = resolve_workspace(args.workspace)
+    config = ScoreConfig(teacher=args.teacher, student=args.student, name=args.name, batch_size=args.batch_size,
+                         workers=args.workers, odin=not args.no_odin, odin_temperature=args.odin_temperature,
+                         odin_epsilon=args.odin_epsilon, kd3_alpha=args.kd3_alpha, kd3_tau=args.kd3_tau,
+                         reference_confidence=args.reference_confidence, knn_k=args.knn_k,
+                         device=args.device or ("cuda" if _cuda() else "cpu"))
+    started = datetime.now(timezone.utc)
+    summary = score(ws, config)
+    catalog.refresh(ws)
+    catalog.record_run(ws, "score", started, vars(config),
+                       {"scored": len(summary.scored), "skipped": len(summary.skipped), "samples": summary.samples,
+                        "reference_samples": summary.reference_samples, "seconds": summary.seconds})
+    rate = f" at {summary.samples / summary.seconds:.0f} images/s" if summary.seconds else ""
+    print(f"score {config.name}: {len(summary.scored)} shard(s), {summary.samples} samples{rate}; "
+          f"{len(summary.skipped)} unchanged and skipped; {summary.reference_samples} confident reference samples "
+          f"(teacher_conf >= {config.reference_confidence}). Query them: webdistill sql \"SELECT * FROM candidates\" "
+          f"(columns: SELECT * FROM score_columns)")
+    return 0
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def cmd_select(args: argparse.Namespace) -> int:
+    from curation.select import SelectConfig, select
+
+    ws = resolve_workspace(args.workspace)
+    config = SelectConfig(name=args.name, sql=args.sql, policy=args.policy, limit=args.limit,
+                          shard_size=args.shard_size, seed=args.seed)
+    started = datetime.now(timezone.utc)
+    result = select(ws, config)
+    catalog.record_run(ws, "select", started, vars(config), {"size": result.size, "unchanged": result.unchanged})
+    m = result.manifest
+    status = "unchanged" if result.unchanged else f"written in {len(m['shards'])} shard(s)"
+    print(f"select {config.name}: {result.size} samples {status} at {result.path}; "
+          f"per class: {m['counts_per_class']}")
+    if m.get("lost"):
+        print(f"webdistill: error: {len(m['lost'])} chosen image(s) changed or vanished since ingest and were left out",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from flows.demo import run_demo
 
@@ -265,7 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sql", parents=[ws], help="run read-only SQL against the catalog",
                        description="Run one read-only SELECT against catalog.duckdb. Views: "
                        + ", ".join(f"{k} ({v.description})" for k, v in catalog.VIEWS.items())
-                       + "; tables: runs. Writes, ATTACH, COPY, INSTALL/LOAD and files outside the workspace are refused.")
+                       + "; candidates (samples with their clusters and latest scores); tables: runs, selections, "
+                       "students, score_columns. Writes, ATTACH, COPY, INSTALL/LOAD and files outside the workspace are refused.")
     p.add_argument("query", help='e.g. "SELECT reason, count(*) FROM rejects GROUP BY reason"')
     p.add_argument("--format", choices=["table", "csv", "json"], default="table", help="output format (default: table)")
     p.add_argument("--max-rows", type=int, default=40, help="rows shown by --format table (default: %(default)s)")
@@ -326,6 +376,49 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--sql", help="a query returning the sample_ids of the reference set")
     p.add_argument("-k", type=int, default=5, help="reference neighbours averaged (default: %(default)s)")
     p.set_defaults(func=cmd_knn_score)
+
+    p = sub.add_parser("score", parents=[ws], help="score every sample with the teacher (and a student)",
+                       description="Run the teacher (and, with --student, the student) over every ingested sample and "
+                       "store per-sample scores in the `scores` view, all with higher = more in-distribution: MSP, max "
+                       "logit, energy, negative entropy, GEN, ODIN, the BatchNorm-statistics score, Mahalanobis and "
+                       "relative Mahalanobis, kNN to the pool's confident samples, the teacher's pseudo-label, "
+                       "confidence and logits, and with a student agreement, KL, JS and the KD^3 combined "
+                       "prediction. `SELECT * FROM score_columns` documents each. Model specs: a .json spec, a "
+                       "TorchScript file, module:factory[@weights.pt], torchvision:NAME[@w.pt] or timm:NAME[@w.pt]; "
+                       "weights load with weights_only=True.")
+    p.add_argument("--teacher", required=True, help="teacher model spec")
+    p.add_argument("--student", default=None, help="student model spec, e.g. a distill run's student.torchscript.pt")
+    p.add_argument("--name", default="default", help="name of the scoring run (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=1, help="decode workers (default: %(default)s)")
+    p.add_argument("--no-odin", action="store_true", help="skip ODIN (it costs a backward and a second forward pass)")
+    p.add_argument("--odin-temperature", type=float, default=1000.0, help="ODIN temperature (default: %(default)s)")
+    p.add_argument("--odin-epsilon", type=float, default=0.0014, help="ODIN input step, in [0,1] pixel units (default: %(default)s)")
+    p.add_argument("--kd3-alpha", type=float, default=0.5,
+                   help="teacher weight a in KD^3's combined prediction a*p_T+(1-a)*p_S (default: %(default)s)")
+    p.add_argument("--kd3-tau", type=float, default=0.95, help="KD^3 base threshold tau (default: %(default)s)")
+    p.add_argument("--reference-confidence", type=float, default=0.99,
+                   help="teacher confidence of the reference samples for Mahalanobis and kNN (default: %(default)s)")
+    p.add_argument("--knn-k", type=int, default=10, help="k of the kNN score (default: %(default)s)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("select", parents=[ws], help="pick samples by SQL and/or policies; write curated WebDataset shards",
+                       description="Choose samples from the `candidates` view (samples joined with near-duplicate and "
+                       "k-means clusters and the latest scores) and write them to selections/NAME/ as WebDataset "
+                       "shards (original image bytes, json with scores and weight, logits.npy, cls) with a "
+                       "manifest.json. Policies compose left to right with '|', parameters with ';': "
+                       "topk:k=N;by=EXPR, threshold:by=EXPR;min=X, dedup, balance:k=N (or per_class=N), "
+                       "diversity:max_per_cluster=N, softmax:k=N;by=EXPR;tau=T;replace=true (related-first "
+                       "sampling, p ~ exp(s/tau)), kd3[:tau=0.95]. EXPR is any SQL expression over candidates' "
+                       "columns. Example: --policy 'dedup | kd3 | balance:k=2000;by=msp'.")
+    p.add_argument("--name", required=True, help="selection name (a folder under selections/)")
+    p.add_argument("--sql", default=None, help='e.g. "SELECT sample_id FROM candidates WHERE msp > 0.9"')
+    p.add_argument("--policy", default=None, help="policies, applied in order after --sql")
+    p.add_argument("--limit", type=int, default=None, help="keep at most this many samples")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per curated shard (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random policies (default: %(default)s)")
+    p.set_defaults(func=cmd_select)
 
     p = sub.add_parser("demo", parents=[ws], help="build the demo crawl and teacher from offline data, then run the pipeline",
                        description="Build a crawl of real images (MNIST as the teacher's domain, mixed with Fashion-MNIST, "

@@ -1,0 +1,433 @@
+"""Selection policies: pure functions that pick rows of the candidate frame.
+
+A policy is a pipeline of steps, applied left to right, each to the rows the previous one kept:
+
+    POLICY = STEP [ "|" STEP ]...
+    STEP   = NAME [ ":" PARAM [ (";" | ",") PARAM ]... ]
+    PARAM  = KEY "=" VALUE
+
+e.g. `dedup | balance:k=500 | topk:k=200;by=msp` or `softmax:k=1000,by=greatest(msp, energy),tau=0.5`.
+Separators only count outside parentheses, brackets and quotes, so a score expression may hold
+commas (`greatest(a, b)`); wrap an expression that needs a bare `|`, `;` or `,` in parentheses.
+A `by=` value is a DuckDB expression over the `candidates` view, higher = better: the select stage
+evaluates each one (`expressions(steps)`) into the column `policy_expression_column(expr)`. A plain
+column of the frame also serves as its own expression.
+
+Steps (DESIGN.md, "Select"):
+- `topk:k=N;by=EXPR`: the N best. `threshold:by=EXPR;min=X;max=Y` (either or both, inclusive).
+  A null score never passes either.
+- `dedup[:by=EXPR]`: one sample per near-duplicate cluster (`cluster_id`): the cluster's
+  representative if it is still in the frame, else the best by `by`, else the first by sample_id.
+  Rows with a null `cluster_id` are kept.
+- `balance:k=N` (total, split evenly over the classes present; a class with fewer samples than its
+  share gives the rest to the others, so quotas differ by at most one) or `balance:per_class=N`;
+  classes from `teacher_label` (`label=kd3_label` for another column); within a class the best by
+  `by` if given, else a seeded random choice. Rows with a null label are dropped.
+- `diversity:max_per_cluster=N[;by=EXPR]`: at most N per k-means `cluster`, best-first by `by`
+  if given, else seeded random. Rows with a null `cluster` are not capped.
+- `softmax:k=N;by=EXPR[;tau=1.0][;replace=false]`: related-first sampling (Begon & Geurts),
+  `p_i ∝ exp(s_i / tau)`. Without replacement, numpy `Generator.choice(replace=False, p=p)`; with
+  replacement, a row drawn m times comes back once with its weight multiplied by m. Rows whose
+  score is null or not finite are never drawn.
+- `kd3[:tau=0.95]`: KD^3 class-adaptive selection on (`kd3_label`, `kd3_conf`), thresholds from
+  `distill.kd3_rules` computed over the frame the step receives.
+
+`apply_policies` sorts the frame by sample_id first, so the result depends only on the rows and
+the seed, not on the order a SQL query returned them in; the kept rows come back in sample_id order
+with a float `weight` column (1.0 unless a step or the input set it; multiplied through steps).
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from distill.kd3_rules import DEFAULT_TAU, class_thresholds, passes_threshold
+
+from .errors import WebdistillError
+
+SYNTAX = ("syntax: STEP | STEP ..., STEP = NAME[:KEY=VALUE;KEY=VALUE...], "
+          "e.g. 'dedup | balance:k=500 | topk:k=200;by=msp'")
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_OPENERS, _CLOSERS = "([{", ")]}"
+
+
+class PolicyError(WebdistillError):
+    """A selection policy is malformed, or needs a column the candidates lack."""
+
+
+@dataclass(frozen=True)
+class PolicyStep:
+    kind: str
+    params: dict  # every parameter of the kind, typed; None where an optional one was not given
+
+
+# ---------------------------------------------------------------- parsing
+
+def _split_top_level(text: str, separators: str) -> list[str]:
+    """Split at separators outside (), [], {} and quotes: expressions keep their commas."""
+    parts, start, depth, quote = [], 0, 0, ""
+    for i, ch in enumerate(text):
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in _OPENERS:
+            depth += 1
+        elif ch in _CLOSERS:
+            depth -= 1
+            if depth < 0:
+                raise PolicyError(f"bad policy {text!r}: unbalanced {ch!r}; {SYNTAX}")
+        elif ch in separators and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    if depth or quote:
+        raise PolicyError(f"bad policy {text!r}: unbalanced parentheses or quotes; {SYNTAX}")
+    parts.append(text[start:])
+    return [p.strip() for p in parts]
+
+
+def _positive_int(key: str, text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise PolicyError(f"policy parameter {key}={text!r} must be a positive integer")
+    return value
+
+
+def _float(key: str, text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise PolicyError(f"policy parameter {key}={text!r} must be a number") from None
+
+
+def _positive_float(key: str, text: str) -> float:
+    value = _float(key, text)
+    if not value > 0:
+        raise PolicyError(f"policy parameter {key}={text!r} must be > 0")
+    return value
+
+
+def _fraction(key: str, text: str) -> float:
+    value = _float(key, text)
+    if not 0 < value <= 1:
+        raise PolicyError(f"policy parameter {key}={text!r} must be in (0, 1]")
+    return value
+
+
+def _bool(key: str, text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("true", "1", "yes"):
+        return True
+    if lowered in ("false", "0", "no"):
+        return False
+    raise PolicyError(f"policy parameter {key}={text!r} must be true or false")
+
+
+def _column_name(key: str, text: str) -> str:
+    if not _IDENTIFIER.match(text):
+        raise PolicyError(f"policy parameter {key}={text!r} must be a column name")
+    return text
+
+
+def _expression(key: str, text: str) -> str:
+    return text  # DuckDB checks it when the select stage evaluates it
+
+
+@dataclass(frozen=True)
+class _Param:
+    convert: Callable[[str, str], object]
+    required: bool = False
+    default: object = None
+
+
+@dataclass(frozen=True)
+class _Policy:
+    params: dict[str, _Param]
+    apply: Callable  # (frame, params, rng) -> (kept positions, weight factors or None)
+    check: Callable[[dict], str | None] = lambda params: None  # a problem across parameters
+
+
+def _policy_error(kind: str, problem: str) -> PolicyError:
+    return PolicyError(f"policy step {kind!r}: {problem}")
+
+
+def _parse_step(text: str) -> PolicyStep:
+    kind, _, rest = text.partition(":")
+    kind = kind.strip()
+    if not kind:
+        raise PolicyError(f"bad policy step {text!r}: empty step; {SYNTAX}")
+    policy = POLICIES.get(kind)
+    if policy is None:
+        raise PolicyError(f"unknown policy {kind!r} (known: {', '.join(sorted(POLICIES))})")
+    given: dict[str, object] = {}
+    for piece in (_split_top_level(rest, ";,") if rest.strip() else []):
+        key, eq, value = (s.strip() for s in piece.partition("="))
+        if not eq or not key or not value:
+            raise PolicyError(f"bad parameter {piece!r} in policy step {kind!r}: want KEY=VALUE; {SYNTAX}")
+        if key not in policy.params:
+            raise _policy_error(kind, f"unknown parameter {key!r} (known: {', '.join(policy.params) or 'none'})")
+        if key in given:
+            raise _policy_error(kind, f"parameter {key!r} given twice")
+        given[key] = policy.params[key].convert(key, value)
+    for key, param in policy.params.items():
+        if key not in given:
+            if param.required:
+                raise _policy_error(kind, f"missing parameter {key!r}")
+            given[key] = param.default
+    problem = policy.check(given)
+    if problem:
+        raise _policy_error(kind, problem)
+    return PolicyStep(kind, given)
+
+
+def parse_policy(spec: str) -> list[PolicyStep]:
+    """Parse `STEP | STEP ...` (see the module docstring) into typed, validated steps."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise PolicyError(f"empty policy; {SYNTAX}")
+    steps = _split_top_level(spec, "|")
+    if any(not s for s in steps):
+        raise PolicyError(f"bad policy {spec!r}: empty step; {SYNTAX}")
+    return [_parse_step(s) for s in steps]
+
+
+def expressions(steps: list[PolicyStep]) -> list[str]:
+    """The distinct score expressions the steps rank by, in first-use order."""
+    found = [s.params["by"] for s in steps if s.params.get("by") is not None]
+    return list(dict.fromkeys(found))
+
+
+def policy_expression_column(expr: str) -> str:
+    """A stable, SQL-safe column name for a score expression (same text, same name)."""
+    text = expr.strip() if isinstance(expr, str) else ""
+    if not text:
+        raise PolicyError("empty score expression")
+    return "_expr_" + hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+# ---------------------------------------------------------------- columns of the frame
+
+def _require(frame: pd.DataFrame, column: str, kind: str) -> pd.Series:
+    """A column a step needs: present, and not null on every row (a stage that has not run)."""
+    if column not in frame.columns:
+        raise PolicyError(f"policy {kind!r} needs the column {column!r}, which the candidates lack")
+    values = frame[column]
+    if len(values) and values.isna().all():
+        raise PolicyError(f"policy {kind!r} needs the column {column!r}, which is null on every candidate")
+    return values
+
+
+def _as_float(values: pd.Series, what: str) -> np.ndarray:
+    try:
+        return values.astype("Float64").to_numpy(dtype=np.float64, na_value=np.nan)
+    except (TypeError, ValueError):
+        raise PolicyError(f"{what} is not numeric") from None
+
+
+def _scores(frame: pd.DataFrame, expr: str, kind: str) -> np.ndarray:
+    """The score expression's values, float with NaN for null."""
+    column = policy_expression_column(expr)
+    if column not in frame.columns:
+        if expr.strip() not in frame.columns:
+            raise PolicyError(f"policy {kind!r}: score expression {expr!r} was not computed "
+                              f"(no column {column!r} or {expr.strip()!r} in the candidates)")
+        column = expr.strip()
+    return _as_float(_require(frame, column, kind), f"score expression {expr!r}")
+
+
+# ---------------------------------------------------------------- ordering helpers
+
+def _best_first(scores: np.ndarray | None, n: int, rng: np.random.Generator | None,
+                prefer: np.ndarray | None = None) -> np.ndarray:
+    """Row positions best first: preferred rows, then by score (nulls last), then by position
+    (= sample_id order); with no score and an rng, a seeded random order after the preferred."""
+    position = np.arange(n)
+    keys = []
+    if scores is None and rng is not None:
+        keys.append(rng.permutation(n))
+    if scores is not None:
+        keys += [np.where(np.isnan(scores), 0.0, -scores), np.isnan(scores)]
+    if prefer is not None:
+        keys.append(~prefer)
+    return np.lexsort([position, *keys]) if keys else position
+
+
+def _take_per_group(groups: np.ndarray, order: np.ndarray, quota: Callable[[object], int]) -> np.ndarray:
+    """Positions of the first `quota(group)` rows of each group along `order`."""
+    ordered = pd.Series(groups[order])
+    rank = ordered.groupby(ordered, sort=False).cumcount().to_numpy()
+    limits = ordered.map(quota).to_numpy()
+    return order[rank < limits]
+
+
+def _class_quotas(counts: dict, total: int) -> dict:
+    """Split `total` evenly over classes; a class with fewer rows than its share gives the rest up.
+    Quotas of classes that are not exhausted differ by at most one; ties go to the bigger classes."""
+    quotas, left, remaining = {}, dict(counts), total
+    while left:
+        fair = remaining // len(left)
+        short = [c for c, n in left.items() if n <= fair]
+        if not short:
+            break
+        for c in short:
+            quotas[c] = left.pop(c)
+            remaining -= quotas[c]
+    if left:
+        base, extra = divmod(remaining, len(left))
+        for i, c in enumerate(sorted(left, key=lambda c: (-left[c], c))):
+            quotas[c] = base + (i < extra)
+    return quotas
+
+
+# ---------------------------------------------------------------- the steps
+# Each takes (frame, params, rng) and returns (kept row positions, weight factors or None).
+
+def _topk(frame, params, rng):
+    scores = _scores(frame, params["by"], "topk")
+    order = _best_first(scores, len(frame), None)
+    order = order[~np.isnan(scores[order])]
+    return order[:params["k"]], None
+
+
+def _threshold(frame, params, rng):
+    scores = _scores(frame, params["by"], "threshold")
+    keep = ~np.isnan(scores)
+    if params["min"] is not None:
+        keep &= scores >= params["min"]
+    if params["max"] is not None:
+        keep &= scores <= params["max"]
+    return np.flatnonzero(keep), None
+
+
+def _dedup(frame, params, rng):
+    clusters = _require(frame, "cluster_id", "dedup").to_numpy(dtype=object)
+    prefer = None
+    if "is_representative" in frame.columns:
+        prefer = frame["is_representative"].astype("boolean").fillna(False).to_numpy(dtype=bool)
+    scores = _scores(frame, params["by"], "dedup") if params["by"] is not None else None
+    order = _best_first(scores, len(frame), None, prefer)
+    alone = pd.isna(clusters)
+    picked = _take_per_group(clusters, order[~alone[order]], lambda c: 1)
+    return np.concatenate([np.flatnonzero(alone), picked]), None
+
+
+def _balance(frame, params, rng):
+    labels = _require(frame, params["label"], "balance")
+    labelled = np.flatnonzero(labels.notna().to_numpy())
+    classes = labels.to_numpy(dtype=object)
+    counts = pd.Series(classes[labelled]).value_counts().to_dict()
+    if params["per_class"] is not None:
+        quotas = {c: min(n, params["per_class"]) for c, n in counts.items()}
+    else:
+        quotas = _class_quotas(counts, params["k"])
+    scores = _scores(frame, params["by"], "balance") if params["by"] is not None else None
+    order = _best_first(scores, len(frame), rng)
+    order = order[np.isin(order, labelled)]
+    return _take_per_group(classes, order, quotas.__getitem__), None
+
+
+def _diversity(frame, params, rng):
+    clusters = _require(frame, "cluster", "diversity").to_numpy(dtype=object)
+    scores = _scores(frame, params["by"], "diversity") if params["by"] is not None else None
+    order = _best_first(scores, len(frame), rng)
+    alone = pd.isna(clusters)
+    capped = _take_per_group(clusters, order[~alone[order]], lambda c: params["max_per_cluster"])
+    return np.concatenate([np.flatnonzero(alone), capped]), None
+
+
+def _softmax(frame, params, rng):
+    scores = _scores(frame, params["by"], "softmax")
+    eligible = np.flatnonzero(np.isfinite(scores))
+    if not len(eligible):
+        return eligible, None
+    logits = scores[eligible] / params["tau"]
+    p = np.exp(logits - logits.max())  # shifted by the max: no overflow, same distribution
+    p /= p.sum()
+    if params["replace"]:
+        draws = rng.choice(len(eligible), size=params["k"], replace=True, p=p)
+        times = np.bincount(draws, minlength=len(eligible))
+        drawn = np.flatnonzero(times)
+        return eligible[drawn], times[drawn].astype(np.float64)
+    # choice without replacement needs at least `size` rows of non-zero probability
+    size = min(params["k"], int(np.count_nonzero(p)))
+    return eligible[rng.choice(len(eligible), size=size, replace=False, p=p)], None
+
+
+def _kd3(frame, params, rng):
+    labels = _as_float(_require(frame, "kd3_label", "kd3"), "kd3_label")
+    conf = _as_float(_require(frame, "kd3_conf", "kd3"), "kd3_conf")
+    known = np.flatnonzero(~np.isnan(labels) & ~np.isnan(conf))
+    if not len(known):
+        return known, None
+    labels, conf = labels[known].astype(np.int64), conf[known]
+    if labels.min() < 0:
+        raise PolicyError("policy 'kd3': kd3_label has negative classes")
+    thresholds = class_thresholds(labels, conf, int(labels.max()) + 1, params["tau"])
+    return known[passes_threshold(labels, conf, thresholds)], None
+
+
+def _one_of(keys: tuple[str, ...], exactly: bool) -> Callable[[dict], str | None]:
+    def check(params: dict) -> str | None:
+        given = [k for k in keys if params[k] is not None]
+        if not given or (exactly and len(given) > 1):
+            return ("give exactly one of " if exactly else "give at least one of ") + ", ".join(keys)
+        return None
+    return check
+
+
+_BY = _Param(_expression, required=True)
+_OPTIONAL_BY = _Param(_expression)
+POLICIES: dict[str, _Policy] = {
+    "topk": _Policy({"k": _Param(_positive_int, required=True), "by": _BY}, _topk),
+    "threshold": _Policy({"by": _BY, "min": _Param(_float), "max": _Param(_float)}, _threshold,
+                         _one_of(("min", "max"), exactly=False)),
+    "dedup": _Policy({"by": _OPTIONAL_BY}, _dedup),
+    "balance": _Policy({"k": _Param(_positive_int), "per_class": _Param(_positive_int),
+                        "label": _Param(_column_name, default="teacher_label"), "by": _OPTIONAL_BY},
+                       _balance, _one_of(("k", "per_class"), exactly=True)),
+    "diversity": _Policy({"max_per_cluster": _Param(_positive_int, required=True), "by": _OPTIONAL_BY},
+                         _diversity),
+    "softmax": _Policy({"k": _Param(_positive_int, required=True), "by": _BY,
+                        "tau": _Param(_positive_float, default=1.0), "replace": _Param(_bool, default=False)},
+                       _softmax),
+    "kd3": _Policy({"tau": _Param(_fraction, default=DEFAULT_TAU)}, _kd3),
+}
+
+
+# ---------------------------------------------------------------- applying
+
+def _sorted_candidates(df: pd.DataFrame) -> pd.DataFrame:
+    if "sample_id" not in df.columns:
+        raise PolicyError("the candidates lack the column 'sample_id'")
+    ids = df["sample_id"]
+    repeated = ids[ids.duplicated()]
+    if len(repeated):
+        raise PolicyError(f"sample_id {repeated.iloc[0]!r} appears more than once: "
+                          "the candidates need one row per sample")
+    frame = df.sort_values("sample_id", kind="stable").reset_index(drop=True)
+    weight = frame["weight"].astype("Float64").fillna(1.0) if "weight" in frame.columns else 1.0
+    return frame.assign(weight=np.asarray(weight, dtype=np.float64))
+
+
+def apply_policies(df: pd.DataFrame, steps: list[PolicyStep], seed: int = 0) -> pd.DataFrame:
+    """The rows the steps keep, in sample_id order, with a float `weight` column."""
+    frame = _sorted_candidates(df)
+    for index, step in enumerate(steps):
+        policy = POLICIES.get(step.kind)
+        if policy is None:
+            raise PolicyError(f"unknown policy {step.kind!r} (known: {', '.join(sorted(POLICIES))})")
+        # one random stream per step: a step's draws do not shift when another step changes
+        rng = np.random.default_rng([seed, index])
+        positions, factors = policy.apply(frame, step.params, rng)
+        positions = np.asarray(positions, dtype=np.int64)
+        weight = frame["weight"].to_numpy()[positions] * (1.0 if factors is None else factors)
+        keep_order = np.argsort(positions, kind="stable")
+        frame = frame.iloc[positions[keep_order]].assign(weight=weight[keep_order]).reset_index(drop=True)
+    return frame

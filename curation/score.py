@@ -1,0 +1,320 @@
+"""Score: run the teacher (and optionally a student) over every ingested sample and store
+per-sample columns where higher = more in-distribution (`schemas.SCORE_COLUMNS` documents each).
+
+    scores/<run>/pass1/<shard>.parquet    per-sample scores of one shard (its commit record)
+    scores/<run>/features/<shard>.npy     the teacher's penultimate features, float16
+    scores/<run>/<shard>.parquet          the final rows (view `scores`): pass 1 + the pool-wide scores
+    scores/<run>/run.json                 the run's config and summary
+
+Pass 1 works shard by shard and is skipped for shards already scored with the same inputs and
+config. Pass 2 needs the whole pool: class Gaussians and the kNN reference come from the pool's
+own confidently pseudo-labelled samples, and KD^3's class-adaptive thresholds from every sample's
+combined prediction. Both passes write atomically, so a crash and a rerun lose and repeat nothing.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+
+from distill.kd3_rules import class_thresholds, passes_threshold
+from distill.spec import LoadedModel, ModelSpecError, load_model
+
+from . import score_fns as sf
+from .embed import ShardJob, per_shard_outputs, shard_jobs
+from .embedders import Geometry, SquareResize, _spec_fingerprint
+from .errors import WebdistillError
+from .workspace import Workspace, atomic_path, config_hash, read_parquet_metadata, write_parquet_atomic
+
+SCORE_VERSION = 1
+
+
+class ScoreError(WebdistillError):
+    """A model spec that cannot be loaded, a bad run name, or nothing to score."""
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    teacher: str
+    student: str | None = None
+    name: str = "default"
+    batch_size: int = 256
+    workers: int = 1
+    odin: bool = True  # ODIN costs a backward pass and a second forward pass per batch
+    odin_temperature: float = 1000.0
+    odin_epsilon: float = 0.0014
+    energy_temperature: float = 1.0
+    kd3_alpha: float = 0.5  # teacher weight in the combined prediction (1.0 without a student)
+    kd3_tau: float = 0.95
+    reference_confidence: float = 0.99  # pseudo-labelled samples this confident form the reference set
+    reference_max: int = 50_000  # at most this many (the most confident) for the kNN reference
+    knn_k: int = 10
+    device: str = "cpu"
+
+    def pass1_part(self) -> dict:
+        keys = ("odin", "odin_temperature", "odin_epsilon", "energy_temperature", "kd3_alpha")
+        return {k: getattr(self, k) for k in keys} | {
+            "teacher": _spec_fingerprint(self.teacher),
+            "student": _spec_fingerprint(self.student) if self.student else None, "version": SCORE_VERSION}
+
+    def pass2_part(self) -> dict:
+        return {k: getattr(self, k) for k in ("kd3_tau", "reference_confidence", "reference_max", "knn_k")}
+
+
+@dataclass
+class ScoreSummary:
+    name: str
+    scored: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    samples: int = 0
+    reference_samples: int = 0
+    seconds: float = 0.0
+    finalized: bool = False
+    teacher: dict | None = None
+
+
+def _load(spec: str, role: str, device: str) -> LoadedModel:
+    try:
+        loaded = load_model(spec)
+    except ModelSpecError as exc:
+        raise ScoreError(f"{role}: {exc}") from exc
+    loaded.module.to(device).eval()
+    for p in loaded.module.parameters():
+        p.requires_grad_(False)  # ODIN needs the input's gradient only
+    return loaded
+
+
+def _normalise(x_uint8: torch.Tensor, mean, std, size: int | None = None) -> torch.Tensor:
+    x = x_uint8.float().div_(255.0)
+    if size is not None and x.shape[-1] != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    m = torch.tensor(mean).view(1, -1, 1, 1)
+    s = torch.tensor(std).view(1, -1, 1, 1)
+    return (x - m) / s
+
+
+class BatchScorer:
+    """Pass-1 columns for one uint8 batch decoded at the teacher's geometry."""
+
+    def __init__(self, config: ScoreConfig):
+        self.config = config
+        self.teacher = _load(config.teacher, "teacher", config.device)
+        self.student = _load(config.student, "student", config.device) if config.student else None
+        self.device = torch.device(config.device)
+        self.preprocess = Geometry(self.teacher.input_size, SquareResize(self.teacher.input_size))
+        self.has_bn = bool(sf.bn_modules(self.teacher.module))
+
+    def __call__(self, x_uint8: torch.Tensor) -> dict[str, np.ndarray]:
+        cfg, t = self.config, self.teacher
+        x = _normalise(x_uint8, t.mean, t.std).to(self.device)
+        with torch.no_grad(), sf.bn_score_tap(t.module) as tap:
+            logits, feats = sf.logits_and_features(t.module, x)
+            tap.active = False
+        logits = logits.float()
+        out = {
+            "teacher_logits": logits.half().cpu().numpy(),
+            "teacher_label": logits.argmax(-1).int().cpu().numpy(),
+            "teacher_conf": sf.msp(logits).cpu().numpy(),
+            "msp": sf.msp(logits).cpu().numpy(),
+            "max_logit": sf.max_logit(logits).cpu().numpy(),
+            "energy": sf.energy(logits, cfg.energy_temperature).cpu().numpy(),
+            "neg_entropy": sf.neg_entropy(logits).cpu().numpy(),
+            "gen": sf.gen(logits).cpu().numpy(),
+            "bn_score": (tap.score.cpu().numpy() if tap.score is not None else np.full(len(x), np.nan)),
+            "features": (feats.float().half().cpu().numpy() if feats is not None else np.zeros((len(x), 0), np.float16)),
+        }
+        out["odin"] = (sf.odin(t.module, x, t.std, cfg.odin_temperature, cfg.odin_epsilon).cpu().numpy()
+                       if cfg.odin else np.full(len(x), np.nan))
+        student_logits = None
+        if self.student is not None:
+            s = self.student
+            xs = _normalise(x_uint8, s.mean, s.std, s.input_size).to(self.device)
+            with torch.no_grad():
+                student_logits = s.module(xs).float()
+            if student_logits.shape[-1] != logits.shape[-1]:
+                raise ScoreError(f"the student has {student_logits.shape[-1]} classes, the teacher {logits.shape[-1]}")
+            out |= {
+                "student_label": student_logits.argmax(-1).int().cpu().numpy(),
+                "student_conf": sf.msp(student_logits).cpu().numpy(),
+                "agreement": (student_logits.argmax(-1) == logits.argmax(-1)).float().cpu().numpy(),
+                "neg_kl": (-sf.kl_div(logits, student_logits)).cpu().numpy(),
+                "neg_js": (-sf.js_div(logits, student_logits)).cpu().numpy(),
+            }
+        alpha = cfg.kd3_alpha if student_logits is not None else 1.0
+        label, conf = sf.combined_prediction(logits, student_logits, alpha)
+        out |= {"kd3_label": label.int().cpu().numpy(), "kd3_conf": conf.cpu().numpy()}
+        return {k: (v.astype(np.float32) if v.dtype == np.float64 else v) for k, v in out.items()}
+
+
+def _run_dir(ws: Workspace, name: str) -> Path:
+    if not name or "/" in name or name.startswith("."):
+        raise ScoreError(f"bad scoring run name {name!r}: use letters, digits, '-' and '_'")
+    return ws.root / "scores" / name
+
+
+def _pass1_table(job: ShardJob, out: dict[str, np.ndarray], ok: np.ndarray) -> pa.Table:
+    cols: dict[str, pa.Array] = {"sample_id": pa.array(job.sample_ids), "shard": pa.array([job.shard] * len(ok)),
+                                 "row": pa.array(np.arange(len(ok), dtype=np.int32)), "decoded": pa.array(ok)}
+    for k, v in out.items():
+        if k in ("features", "teacher_logits"):
+            continue
+        arr = v.astype(np.float32) if v.dtype.kind == "f" else v
+        mask = ~ok
+        cols[k] = pa.array(arr, mask=mask)
+    logits = out["teacher_logits"]
+    cols["teacher_logits"] = pa.FixedSizeListArray.from_arrays(pa.array(logits.ravel()), logits.shape[1])
+    return pa.table(cols)
+
+
+def teacher_info(loaded: LoadedModel, num_classes: int) -> dict:
+    """What the curated shards' manifest tells the distillation job about the teacher."""
+    return {"spec": loaded.spec, "input_size": loaded.input_size, "mean": list(loaded.mean), "std": list(loaded.std),
+            "num_classes": num_classes, "classes": loaded.classes or [str(c) for c in range(num_classes)]}
+
+
+def score_pass1(ws: Workspace, config: ScoreConfig, progress: bool = True) -> ScoreSummary:
+    run = _run_dir(ws, config.name)
+    summary = ScoreSummary(config.name)
+    stamp_extra = {"config_hash": config_hash(config.pass1_part())}
+    todo = []
+    for job in shard_jobs(ws, stamp_extra):
+        if read_parquet_metadata(run / "pass1" / f"{job.shard}.parquet").get("stamp") == job.stamp:
+            summary.skipped.append(job.shard)
+        else:
+            todo.append(job)
+    if not todo:
+        return summary
+    scorer = BatchScorer(config)
+    size = scorer.teacher.input_size
+    n_classes = scorer(torch.zeros(1, 3, size, size, dtype=torch.uint8))["teacher_logits"].shape[1]
+    summary.teacher = teacher_info(scorer.teacher, n_classes)
+    start = time.perf_counter()
+    outputs = per_shard_outputs(todo, scorer.preprocess, scorer, config.batch_size, config.workers, progress,
+                                desc=f"score {config.name}")
+    for j, out, ok in outputs:
+        job = todo[j]
+        with atomic_path(run / "features" / f"{job.shard}.npy") as tmp:
+            with open(tmp, "wb") as fh:
+                np.save(fh, out["features"])
+        # the pass-1 parquet is the shard's commit record: written last
+        write_parquet_atomic(_pass1_table(job, out, ok), run / "pass1" / f"{job.shard}.parquet",
+                             {"stamp": job.stamp, "config": asdict(config)})
+        summary.scored.append(job.shard)
+        summary.samples += len(ok)
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _pass1_files(run: Path, shards: list[str]) -> list[Path]:
+    return [run / "pass1" / f"{s}.parquet" for s in shards]
+
+
+def score_pass2(ws: Workspace, config: ScoreConfig, summary: ScoreSummary) -> None:
+    """Pool-wide scores: Mahalanobis, relative Mahalanobis and kNN against the confident
+    reference set, and KD^3's class-adaptive threshold flag. Rewritten only when pass 1 changed."""
+    run = _run_dir(ws, config.name)
+    shards = [job.shard for job in shard_jobs(ws)]
+    files = _pass1_files(run, shards)
+    stamp = config_hash({"pass1": [read_parquet_metadata(f).get("stamp") for f in files], **config.pass2_part()})
+    if all(read_parquet_metadata(run / f"{s}.parquet").get("stamp") == stamp for s in shards):
+        return
+    light = [pq.read_table(f, columns=["teacher_label", "teacher_conf", "kd3_label", "kd3_conf", "decoded"]) for f in files]
+    n_classes = pq.read_schema(files[0]).field("teacher_logits").type.list_size
+    all_light = pa.concat_tables(light)
+    decoded = all_light["decoded"].to_numpy(zero_copy_only=False)
+    kd3_label = all_light["kd3_label"].to_numpy(zero_copy_only=False)
+    kd3_conf = all_light["kd3_conf"].to_numpy(zero_copy_only=False)
+    thresholds = class_thresholds(kd3_label[decoded], kd3_conf[decoded], n_classes, config.kd3_tau)
+
+    ref_feats, ref_labels = _reference_set(run, shards, light, config)
+    summary.reference_samples = len(ref_labels)
+    gauss = sf.class_gaussians(ref_feats, ref_labels, n_classes) if len(ref_labels) > 1 else None
+    knn = None
+    if len(ref_labels) > 0 and ref_feats.shape[1] > 0:
+        knn = faiss.IndexFlatIP(ref_feats.shape[1])
+        knn.add(_unit(ref_feats))
+    k = min(config.knn_k, len(ref_labels))
+    for shard, f, t in zip(shards, files, light):
+        table = pq.read_table(f)
+        feats = np.load(run / "features" / f"{shard}.npy").astype(np.float32)
+        ok = t["decoded"].to_numpy(zero_copy_only=False)
+        n = table.num_rows
+        maha = rel = knn_sim = np.full(n, np.nan, np.float32)
+        if gauss is not None and feats.shape[1] > 0:
+            maha, rel = (a.astype(np.float32) for a in sf.mahalanobis_scores(feats, *gauss))
+        if knn is not None and k > 0:
+            sims, _ = knn.search(_unit(feats), k)
+            knn_sim = sims[:, -1].astype(np.float32)  # similarity to the k-th nearest reference sample
+        labels = t["kd3_label"].to_numpy(zero_copy_only=False)
+        passes = passes_threshold(np.nan_to_num(labels).astype(np.int64), t["kd3_conf"].to_numpy(zero_copy_only=False),
+                                  thresholds) & ok
+        extra = {"mahalanobis": maha, "rel_mahalanobis": rel, "knn_teacher": knn_sim}
+        for name, values in extra.items():
+            table = table.append_column(name, pa.array(values, mask=~ok | np.isnan(values)))
+        table = table.append_column("kd3_threshold", pa.array(thresholds[np.nan_to_num(labels).astype(np.int64)].astype(np.float32), mask=~ok))
+        table = table.append_column("kd3_pass", pa.array(passes))
+        table = table.add_column(0, "run", pa.array([config.name] * n))
+        write_parquet_atomic(table, run / f"{shard}.parquet", {"stamp": stamp})
+    # a shard that vanished from the pool must not keep stale rows in the view
+    for stale in set(p.stem for p in run.glob("*.parquet")) - set(shards):
+        (run / f"{stale}.parquet").unlink()
+    summary.finalized = True
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def _reference_set(run: Path, shards: list[str], light: list[pa.Table], config: ScoreConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Teacher features and pseudo-labels of the pool's most confident samples."""
+    feats, labels, confs = [], [], []
+    for shard, t in zip(shards, light):
+        conf = t["teacher_conf"].to_numpy(zero_copy_only=False)
+        sel = (conf >= config.reference_confidence) & t["decoded"].to_numpy(zero_copy_only=False)
+        if sel.any():
+            feats.append(np.load(run / "features" / f"{shard}.npy")[sel].astype(np.float32))
+            labels.append(t["teacher_label"].to_numpy(zero_copy_only=False)[sel])
+            confs.append(conf[sel])
+    if not feats:
+        return np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
+    f, y, c = np.concatenate(feats), np.concatenate(labels).astype(np.int64), np.concatenate(confs)
+    if len(y) > config.reference_max:
+        keep = np.argsort(-c, kind="stable")[: config.reference_max]
+        f, y = f[keep], y[keep]
+    return f, y
+
+
+def score(ws: Workspace, config: ScoreConfig, progress: bool = True) -> ScoreSummary:
+    """Score every ingested sample (pass 1 per shard, then pass 2 over the pool)."""
+    if not shard_jobs(ws):
+        raise ScoreError("nothing to score: no ingested samples in this workspace (run `webdistill ingest` first)")
+    started = datetime.now(timezone.utc)
+    summary = score_pass1(ws, config, progress)
+    score_pass2(ws, config, summary)
+    run = _run_dir(ws, config.name)
+    if summary.teacher is None:  # every shard was already scored: keep what the last run recorded
+        summary.teacher = read_run(ws, config.name).get("teacher")
+    with atomic_path(run / "run.json") as tmp:
+        tmp.write_text(json.dumps({"name": config.name, "config": asdict(config), "teacher": summary.teacher,
+                                   "started_at": started.isoformat(),
+                                   "finished_at": datetime.now(timezone.utc).isoformat(),
+                                   "summary": asdict(summary)}, indent=2, default=str))
+    return summary
+
+
+def read_run(ws: Workspace, name: str) -> dict:
+    """A finished scoring run's run.json ({} if there is none)."""
+    try:
+        return json.loads((_run_dir(ws, name) / "run.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}

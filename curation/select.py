@@ -1,0 +1,254 @@
+"""Select: pick samples from the `candidates` view, by SQL, by named policies, or both, and write
+them as curated WebDataset shards any reader opens.
+
+    selections/<name>/<name>-000000.tar ...   per sample: the original image bytes under their own
+                                              extension, `json` (ids, caption, scores, weight),
+                                              `logits.npy` (the teacher's float16 logits), `cls`
+    selections/<name>/manifest.json           name, total, shards (path, count, sha256), counts per
+                                              class, the query / policy, teacher and sources
+
+The selection is written into a hidden folder and renamed into place, so a crash leaves the old
+selection or the new one, never a mix. A rerun that picks the same samples rewrites nothing.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import shutil
+import uuid
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import webdataset as wds
+
+from . import catalog, policies
+from .errors import SQLError, WebdistillError
+from .score import read_run
+from .shards import TruncatedShard, iter_samples, open_shard
+from .workspace import Workspace, config_hash
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+SCORE_FIELDS = ("msp", "max_logit", "energy", "neg_entropy", "gen", "odin", "bn_score", "mahalanobis",
+                "rel_mahalanobis", "knn_teacher", "agreement", "neg_kl", "neg_js", "kd3_conf")
+
+
+class SelectError(WebdistillError):
+    """A bad selection name or query, or a selection that would be empty."""
+
+
+@dataclass(frozen=True)
+class SelectConfig:
+    name: str
+    sql: str | None = None
+    policy: str | None = None
+    limit: int | None = None
+    shard_size: int = 1000  # samples per curated shard
+    seed: int = 0
+
+
+@dataclass
+class SelectResult:
+    name: str
+    size: int
+    path: Path
+    manifest: dict
+    unchanged: bool = False
+
+
+def _user_ids_sql(ws: Workspace, sql: str) -> str:
+    """Check the user's query returns a sample_id column; give the SQL of its distinct ids (and weight)."""
+    sql = sql.strip().rstrip(";")
+    catalog.check_read_only(sql)
+    cols = catalog.query(ws, f"SELECT * FROM ({sql}) AS picked LIMIT 0").column_names
+    if "sample_id" not in cols:
+        raise SelectError(f"the query must return a sample_id column (it returns: {', '.join(cols) or 'nothing'})")
+    weight = "max(weight)::DOUBLE" if "weight" in cols else "1.0::DOUBLE"
+    return f"SELECT sample_id, {weight} AS user_weight FROM ({sql}) AS picked GROUP BY sample_id"
+
+
+def candidate_frame(ws: Workspace, config: SelectConfig, steps: list[policies.PolicyStep]) -> pd.DataFrame:
+    """The candidate rows the policies see: the view, restricted to the user query's samples, with
+    one column per score expression the policies name (evaluated by DuckDB, read-only)."""
+    exprs = "".join(f", ({e}) AS {policies.policy_expression_column(e)}" for e in policies.expressions(steps))
+    if config.sql:
+        source = f"candidates c JOIN ({_user_ids_sql(ws, config.sql)}) u USING (sample_id)"
+        weight = ", u.user_weight AS weight"
+    else:
+        source, weight = "candidates c", ""
+    try:
+        return catalog.query(ws, f"SELECT c.*{weight}{exprs} FROM {source}").to_pandas()
+    except SQLError as exc:
+        raise SelectError(f"cannot evaluate the selection: {exc}") from exc
+
+
+def choose(ws: Workspace, config: SelectConfig) -> pd.DataFrame:
+    """The selected rows (with a `weight` column), without writing anything."""
+    if not NAME_RE.match(config.name or ""):
+        raise SelectError(f"bad selection name {config.name!r}: use letters, digits, '.', '-' and '_'")
+    if not config.sql and not config.policy:
+        raise SelectError("give --sql or --policy (or both)")
+    steps = policies.parse_policy(config.policy) if config.policy else []
+    frame = candidate_frame(ws, config, steps)
+    if "weight" not in frame.columns:
+        frame["weight"] = 1.0
+    chosen = policies.apply_policies(frame, steps, seed=config.seed) if steps else frame.sort_values("sample_id")
+    if config.limit is not None:
+        chosen = chosen.head(config.limit)
+    if chosen.empty:
+        raise SelectError(f"empty selection {config.name!r}: the query and policy kept no sample; nothing written")
+    return chosen.reset_index(drop=True)
+
+
+def _sample_json(row) -> bytes:
+    scores = {k: float(row[k]) for k in SCORE_FIELDS if k in row and pd.notna(row[k])}
+    label = row.get("teacher_label")
+    return json.dumps({
+        "sample_id": row["sample_id"], "source_shard": row["shard"], "key": row["key"], "url": row["url"],
+        "caption": row["caption"], "sha256": row["sha256"], "weight": float(row["weight"]),
+        "teacher_label": int(label) if pd.notna(label) else None,
+        "teacher_conf": float(row["teacher_conf"]) if pd.notna(row.get("teacher_conf")) else None,
+        "scores": scores}).encode()
+
+
+def _logits_npy(logits) -> bytes | None:
+    if logits is None or (not isinstance(logits, (list, np.ndarray))) or len(logits) == 0:
+        return None
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(logits, dtype=np.float16))
+    return buf.getvalue()
+
+
+class _ShardSink:
+    """Rolls curated tar files every `shard_size` samples and records their counts and sha256."""
+
+    def __init__(self, folder: Path, name: str, shard_size: int):
+        self.folder, self.name, self.shard_size = folder, name, shard_size
+        self.shards: list[dict] = []
+        self.writer = None
+        self.count = 0
+
+    def write(self, sample: dict) -> None:
+        if self.writer is None or self.count == self.shard_size:
+            self._close()
+            path = self.folder / f"{self.name}-{len(self.shards):06d}.tar"
+            self.writer = wds.TarWriter(str(path))
+            self.shards.append({"path": path.name, "count": 0})
+            self.count = 0
+        self.writer.write(sample)
+        self.count += 1
+        self.shards[-1]["count"] = self.count
+
+    def _close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+            entry = self.shards[-1]
+            entry["sha256"] = hashlib.sha256((self.folder / entry["path"]).read_bytes()).hexdigest()
+
+    def close(self) -> list[dict]:
+        self._close()
+        return self.shards
+
+
+def write_shards(chosen: pd.DataFrame, folder: Path, name: str, shard_size: int) -> tuple[list[dict], list[str]]:
+    """Copy the chosen samples' original bytes out of their source shards (each read once, in
+    order); returns the curated shards and the ids whose bytes are gone or changed."""
+    sink = _ShardSink(folder, name, shard_size)
+    lost: list[str] = []
+    for shard_url, rows in chosen.groupby("shard_url", sort=True):
+        wanted = {r["key"]: r for _, r in rows.iterrows()}
+        stream = open_shard(shard_url)
+        try:
+            for raw in iter_samples(stream):
+                row = wanted.pop(raw.key, None)
+                if row is None:
+                    continue
+                data = raw.files.get(row["ext"])
+                if data is None or hashlib.sha256(data).hexdigest() != row["sha256"]:
+                    lost.append(row["sample_id"])  # the source changed since ingest: never ship other bytes
+                    continue
+                sample = {"__key__": row["sample_id"], row["ext"]: data, "json": _sample_json(row)}
+                if pd.notna(row.get("teacher_label")):
+                    sample["cls"] = str(int(row["teacher_label"])).encode()
+                logits = _logits_npy(row.get("teacher_logits"))
+                if logits is not None:
+                    sample["logits.npy"] = logits
+                sink.write(sample)
+                if not wanted:
+                    break
+        except TruncatedShard:
+            pass
+        finally:
+            stream.close()
+        lost.extend(r["sample_id"] for r in wanted.values())
+    return sink.close(), lost
+
+
+def _selection_hash(chosen: pd.DataFrame, config: SelectConfig, score_run: dict) -> str:
+    ids = hashlib.sha256("\n".join(f"{s}:{w:.9g}" for s, w in zip(chosen["sample_id"], chosen["weight"])).encode())
+    return config_hash({"ids": ids.hexdigest(), "config": asdict(config),
+                        "score_run": [score_run.get("name"), score_run.get("finished_at")]})
+
+
+def _swap_into_place(tmp: Path, final: Path) -> None:
+    old = final.parent / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def select(ws: Workspace, config: SelectConfig) -> SelectResult:
+    """Choose, write the curated shards and manifest atomically, record the selection."""
+    chosen = choose(ws, config)
+    sources = catalog.candidate_sources(ws)
+    run = read_run(ws, sources["score_run"]) if sources["score_run"] else {}
+    final = ws.root / "selections" / config.name
+    digest = _selection_hash(chosen, config, run)
+    try:
+        previous = json.loads((final / "manifest.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        previous = {}
+    if previous.get("selection_hash") == digest:
+        return SelectResult(config.name, previous["total"], final, previous, unchanged=True)
+
+    tmp = final.parent / f".tmp-{config.name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    try:
+        shards, lost = write_shards(chosen, tmp, config.name, config.shard_size)
+        total = sum(s["count"] for s in shards)
+        if total == 0:
+            raise SelectError(f"empty selection {config.name!r}: none of the chosen images could be read back")
+        kept = chosen[~chosen["sample_id"].isin(set(lost))]
+        teacher = run.get("teacher") or {}
+        labels = kept["teacher_label"].dropna().astype(int)
+        manifest = {
+            "name": config.name, "total": total, "shards": shards,
+            "query": config.sql, "policy": config.policy, "limit": config.limit, "seed": config.seed,
+            "score_run": sources["score_run"], "teacher": teacher.get("spec"),
+            "num_classes": teacher.get("num_classes"), "classes": teacher.get("classes"),
+            "input_size": teacher.get("input_size"), "mean": teacher.get("mean"), "std": teacher.get("std"),
+            "has_logits": bool(kept["teacher_logits"].notna().all()) if "teacher_logits" in kept else False,
+            "counts_per_class": {str(k): int(v) for k, v in labels.value_counts().sort_index().items()},
+            "weight_sum": float(kept["weight"].sum()), "lost": lost,
+            "sources": _source_fingerprints(ws, sorted(kept["shard"].unique())),
+            "candidates": sources, "selection_hash": digest,
+            "created_at": datetime.now(timezone.utc).isoformat(),
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        _swap_into_place(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    catalog.record_selection(ws, manifest, final)
+    return SelectResult(config.name, total, final, manifest)
+
+
+def _source_fingerprints(ws: Workspace, shards: list[str]) -> dict[str, str]:
+    rows = catalog.query(ws, "SELECT shard, fingerprint FROM shards").to_pylist()
+    fp = {r["shard"]: r["fingerprint"] for r in rows}
+    return {s: fp.get(s) for s in shards}

@@ -1,0 +1,312 @@
+"""Selection policies over small hand-made candidate frames; expected values are computed by hand."""
+import math
+from collections import Counter
+
+import duckdb
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.stats import chisquare
+
+from curation.errors import WebdistillError
+from curation.policies import (PolicyError, PolicyStep, apply_policies, expressions, parse_policy,
+                               policy_expression_column)
+
+
+def frame(**columns) -> pd.DataFrame:
+    n = len(next(iter(columns.values())))
+    return pd.DataFrame({"sample_id": [f"s{i:03d}" for i in range(n)], **columns})
+
+
+def select(df: pd.DataFrame, spec: str, seed: int = 0) -> pd.DataFrame:
+    return apply_policies(df, parse_policy(spec), seed=seed)
+
+
+def ids(df: pd.DataFrame) -> list[str]:
+    return list(df["sample_id"])
+
+
+# ---------------------------------------------------------------- syntax
+
+def test_parse_steps_params_and_defaults():
+    steps = parse_policy("dedup | balance:k=500 | topk:k=200;by=msp")
+    assert [s.kind for s in steps] == ["dedup", "balance", "topk"]
+    assert steps[1].params == {"k": 500, "per_class": None, "label": "teacher_label", "by": None}
+    assert steps[2].params == {"k": 200, "by": "msp"}
+    # commas also separate parameters, but never inside parentheses or quotes
+    (soft,) = parse_policy("softmax:k=10,by=greatest(msp, -energy / 2),tau=0.5,replace=true")
+    assert soft.params == {"k": 10, "by": "greatest(msp, -energy / 2)", "tau": 0.5, "replace": True}
+    (quoted,) = parse_policy("threshold:by=(caption = 'a;b|c')::DOUBLE;min=1")
+    assert quoted.params == {"by": "(caption = 'a;b|c')::DOUBLE", "min": 1.0, "max": None}
+    assert parse_policy("kd3")[0].params == {"tau": 0.95}
+    assert parse_policy(" kd3 : tau = 0.8 ")[0].params == {"tau": 0.8}
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("", "empty policy"),
+    ("dedup ||topk:k=1;by=msp", "empty step"),
+    ("shuffle:k=3", "unknown policy 'shuffle'"),
+    ("topk:k=3;by=msp;order=asc", "unknown parameter 'order'"),
+    ("topk:by=msp", "missing parameter 'k'"),
+    ("topk:k=three;by=msp", "k='three' must be a positive integer"),
+    ("topk:k=0;by=msp", "must be a positive integer"),
+    ("topk:k=3;k=4;by=msp", "given twice"),
+    ("topk:k=3;by", "want KEY=VALUE"),
+    ("topk:k=3;by=greatest(msp, energy", "unbalanced"),
+    ("topk:k=3;by=msp)", "unbalanced"),
+    ("threshold:by=msp", "at least one of min, max"),
+    ("threshold:by=msp;min=high", "must be a number"),
+    ("balance:k=10;per_class=3", "exactly one of k, per_class"),
+    ("balance:per_class=3;label=kd3 label", "must be a column name"),
+    ("softmax:k=3;by=msp;tau=0", "must be > 0"),
+    ("softmax:k=3;by=msp;replace=maybe", "must be true or false"),
+    ("kd3:tau=1.5", "must be in (0, 1]"),
+])
+def test_parse_errors_are_one_line_policy_errors(spec, message):
+    with pytest.raises(PolicyError, match=message.replace("(", r"\(").replace(")", r"\)").replace("|", r"\|")) as err:
+        parse_policy(spec)
+    assert isinstance(err.value, WebdistillError) and "\n" not in str(err.value)
+
+
+def test_syntax_errors_show_the_syntax():
+    with pytest.raises(PolicyError, match=r"STEP \| STEP"):
+        parse_policy("topk:k=3;;by=msp")
+
+
+def test_expressions_are_distinct_in_first_use_order():
+    steps = parse_policy("dedup:by=msp | topk:k=9;by=energy | softmax:k=3;by=msp | kd3")
+    assert expressions(steps) == ["msp", "energy"]
+
+
+def test_expression_columns_are_stable_sql_names_duckdb_accepts():
+    name = policy_expression_column("greatest(msp, energy)")
+    assert name == policy_expression_column("  greatest(msp, energy) ")
+    assert name != policy_expression_column("least(msp, energy)")
+    assert name.startswith("_expr_") and name.isidentifier()
+    # the select stage evaluates each expression in DuckDB under that name; the policy finds it
+    candidates = frame(msp=[0.1, 0.9, 0.5], energy=[0.8, 0.2, 0.3])  # DuckDB reads this frame by name
+    computed = duckdb.sql(f"SELECT *, greatest(msp, energy) AS {name} FROM candidates").df()
+    assert ids(select(computed, "topk:k=2;by=greatest(msp, energy)")) == ["s000", "s001"]
+    with pytest.raises(PolicyError, match="empty score expression"):
+        policy_expression_column("  ")
+
+
+# ---------------------------------------------------------------- topk, threshold
+
+def test_topk_best_first_nulls_never_pass_ties_by_sample_id():
+    df = frame(msp=[0.2, None, 0.9, 0.5, 0.9, np.nan])
+    assert ids(select(df, "topk:k=2;by=msp")) == ["s002", "s004"]
+    assert ids(select(df, "topk:k=3;by=msp")) == ["s002", "s003", "s004"]
+    assert ids(select(df, "topk:k=50;by=msp")) == ["s000", "s002", "s003", "s004"]
+
+
+def test_threshold_min_max_inclusive_nulls_never_pass():
+    df = frame(msp=[0.2, None, 0.9, 0.5, 0.7])
+    assert ids(select(df, "threshold:by=msp;min=0.5")) == ["s002", "s003", "s004"]
+    assert ids(select(df, "threshold:by=msp;max=0.5")) == ["s000", "s003"]
+    assert ids(select(df, "threshold:by=msp;min=0.5;max=0.7")) == ["s003", "s004"]
+
+
+# ---------------------------------------------------------------- dedup
+
+def dup_frame() -> pd.DataFrame:
+    return pd.DataFrame({
+        "sample_id": ["a1", "a2", "a3", "b1", "b2", "c1", "c2", "x", "y"],
+        "cluster_id": ["a2", "a2", "a2", "b2", "b2", "c1", "c1", None, None],
+        "is_representative": [False, True, False, False, True, True, False, None, None],
+        "msp": [0.9, 0.1, 0.5, 0.8, 0.3, 0.2, 0.7, 0.4, 0.6],
+    })
+
+
+def test_dedup_keeps_one_per_cluster_the_representative_when_present():
+    df = dup_frame()
+    kept = select(df, "dedup:by=msp")
+    assert ids(kept) == ["a2", "b2", "c1", "x", "y"]  # representatives despite lower msp, plus the alone
+    assert kept["cluster_id"].dropna().value_counts().max() == 1
+
+
+def test_dedup_without_the_representative_takes_best_by_score_else_first_sample_id():
+    without_reps = dup_frame().query("is_representative != True")
+    assert ids(select(without_reps, "dedup:by=msp")) == ["a1", "b1", "c2", "x", "y"]
+    assert ids(select(without_reps, "dedup")) == ["a1", "b1", "c2", "x", "y"]
+    no_rep_column = without_reps.drop(columns=["is_representative"]).assign(msp=[0.1, 0.9, 0.2, 0.3, 0.4, 0.5])
+    assert ids(select(no_rep_column, "dedup")) == ["a1", "b1", "c2", "x", "y"]
+    assert ids(select(no_rep_column, "dedup:by=msp")) == ["a3", "b1", "c2", "x", "y"]
+
+
+def test_dedup_refuses_candidates_without_near_duplicate_clusters():
+    with pytest.raises(PolicyError, match="'cluster_id'.*lack"):
+        select(dup_frame().drop(columns=["cluster_id"]), "dedup")
+    with pytest.raises(PolicyError, match="'cluster_id'.*null on every candidate"):
+        select(dup_frame().assign(cluster_id=None), "dedup")
+
+
+# ---------------------------------------------------------------- balance
+
+def test_balance_splits_evenly_and_a_short_class_gives_its_share_away():
+    labels = [0] * 10 + [1] * 10 + [2] * 2 + [None]
+    df = frame(teacher_label=pd.array(labels, dtype="Int64"))
+    counts = Counter(select(df, "balance:k=11").teacher_label)
+    # share 11/3: class 2 has only 2; the other 9 split 5/4 (equal classes: the lower label gets the extra)
+    assert counts == {0: 5, 1: 4, 2: 2}
+    assert Counter(select(df, "balance:per_class=3").teacher_label) == {0: 3, 1: 3, 2: 2}
+    assert len(select(df, "balance:k=100")) == 22  # everything labelled; the unlabelled row is dropped
+
+
+def test_balance_quotas_within_one_for_every_k():
+    rng = np.random.default_rng(3)
+    labels = rng.choice(6, size=120, p=[0.4, 0.25, 0.2, 0.1, 0.04, 0.01])
+    available = Counter(labels.tolist())
+    df = frame(teacher_label=labels)
+    for k in range(1, 121):
+        counts = Counter(select(df, f"balance:k={k}", seed=k).teacher_label)
+        assert sum(counts.values()) == k
+        open_classes = [counts[c] for c in available if counts[c] < available[c]]
+        if open_classes:
+            assert max(open_classes) - min(open_classes) <= 1
+            assert all(counts[c] <= max(open_classes) for c in available)  # exhausted classes are short
+
+
+def test_balance_keeps_the_best_per_class_by_score_or_a_seeded_random_choice():
+    df = frame(teacher_label=[0, 0, 0, 1, 1, 1], kd3_label=[1, 1, 1, 1, 0, 0],
+               msp=[0.1, 0.9, 0.5, 0.7, 0.3, 0.8])
+    assert ids(select(df, "balance:per_class=2;by=msp")) == ["s001", "s002", "s003", "s005"]
+    assert ids(select(df, "balance:per_class=1;by=msp;label=kd3_label")) == ["s001", "s005"]
+    big = frame(teacher_label=np.arange(400) % 4)
+    first = ids(select(big, "balance:k=40", seed=1))
+    assert first == ids(select(big.sample(frac=1, random_state=0), "balance:k=40", seed=1))
+    assert first != ids(select(big, "balance:k=40", seed=2))
+
+
+def test_balance_refuses_a_missing_label_column():
+    with pytest.raises(PolicyError, match="'kd3_label'"):
+        select(frame(teacher_label=[0, 1]), "balance:k=2;label=kd3_label")
+
+
+# ---------------------------------------------------------------- diversity
+
+def test_diversity_caps_each_kmeans_cluster_best_first():
+    df = frame(cluster=pd.array([0, 0, 0, 1, 1, None, 2, 2, 2, 2], dtype="Int64"),
+               msp=[0.1, 0.9, 0.5, 0.2, 0.3, 0.0, 0.4, 0.8, 0.6, 0.7])
+    assert ids(select(df, "diversity:max_per_cluster=2;by=msp")) == [
+        "s001", "s002", "s003", "s004", "s005", "s007", "s009"]
+    random_caps = Counter(select(df, "diversity:max_per_cluster=1", seed=5).cluster.fillna(-1))
+    assert random_caps == {0: 1, 1: 1, 2: 1, -1: 1}  # the row with no k-means cluster is not capped
+
+
+# ---------------------------------------------------------------- softmax (related-first sampling)
+
+def softmax_p(scores, tau):
+    e = [math.exp(s / tau) for s in scores]
+    return [x / sum(e) for x in e]
+
+
+@pytest.mark.parametrize("scores", [[0.0, 0.5, 1.0, 2.0, 3.0], [1000.0, 1000.5, 1001.0, 1002.0, 1003.0]])
+def test_softmax_with_replacement_matches_exp_s_over_tau(scores):
+    tau, draws = 0.7, 20_000
+    p = softmax_p([s - scores[0] for s in scores], tau)  # same distribution; exp(1000) would overflow here
+    df = frame(score=scores)
+    for seed in range(3):
+        picked = select(df, f"softmax:k={draws};by=score;tau={tau};replace=true", seed=seed)
+        counts = dict(zip(picked.sample_id, picked.weight))
+        observed = [counts.get(sid, 0.0) for sid in df.sample_id]
+        assert sum(observed) == draws  # each row once, weight = its number of draws
+        assert chisquare(observed, [draws * q for q in p]).pvalue > 0.001
+
+
+def test_softmax_without_replacement_draws_k_distinct_rows_higher_scores_more_often():
+    scores, tau, k, runs = [0.0, 1.0, 2.0, 3.0], 1.0, 2, 1000
+    df = frame(score=scores + [None])
+    steps = parse_policy(f"softmax:k={k};by=score;tau={tau}")
+    hits = Counter()
+    for seed in range(runs):
+        picked = apply_policies(df, steps, seed=seed)
+        assert len(picked) == k and picked.sample_id.is_unique and (picked.weight == 1.0).all()
+        hits.update(picked.sample_id)
+    freq = [hits[f"s{i:03d}"] / runs for i in range(4)]
+    assert hits["s004"] == 0  # a null score is never drawn
+    assert freq == sorted(freq)
+    # Generator.choice(replace=False, p) draws one after another: P(i in sample) = p_i + sum_j p_j p_i / (1 - p_j)
+    p = softmax_p(scores, tau)
+    for i, f in enumerate(freq):
+        inclusion = p[i] + sum(p[j] * p[i] / (1 - p[j]) for j in range(4) if j != i)
+        assert abs(f - inclusion) < 4 * math.sqrt(inclusion * (1 - inclusion) / runs)
+
+
+def test_softmax_asking_more_than_the_pool_returns_the_pool():
+    df = frame(score=[0.0, 1.0, None])
+    assert ids(select(df, "softmax:k=10;by=score")) == ["s000", "s001"]
+
+
+# ---------------------------------------------------------------- KD^3
+
+def kd3_frame() -> pd.DataFrame:
+    return frame(kd3_label=pd.array([0, 0, 0, 0, 1, 1, 1, 2, 2, None], dtype="Int64"),
+                 kd3_conf=[0.95, 0.97, 0.99, 0.5, 0.92, 0.3, 0.6, 0.4, 0.85, 0.99],
+                 keep=[0.0, 0.0, 0.0, 0.0, 1, 1, 1, 1, 1, 1])
+
+
+def test_kd3_class_adaptive_thresholds_by_hand():
+    # tau = 0.9: confident counts N = (3, 1, 0), s = (1, 1/3, 0),
+    # tau_c = 0.9 * s / (2 - s) = (0.9, 0.18, 0): class 0 needs > 0.9, class 1 > 0.18, class 2 > 0
+    kept = select(kd3_frame(), "kd3:tau=0.9")
+    assert ids(kept) == ["s000", "s001", "s002", "s004", "s005", "s006", "s007", "s008"]
+    # default tau 0.95: N = (2, 0, 0) (0.95 is not above 0.95), tau_c = (0.95, 0, 0)
+    assert ids(select(kd3_frame(), "kd3")) == ["s001", "s002", "s004", "s005", "s006", "s007", "s008"]
+
+
+def test_kd3_thresholds_come_from_the_frame_the_step_receives():
+    # without class 0, class 1 leads: N = (0, 1, 0), s_1 = 1, tau_1 = 0.9: only its 0.92 passes
+    assert ids(select(kd3_frame(), "threshold:by=keep;min=1 | kd3:tau=0.9")) == ["s004", "s007", "s008"]
+
+
+def test_kd3_when_no_class_is_confident_every_class_gets_tau():
+    df = frame(kd3_label=[0, 1, 1], kd3_conf=[0.5, 0.7, 0.94])
+    assert ids(select(df, "kd3")) == []
+    with pytest.raises(PolicyError, match="'kd3_conf'"):
+        select(df.drop(columns=["kd3_conf"]), "kd3")
+
+
+# ---------------------------------------------------------------- composition, weights, errors
+
+def test_composition_order_matters():
+    df = pd.DataFrame({"sample_id": ["b", "c", "d", "r"], "cluster_id": [None, None, "r", "r"],
+                       "is_representative": [None, None, False, True], "msp": [0.5, 0.4, 0.9, 0.1]})
+    # dedup first keeps r (the representative) and drops d; then the two best of b, c, r
+    assert ids(select(df, "dedup | topk:k=2;by=msp")) == ["b", "c"]
+    # topk first keeps d and b; r is gone, so d stays as its cluster's only member
+    assert ids(select(df, "topk:k=2;by=msp | dedup")) == ["b", "d"]
+
+
+def test_weights_default_to_one_and_multiply_through_steps():
+    df = frame(score=[0.0, 0.0, 0.0], weight=[2.0, None, 0.5])
+    assert list(select(df, "threshold:by=score;min=0").weight) == [2.0, 1.0, 0.5]
+    picked = select(df, "softmax:k=300;by=score;replace=true | topk:k=3;by=score", seed=4)
+    draws = picked.weight / pd.Series([2.0, 1.0, 0.5], index=picked.index)
+    assert draws.sum() == 300 and (draws == draws.round()).all() and (draws > 50).all()
+    assert list(select(frame(score=[1.0]), "topk:k=1;by=score").weight) == [1.0]
+
+
+def test_result_does_not_depend_on_the_input_row_order():
+    rng = np.random.default_rng(0)
+    df = frame(teacher_label=rng.integers(0, 5, 300), cluster=rng.integers(0, 10, 300), score=rng.normal(size=300))
+    spec = "diversity:max_per_cluster=6 | balance:k=40 | softmax:k=20;by=score;replace=true"
+    expected = select(df, spec, seed=9)
+    shuffled = select(df.sample(frac=1, random_state=1), spec, seed=9)
+    pd.testing.assert_frame_equal(expected, shuffled)
+
+
+def test_unknown_columns_and_bad_frames_give_policy_errors():
+    df = frame(msp=[0.1, 0.2])
+    with pytest.raises(PolicyError, match="'energy' was not computed"):
+        select(df, "topk:k=1;by=energy")
+    with pytest.raises(PolicyError, match="column 'msp', which is null on every candidate"):
+        select(frame(msp=[None, None]), "topk:k=1;by=msp")
+    with pytest.raises(PolicyError, match="not numeric"):
+        select(frame(msp=["high", "low"]), "topk:k=1;by=msp")
+    with pytest.raises(PolicyError, match="appears more than once"):
+        select(pd.concat([df, df]), "topk:k=1;by=msp")
+    with pytest.raises(PolicyError, match="'sample_id'"):
+        select(df.drop(columns=["sample_id"]), "topk:k=1;by=msp")
+    with pytest.raises(PolicyError, match="unknown policy 'shuffle'"):
+        apply_policies(df, [PolicyStep("shuffle", {})])
