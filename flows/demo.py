@@ -155,6 +155,53 @@ def embed_and_index(workspace: Workspace, out_dir: Path, clip_steps: int, worker
             "embed_rate": summary.samples / summary.seconds if summary.seconds else None}
 
 
+# Related-first (Begon & Geurts): the samples closest to the teacher's domain by the CLIP's
+# zero-shot similarity, one per near-duplicate cluster, then KD^3's class-adaptive filter on the
+# teacher's own predictions, balanced over its pseudo-labels.
+DEMO_POLICY = "dedup | topk:k=3000;by=knn_digit_prompts | kd3 | balance:k=1500;by=msp"
+
+
+def selection_report(ws: Workspace, name: str, truth_path: Path) -> dict:
+    """Size and precision (share of the teacher's domain) of a curated selection, per source domain."""
+    manifest = json.loads((ws.root / "selections" / name / "manifest.json").read_text())
+    con = duckdb.connect()
+    rows = con.execute(f"""
+        SELECT t.domain, count(*) AS n, sum(t.in_domain::INT) AS hits
+        FROM read_parquet('{ws.root}/samples/*.parquet') s JOIN read_parquet('{truth_path}') t USING (shard, key)
+        WHERE s.sample_id IN (SELECT unnest(?::VARCHAR[])) GROUP BY ALL ORDER BY n DESC""",
+                       [_selection_ids(ws, name)]).fetchall()
+    total = sum(n for _, n, _ in rows)
+    return {"size": manifest["total"], "precision": sum(h for *_, h in rows) / total if total else float("nan"),
+            "domains": {d: n for d, n, _ in rows}}
+
+
+def _selection_ids(ws: Workspace, name: str) -> list[str]:
+    import webdataset as wds
+
+    manifest = json.loads((ws.root / "selections" / name / "manifest.json").read_text())
+    urls = [str(ws.root / "selections" / name / s["path"]) for s in manifest["shards"]]
+    return [s["__key__"] for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode()]
+
+
+def score_and_select(workspace: Workspace, teacher_spec: str, workers: int, timings: dict, name: str = "round1",
+                     policy: str = DEMO_POLICY, student: str | None = None) -> dict:
+    """Score the pool with the teacher (and a student), then write the curated selection."""
+    from curation.score import ScoreConfig, score
+    from curation.select import SelectConfig, select
+
+    with _step(f"score ({name})", timings):
+        started = datetime.now(timezone.utc)
+        config = ScoreConfig(teacher=teacher_spec, student=student, name=name, batch_size=512, workers=1)
+        summary = score(workspace, config)
+        catalog.refresh(workspace)
+        catalog.record_run(workspace, "score", started, vars(config), {"samples": summary.samples})
+    with _step(f"select ({name})", timings):
+        started = datetime.now(timezone.utc)
+        result = select(workspace, SelectConfig(name=name, policy=policy))
+        catalog.record_run(workspace, "select", started, {"name": name, "policy": policy}, {"size": result.size})
+    return {"score": summary, "selection": result}
+
+
 def run_demo(workspace: Workspace, out: str, size: int, n_shards: int, teacher_epochs: int, workers: int,
              seed: int, clip_steps: int = 100) -> int:
     from curation import demo_sources
@@ -185,6 +232,11 @@ def run_demo(workspace: Workspace, out: str, size: int, n_shards: int, teacher_e
     emb = embed_and_index(workspace, out_dir, clip_steps, workers, seed, crawl_params, timings)
     truth = out_dir / "crawl" / "ground_truth.parquet"
     report = dup_report(workspace, emb["embedder"], truth)
+    curated = score_and_select(workspace, str(out_dir / "teacher" / "teacher.json"), workers, timings)
+    chosen = selection_report(workspace, "round1", truth)
+    from curation.report import score_quality
+
+    aurocs = score_quality(workspace, truth, [1000])["scores"]
     clip = emb["clip"]
 
     print()
@@ -213,6 +265,13 @@ def run_demo(workspace: Workspace, out: str, size: int, n_shards: int, teacher_e
         print(f"                  planted {kind} duplicates found with their original: {hit}/{total}")
     print(f"  zero-shot       AUROC of similarity to 'handwritten digit N' prompts for the teacher's domain: "
           f"{relevance_auroc(workspace, 'digit_prompts', truth):.3f}")
+    print()
+    print(f"  {'score':<20}{'AUROC':>7}{'precision@1000':>16}   (telling the teacher's domain from the rest)")
+    for r in aurocs:
+        print(f"  {r['score']:<20}{r['auroc']:>7.3f}{r['precision@1000']:>16.3f}")
+    print(f"  selection       round1 = {DEMO_POLICY!r}: {chosen['size']} samples, precision "
+          f"{chosen['precision']:.3f} (chance {crawl['domains'].get('mnist', 0) / crawl['samples']:.3f}); "
+          + ", ".join(f"{d} {n}" for d, n in chosen["domains"].items()))
     print()
     print("  stage times     " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
     print(f"  workspace       {workspace.root} (try: webdistill sql \"SELECT reason, count(*) FROM rejects GROUP BY ALL\")")
