@@ -14,6 +14,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Collection
 
 import numpy as np
 import pyarrow as pa
@@ -98,10 +99,12 @@ def _paths(ws: Workspace, embedder: str, shard: str) -> tuple[Path, Path]:
     return d / f"{shard}.npy", d / f"{shard}.parquet"
 
 
-def shard_jobs(ws: Workspace, stamp_extra: dict | None = None) -> list[ShardJob]:
+def shard_jobs(ws: Workspace, stamp_extra: dict | None = None, only: Collection[str] | None = None) -> list[ShardJob]:
     """One job per ingested shard with accepted samples, rows in shard order."""
     jobs = []
     for samples_file in sorted((ws.root / "samples").glob("*.parquet")):
+        if only is not None and samples_file.stem not in only:
+            continue
         meta = read_parquet_metadata(samples_file)
         t = pq.read_table(samples_file, columns=["key", "ext", "sample_id", "shard_url", "idx"]).sort_by("idx")
         if t.num_rows == 0:
@@ -112,11 +115,12 @@ def shard_jobs(ws: Workspace, stamp_extra: dict | None = None) -> list[ShardJob]
     return jobs
 
 
-def plan_jobs(ws: Workspace, embedder: Embedder) -> tuple[list[ShardJob], list[str]]:
-    """Shards that need embedding, and those already done for the same inputs and config."""
+def plan_jobs(ws: Workspace, embedder: Embedder, only: Collection[str] | None = None) -> tuple[list[ShardJob], list[str]]:
+    """Shards that need embedding, and those already done for the same inputs and config
+    (`only`: restrict to these shard names, for one task per shard)."""
     chash = config_hash(embedder.config | {"version": EMBED_VERSION})
     jobs, skipped = [], []
-    for job in shard_jobs(ws, {"config_hash": chash}):
+    for job in shard_jobs(ws, {"config_hash": chash}, only):
         npy, ids = _paths(ws, embedder.name, job.shard)
         if npy.exists() and read_parquet_metadata(ids).get("stamp") == job.stamp:
             skipped.append(job.shard)
@@ -177,9 +181,9 @@ def per_shard_outputs(jobs: list[ShardJob], preprocess, compute, batch_size: int
 
 
 def embed(ws: Workspace, embedder: Embedder, batch_size: int = 256, workers: int = 1,
-          progress: bool = True) -> EmbedSummary:
-    """Embed every ingested shard not yet embedded with this embedder's config."""
-    jobs, skipped = plan_jobs(ws, embedder)
+          progress: bool = True, only: Collection[str] | None = None) -> EmbedSummary:
+    """Embed every ingested shard (or those named in `only`) not yet embedded with this config."""
+    jobs, skipped = plan_jobs(ws, embedder, only)
     summary = EmbedSummary(embedder.name, skipped=skipped)
     if not jobs:
         return summary

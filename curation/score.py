@@ -18,6 +18,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Collection
 
 import faiss
 import numpy as np
@@ -80,6 +81,7 @@ class ScoreSummary:
     seconds: float = 0.0
     finalized: bool = False
     teacher: dict | None = None
+    unscored: list[str] = field(default_factory=list)
 
 
 def _load(spec: str, role: str, device: str) -> LoadedModel:
@@ -181,12 +183,14 @@ def teacher_info(loaded: LoadedModel, num_classes: int) -> dict:
             "num_classes": num_classes, "classes": loaded.classes or [str(c) for c in range(num_classes)]}
 
 
-def score_pass1(ws: Workspace, config: ScoreConfig, progress: bool = True) -> ScoreSummary:
+def score_pass1(ws: Workspace, config: ScoreConfig, progress: bool = True,
+                only: Collection[str] | None = None) -> ScoreSummary:
+    """Per-shard scores of every ingested shard (or those named in `only`) not yet scored."""
     run = _run_dir(ws, config.name)
     summary = ScoreSummary(config.name)
     stamp_extra = {"config_hash": config_hash(config.pass1_part())}
     todo = []
-    for job in shard_jobs(ws, stamp_extra):
+    for job in shard_jobs(ws, stamp_extra, only):
         if read_parquet_metadata(run / "pass1" / f"{job.shard}.parquet").get("stamp") == job.stamp:
             summary.skipped.append(job.shard)
         else:
@@ -222,7 +226,8 @@ def score_pass2(ws: Workspace, config: ScoreConfig, summary: ScoreSummary) -> No
     """Pool-wide scores: Mahalanobis, relative Mahalanobis and kNN against the confident
     reference set, and KD^3's class-adaptive threshold flag. Rewritten only when pass 1 changed."""
     run = _run_dir(ws, config.name)
-    shards = [job.shard for job in shard_jobs(ws)]
+    # a shard whose pass 1 failed is left out (and reported by `finish`); the rest go on
+    shards = [job.shard for job in shard_jobs(ws) if (run / "pass1" / f"{job.shard}.parquet").exists()]
     files = _pass1_files(run, shards)
     stamp = config_hash({"pass1": [read_parquet_metadata(f).get("stamp") for f in files], **config.pass2_part()})
     if all(read_parquet_metadata(run / f"{s}.parquet").get("stamp") == stamp for s in shards):
@@ -296,10 +301,19 @@ def _reference_set(run: Path, shards: list[str], light: list[pa.Table], config: 
 
 def score(ws: Workspace, config: ScoreConfig, progress: bool = True) -> ScoreSummary:
     """Score every ingested sample (pass 1 per shard, then pass 2 over the pool)."""
-    if not shard_jobs(ws):
-        raise ScoreError("nothing to score: no ingested samples in this workspace (run `webdistill ingest` first)")
     started = datetime.now(timezone.utc)
     summary = score_pass1(ws, config, progress)
+    return finish(ws, config, summary, started)
+
+
+def finish(ws: Workspace, config: ScoreConfig, summary: ScoreSummary, started: datetime) -> ScoreSummary:
+    """Pass 2 and the run's record, once every shard's pass 1 is done."""
+    if not shard_jobs(ws):
+        raise ScoreError("nothing to score: no ingested samples in this workspace (run `webdistill ingest` first)")
+    summary.unscored = [j.shard for j in shard_jobs(ws)
+                        if not (_run_dir(ws, config.name) / "pass1" / f"{j.shard}.parquet").exists()]
+    if len(summary.unscored) == len(shard_jobs(ws)):
+        raise ScoreError("no shard could be scored")
     score_pass2(ws, config, summary)
     run = _run_dir(ws, config.name)
     if summary.teacher is None:  # every shard was already scored: keep what the last run recorded

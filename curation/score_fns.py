@@ -30,7 +30,8 @@ def energy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
 
 def neg_entropy(logits: torch.Tensor) -> torch.Tensor:
     logp = logits.log_softmax(-1)
-    return (logp.exp() * logp).sum(-1)
+    p = logp.exp()
+    return torch.where(p == 0, 0.0, p * logp).sum(-1)  # 0 log 0 = 0 (a logit of -inf), not NaN
 
 
 def gen(logits: torch.Tensor, gamma: float = 0.1, top_m: int = 100) -> torch.Tensor:
@@ -43,7 +44,8 @@ def gen(logits: torch.Tensor, gamma: float = 0.1, top_m: int = 100) -> torch.Ten
 def kl_div(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
     """KL(p || q) per sample, from logits."""
     logp, logq = p_logits.log_softmax(-1), q_logits.log_softmax(-1)
-    return (logp.exp() * (logp - logq)).sum(-1)
+    p = logp.exp()
+    return torch.where(p == 0, 0.0, p * (logp - logq)).sum(-1)  # classes p rules out add nothing
 
 
 def js_div(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
@@ -56,7 +58,7 @@ def js_div(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
 def combined_prediction(teacher_logits: torch.Tensor, student_logits: torch.Tensor | None,
                         alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
     """KD^3's combined prediction `alpha * p_T + (1 - alpha) * p_S` (on probabilities, so its
-    confidence is one): (label, confidence). Without a student it is the teacher's."""
+    confidence is a probability): (label, confidence). Without a student it is the teacher's."""
     p = teacher_logits.softmax(-1)
     if student_logits is not None:
         p = alpha * p + (1 - alpha) * student_logits.softmax(-1)
