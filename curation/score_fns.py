@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distill.kd3_rules import combined_prediction  # noqa: F401 - KD^3's combined prediction, one copy
+
 
 def msp(logits: torch.Tensor) -> torch.Tensor:
     return logits.softmax(-1).max(-1).values
@@ -53,17 +55,6 @@ def js_div(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
     p, q = p_logits.softmax(-1), q_logits.softmax(-1)
     m = (0.5 * (p + q)).clamp_min(1e-12).log()
     return 0.5 * (F.kl_div(m, p, reduction="none").sum(-1) + F.kl_div(m, q, reduction="none").sum(-1))
-
-
-def combined_prediction(teacher_logits: torch.Tensor, student_logits: torch.Tensor | None,
-                        alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """KD^3's combined prediction `alpha * p_T + (1 - alpha) * p_S` (on probabilities, so its
-    confidence is a probability): (label, confidence). Without a student it is the teacher's."""
-    p = teacher_logits.softmax(-1)
-    if student_logits is not None:
-        p = alpha * p + (1 - alpha) * student_logits.softmax(-1)
-    conf, label = p.max(-1)
-    return label, conf
 
 
 def odin(model: nn.Module, x: torch.Tensor, std: tuple[float, ...], temperature: float = 1000.0,

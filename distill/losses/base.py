@@ -1,0 +1,207 @@
+"""The `Distiller` base class (mdistiller style) and the config checks every method shares.
+
+A method is one subclass with
+- `PARAMS`: its config parameters, `name -> (type, default)`;
+- `TERMS`: its loss terms, `name -> default weight` (the config's `weights:` overrides them);
+- `step(images, teacher_logits, sample_weights) -> StepOutput`.
+`forward_train` returns `(student logits, {term: weighted scalar})`; a term whose weight is 0 is
+neither computed nor returned. Per-sample losses are reduced with the selection's sample weights
+as `sum(w*l)/sum(w)` (`weighted_mean`).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+
+class LossConfigError(ValueError):
+    """A loss config names an unknown method, term or parameter, or a value that does not fit."""
+
+
+class StepOutput(NamedTuple):
+    logits: Tensor          # the deployable student's logits (B, C)
+    teacher_logits: Tensor  # what the logit terms compared against (B, C), no grad
+    terms: dict[str, Tensor]
+
+
+def weighted_mean(per_sample: Tensor, sample_weights: Tensor | None) -> Tensor:
+    """mean(l) without weights, else sum(w*l)/sum(w); an all-zero batch gives 0, not NaN."""
+    if sample_weights is None:
+        return per_sample.mean()
+    w = sample_weights.to(per_sample.dtype)
+    return (w * per_sample).sum() / w.sum().clamp_min(torch.finfo(per_sample.dtype).tiny)
+
+
+def _check_value(method: str, name: str, kind: type, value: Any) -> Any:
+    """The config value, coerced where harmless (int -> float), else a LossConfigError."""
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if kind is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if kind is list and isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return list(value)
+    if kind in (bool, str) and isinstance(value, kind):
+        return value
+    raise LossConfigError(f"loss {method!r}: parameter {name!r} must be {kind.__name__}, got {value!r}")
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """Eval mode and no gradients: the teacher never trains, and its BN statistics never move."""
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
+def require_feature_api(model: nn.Module, role: str, method: str) -> None:
+    """Feature methods need `forward_features`, `pool` and `classifier` (distill.models.SmallCNN)."""
+    missing = [a for a in ("forward_features", "pool", "classifier") if not hasattr(model, a)]
+    if missing:
+        raise LossConfigError(f"loss {method!r} needs a {role} with forward_features/pool/classifier "
+                              f"(missing: {', '.join(missing)})")
+
+
+class Distiller(nn.Module):
+    """A student (and, for live-teacher methods, a frozen teacher) plus what a method trains beside them."""
+
+    needs_live_teacher: bool = False
+    PARAMS: dict[str, tuple[type, Any]] = {}
+    TERMS: dict[str, float] = {}
+    method: str = ""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, num_classes: int,
+                 params: dict[str, Any] | None = None, weights: dict[str, float] | None = None):
+        super().__init__()
+        self.student = student
+        self.teacher = freeze(teacher) if teacher is not None else None
+        self.num_classes = num_classes
+        self.params = self.resolve_params(params or {})
+        self.validate(self.params)
+        self.term_weights = self.resolve_weights(weights or {})
+        self._extras: list[tuple[float, LogitDistiller]] = []
+
+    # -- config -------------------------------------------------------------------------------
+    @classmethod
+    def resolve_params(cls, given: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(given) - set(cls.PARAMS))
+        if unknown:
+            known = ", ".join(sorted(cls.PARAMS)) or "none"
+            raise LossConfigError(f"loss {cls.method!r}: unknown parameter {unknown[0]!r} (known: {known})")
+        resolved = {}
+        for name, (kind, default) in cls.PARAMS.items():
+            value = given.get(name, default)
+            resolved[name] = None if value is None else _check_value(cls.method, name, kind, value)
+        return resolved
+
+    @classmethod
+    def validate(cls, params: dict[str, Any]) -> None:
+        """Range checks of a method's parameters (types are already checked)."""
+
+    @classmethod
+    def positive(cls, params: dict[str, Any], *names: str) -> None:
+        for name in names:
+            if params[name] is not None and params[name] <= 0:
+                raise LossConfigError(f"loss {cls.method!r}: {name} must be > 0, got {params[name]}")
+
+    @classmethod
+    def resolve_weights(cls, given: dict[str, float]) -> dict[str, float]:
+        if not isinstance(given, dict):
+            raise LossConfigError(f"loss {cls.method!r}: 'weights' must be a mapping term -> weight")
+        unknown = sorted(set(given) - set(cls.TERMS))
+        if unknown:
+            raise LossConfigError(f"loss {cls.method!r}: unknown term {unknown[0]!r} in weights "
+                                  f"(terms: {', '.join(cls.TERMS)})")
+        weights = dict(cls.TERMS)
+        for name, w in given.items():
+            w = _check_value(cls.method, f"weights.{name}", float, w)
+            if w < 0:
+                raise LossConfigError(f"loss {cls.method!r}: weight of {name!r} must be >= 0, got {w}")
+            weights[name] = w
+        return weights
+
+    def active(self, term: str) -> bool:
+        return self.term_weights[term] > 0
+
+    def weighted_terms(self, raw: dict[str, Callable[[], Tensor]]) -> dict[str, Tensor]:
+        """{term: weight * value} for the terms with a non-zero weight; values are computed lazily."""
+        return {name: self.term_weights[name] * fn() for name, fn in raw.items() if self.active(name)}
+
+    # -- teacher ------------------------------------------------------------------------------
+    def teacher_logits(self, images: Tensor, stored: Tensor | None) -> Tensor:
+        """The live teacher's logits when there is one (the images may be augmented), else the stored ones."""
+        if self.teacher is not None:
+            with torch.no_grad():
+                return self.teacher(images).float()
+        if stored is None:
+            raise LossConfigError(f"loss {self.method!r} needs stored teacher logits or a live teacher")
+        return stored.to(images.device).float()
+
+    def train(self, mode: bool = True) -> "Distiller":
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()  # frozen: its BN running statistics must not move
+        return self
+
+    # -- the interface the training job calls ------------------------------------------------
+    def step(self, images: Tensor, teacher_logits: Tensor | None,
+             sample_weights: Tensor | None) -> StepOutput:
+        raise NotImplementedError
+
+    def forward_train(self, images: Tensor, teacher_logits: Tensor | None = None,
+                      sample_weights: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        if sample_weights is not None and sample_weights.shape != (images.shape[0],):
+            raise ValueError(f"sample_weights must have shape ({images.shape[0]},), "
+                             f"got {tuple(sample_weights.shape)}")
+        out = self.step(images, teacher_logits, sample_weights)
+        terms = dict(out.terms)
+        for weight, extra in self._extras:
+            if weight == 0:
+                continue
+            for name, value in extra.logit_terms(out.logits, out.teacher_logits, sample_weights).items():
+                terms[f"{extra.method}.{name}"] = weight * value
+        return out.logits, terms
+
+    def add_extra(self, weight: float, extra: "LogitDistiller") -> None:
+        """Combine a logit method into this one: its terms, times `weight`, on this method's logits."""
+        if any(e.method == extra.method for _, e in self._extras):
+            raise LossConfigError(f"loss {self.method!r}: extra {extra.method!r} given twice")
+        self._extras.append((weight, extra))  # a plain list: the extra shares our student, no new state
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Eval: the deployable student's logits."""
+        return self.deployable()(images)
+
+    def term_names(self) -> list[str]:
+        """The names `forward_train` returns (terms of weight 0 are left out)."""
+        names = [t for t in self.TERMS if self.active(t)]
+        return names + [f"{e.method}.{t}" for w, e in self._extras if w > 0 for t in e.term_names()]
+
+    def on_epoch_start(self, epoch: int, epochs: int) -> None:
+        """Per-epoch schedules (kd3's a(e) and thresholds)."""
+
+    def on_epoch_end(self, all_reduce: Callable[[Tensor], Tensor]) -> None:
+        """Cross-rank syncing of per-epoch statistics (kd3's per-class counts)."""
+
+    def deployable(self) -> nn.Module:
+        """What is evaluated and exported."""
+        return self.student
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Everything that trains: never the teacher's parameters."""
+        teacher_ids = {id(p) for p in self.teacher.parameters()} if self.teacher is not None else set()
+        return [p for p in self.parameters() if p.requires_grad and id(p) not in teacher_ids]
+
+
+class LogitDistiller(Distiller):
+    """A method that only compares student and teacher logits, so it can also be an `extra` term."""
+
+    def logit_terms(self, student_logits: Tensor, teacher_logits: Tensor,
+                    sample_weights: Tensor | None) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def step(self, images, teacher_logits, sample_weights) -> StepOutput:
+        z_t = self.teacher_logits(images, teacher_logits)
+        z_s = self.student(images)
+        return StepOutput(z_s, z_t, self.logit_terms(z_s, z_t, sample_weights))
