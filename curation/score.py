@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Collection
@@ -177,9 +177,12 @@ def _pass1_table(job: ShardJob, out: dict[str, np.ndarray], ok: np.ndarray) -> p
     return pa.table(cols)
 
 
-def teacher_info(loaded: LoadedModel, num_classes: int) -> dict:
+def teacher_info(scorer: BatchScorer) -> dict:
     """What the curated shards' manifest tells the distillation job about the teacher."""
-    return {"spec": loaded.spec, "input_size": loaded.input_size, "mean": list(loaded.mean), "std": list(loaded.std),
+    loaded, size = scorer.teacher, scorer.teacher.input_size
+    num_classes = scorer(torch.zeros(1, 3, size, size, dtype=torch.uint8))["teacher_logits"].shape[1]
+    spec = str(Path(loaded.spec).resolve()) if Path(loaded.spec).is_file() else loaded.spec  # usable from anywhere
+    return {"spec": spec, "input_size": loaded.input_size, "mean": list(loaded.mean), "std": list(loaded.std),
             "num_classes": num_classes, "classes": loaded.classes or [str(c) for c in range(num_classes)]}
 
 
@@ -198,9 +201,7 @@ def score_pass1(ws: Workspace, config: ScoreConfig, progress: bool = True,
     if not todo:
         return summary
     scorer = BatchScorer(config)
-    size = scorer.teacher.input_size
-    n_classes = scorer(torch.zeros(1, 3, size, size, dtype=torch.uint8))["teacher_logits"].shape[1]
-    summary.teacher = teacher_info(scorer.teacher, n_classes)
+    summary.teacher = teacher_info(scorer)
     start = time.perf_counter()
     outputs = per_shard_outputs(todo, scorer.preprocess, scorer, config.batch_size, config.workers, progress,
                                 desc=f"score {config.name}")
@@ -317,13 +318,17 @@ def finish(ws: Workspace, config: ScoreConfig, summary: ScoreSummary, started: d
     score_pass2(ws, config, summary)
     run = _run_dir(ws, config.name)
     if summary.teacher is None:  # every shard was already scored: keep what the last run recorded
-        summary.teacher = read_run(ws, config.name).get("teacher")
+        summary.teacher = read_run(ws, config.name).get("teacher") or _describe_teacher(config)
     with atomic_path(run / "run.json") as tmp:
         tmp.write_text(json.dumps({"name": config.name, "config": asdict(config), "teacher": summary.teacher,
                                    "started_at": started.isoformat(),
                                    "finished_at": datetime.now(timezone.utc).isoformat(),
                                    "summary": asdict(summary)}, indent=2, default=str))
     return summary
+
+
+def _describe_teacher(config: ScoreConfig) -> dict:
+    return teacher_info(BatchScorer(replace(config, student=None)))
 
 
 def read_run(ws: Workspace, name: str) -> dict:

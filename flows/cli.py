@@ -279,6 +279,60 @@ def cmd_select(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_distill(args: argparse.Namespace) -> int:
+    from flows.pipeline import run_distillation
+
+    ws = resolve_workspace(args.workspace)
+    if not (ws.root / "selections" / args.selection / "manifest.json").exists():
+        from curation.errors import WebdistillError
+
+        raise WebdistillError(f"no selection {args.selection!r} in {ws.root / 'selections'} (see: webdistill sql "
+                              "\"SELECT name, size FROM selections\")")
+    options = {"student": args.student, "loss": json.loads(args.loss) if args.loss.startswith("{") else {"method": args.loss},
+               "teacher_mode": args.teacher_mode, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+               "nproc": args.nproc, "workers": args.loader_workers}
+    # the job resolves relative paths against its config's folder: hand it absolute ones
+    if args.teacher:
+        options["teacher"] = _absolute_if_file(args.teacher)
+    if args.eval:
+        options["eval"] = _absolute_if_file(args.eval)
+    name = args.name or f"{args.selection}-{options['loss']['method']}"
+    summary = run_distillation(str(ws.root), name, args.selection, options,
+                               init_from=_absolute_if_file(args.init_from) if args.init_from else None, stream=sys.stderr)
+    acc = summary.get("eval_accuracy")
+    print(f"distill {name}: {summary.get('steps')} steps in {summary.get('seconds', 0):.0f}s on {summary.get('world_size')} "
+          f"process(es)" + (f"; eval accuracy {acc:.4f}" if acc is not None else "")
+          + f"; student: {summary.get('checkpoint')}")
+    return 0
+
+
+def _absolute_if_file(path: str) -> str:
+    from pathlib import Path
+
+    return str(Path(path).resolve()) if Path(path).exists() else path
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from flows.pipeline import pipeline_flow
+
+    result = pipeline_flow(args.config)
+    for r in result["rounds"]:
+        sel, student = r["selection"], r.get("student") or {}
+        acc = student.get("eval_accuracy")
+        print(f"round {r['round']}: selection {sel['name']} of {sel['size']} samples"
+              + (f"; student eval accuracy {acc:.4f}" if acc is not None else ""))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from flows.serve import build_deployments, serve_config
+
+    names = [d.name for d in build_deployments(args.config)]
+    print(f"serving {', '.join(names)} (Ctrl-C stops; trigger one with: prefect deployment run 'FLOW/NAME')", flush=True)
+    serve_config(args.config)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from flows.demo import run_demo
 
@@ -419,6 +473,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=int, default=1000, help="samples per curated shard (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random policies (default: %(default)s)")
     p.set_defaults(func=cmd_select)
+
+    p = sub.add_parser("distill", parents=[ws], help="distil a student on a curated selection, under torchrun",
+                       description="Write a job config under students/NAME/ and run `python -m distill.train` under "
+                       "torchrun with --nproc processes (DDP: gloo on CPU, nccl on GPU). Checkpoints every few steps and "
+                       "resumes after a crash when rerun; logs metrics.jsonl; exports student.pt and "
+                       "student.torchscript.pt (usable as `webdistill score --student`); records the run in `students`.")
+    p.add_argument("--selection", required=True, help="a selection name (selections/NAME/manifest.json)")
+    p.add_argument("--student", required=True, help="student architecture: tiny_cnn, small_cnn, torchvision:NAME, timm:NAME")
+    p.add_argument("--teacher", default=None, help="teacher spec (default: the selection's; needed for --teacher-mode live)")
+    p.add_argument("--teacher-mode", choices=["stored", "live"], default="stored",
+                   help="stored: logits from the shards, no teacher forward; live: run the teacher (feature losses, kd3, sakd)")
+    p.add_argument("--loss", default="kd", help="kd, kd3, sakd, confidence_weighted, ce, or a JSON loss config "
+                   "such as '{\"method\": \"kd\", \"T\": 2, \"extra\": [{\"method\": \"confidence_weighted\", \"weight\": 0.5}]}'")
+    p.add_argument("--nproc", type=int, default=1, help="processes (ranks) on this machine (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=10, help="epochs (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=64, help="batch size per rank (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=0.05, help="learning rate (default: %(default)s)")
+    p.add_argument("--loader-workers", type=int, default=1, help="DataLoader workers per rank (default: %(default)s)")
+    p.add_argument("--eval", default=None, help="labelled WebDataset shards (image + cls) to evaluate on")
+    p.add_argument("--init-from", default=None, help="start from these student weights (a previous round's student.pt)")
+    p.add_argument("--name", default=None, help="run name (default: SELECTION-LOSS)")
+    p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("run", help="run the whole pipeline from a YAML config as one Prefect flow, with rounds",
+                       description="Stages from the config (crawl, ingest, embed, index, score, select, distill), as "
+                       "Prefect flows with per-shard tasks; rounds re-score with the latest student, re-select and "
+                       "continue training. See flows/pipeline.py for the config's keys.")
+    p.add_argument("config", help="pipeline YAML")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("serve", help="serve the config's flows as Prefect deployments with cron schedules",
+                       description="Register deployments for the config's `schedules` (crawl, curation, distill, "
+                       "pipeline) and serve them until interrupted. Needs a Prefect server (PREFECT_API_URL).")
+    p.add_argument("config", help="pipeline YAML with a `schedules` section")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", parents=[ws], help="build the demo crawl and teacher from offline data, then run the pipeline",
                        description="Build a crawl of real images (MNIST as the teacher's domain, mixed with Fashion-MNIST, "
