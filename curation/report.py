@@ -15,9 +15,13 @@ from .workspace import Workspace
 NOT_SCORES = {"teacher_label", "teacher_logits", "student_label", "kd3_label", "kd3_threshold", "decoded"}
 
 
-def score_quality(ws: Workspace, truth: Path, ks: list[int]) -> dict:
-    """AUROC and precision@k of every score column (and kNN score) for the ground truth's in_domain."""
-    frame = catalog.query(ws, "SELECT * EXCLUDE (teacher_logits, meta) FROM candidates").to_pandas()
+def score_quality(ws: Workspace, truth: Path, ks: list[int], score_run: str | None = None) -> dict:
+    """AUROC and precision@k of every score column of a scoring run (default: the latest) and of
+    every kNN score, for the ground truth's in_domain."""
+    run = score_run or catalog.candidate_sources(ws)["score_run"]
+    frame = catalog.query(ws, "SELECT sample_id, shard, key, COLUMNS('^knn_') FROM candidates").to_pandas()
+    scores = catalog.query(ws, f"SELECT * EXCLUDE (teacher_logits, shard) FROM scores WHERE run = '{run}'").to_pandas()
+    frame = frame.merge(scores, on="sample_id", how="left")
     labels = duckdb.connect().execute(f"SELECT shard, key, in_domain FROM read_parquet('{truth}')").df()
     frame = frame.merge(labels, on=["shard", "key"], how="inner")
     y = frame["in_domain"].astype(bool).to_numpy()

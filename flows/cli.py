@@ -339,6 +339,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(
         workspace=resolve_workspace(args.workspace), out=args.out, size=args.size, n_shards=args.shards,
         teacher_epochs=args.teacher_epochs, workers=args.workers, seed=args.seed, clip_steps=args.clip_steps,
+        rounds=args.rounds, distill_epochs=args.distill_epochs,
     )
 
 
@@ -523,6 +524,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="parallel processes (default: %(default)s)")
     p.add_argument("--clip-steps", type=int, default=100,
                    help="training steps (of 256 pairs) for the demo's small CLIP (default: %(default)s)")
+    p.add_argument("--rounds", type=int, default=2, help="student-in-the-loop rounds (default: %(default)s)")
+    p.add_argument("--distill-epochs", type=int, default=15, help="student epochs per round (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of everything random in the demo (default: %(default)s)")
     p.set_defaults(func=cmd_demo)
     return parser

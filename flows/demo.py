@@ -107,58 +107,12 @@ def dup_report(ws: Workspace, embedder: str, truth_path: Path) -> dict:
             "pair_recall": correct / true if true else float("nan"), "found": found}
 
 
-def relevance_auroc(ws: Workspace, name: str, truth_path: Path) -> float:
-    """AUROC of a knn score for telling the teacher's domain (MNIST in the crawl) from the rest."""
-    from sklearn.metrics import roc_auc_score
-
-    rows = duckdb.connect().execute(f"""
-        SELECT t.in_domain, k.knn_sim FROM read_parquet('{ws.root}/knn_scores/{name}.parquet') k
-        JOIN read_parquet('{ws.root}/samples/*.parquet') s USING (sample_id)
-        JOIN read_parquet('{truth_path}') t USING (shard, key)""").fetchall()
-    labels, scores = zip(*rows)
-    return float(roc_auc_score(labels, scores))
-
-
-def embed_and_index(workspace: Workspace, out_dir: Path, clip_steps: int, workers: int, seed: int,
-                    crawl_params: dict, timings: dict) -> dict:
-    """Train the demo CLIP (as a user's checkpoint), embed with it, index, cluster and score."""
-    from curation.demo_clip import MODEL, train_demo_clip
-    from curation.embed import embed
-    from curation.embedders import make_embedder
-    from curation.index import IndexConfig, build_index, kmeans_clusters, knn_score, near_duplicates
-
-    clip_dir = out_dir / "clip"
-    clip_dir.mkdir(parents=True, exist_ok=True)
-    params = {"steps": clip_steps, "seed": seed, "crawl": crawl_params}
-    with _step("demo CLIP", timings):
-        if _cached(clip_dir / "build.json", params) and (clip_dir / f"{MODEL}.pt").exists():
-            clip = json.loads((clip_dir / "clip.json").read_text())
-            print(f"reusing the CLIP checkpoint in {clip_dir}")
-        else:
-            clip = train_demo_clip(workspace, clip_dir, steps=clip_steps, seed=seed)
-            (clip_dir / "build.json").write_text(json.dumps({"params": params}))
-    started = datetime.now(timezone.utc)
-    with _step("embed", timings):
-        embedder = make_embedder(f"open_clip:{MODEL}", pretrained=str(clip_dir / f"{MODEL}.pt"))
-        summary = embed(workspace, embedder, batch_size=512, workers=2)
-        catalog.record_run(workspace, "embed", started, embedder.args, {"samples": summary.samples})
-    config = IndexConfig(dup_threshold=0.97)
-    with _step("index", timings):
-        meta = build_index(workspace, embedder.name, config)
-        dups = near_duplicates(workspace, embedder.name, config)
-        kmeans = kmeans_clusters(workspace, embedder.name, config)
-        prompts = [f"handwritten digit {d}" for d in range(10)]
-        knn_score(workspace, embedder.name, "digit_prompts", embedder.encode_text(prompts).numpy(), k=3,
-                  description=f"prompts: {prompts}")
-        catalog.refresh(workspace)
-    return {"clip": clip, "embedder": embedder.name, "index": meta, "dups": dups, "kmeans_k": kmeans["k"],
-            "embed_rate": summary.samples / summary.seconds if summary.seconds else None}
-
-
 # Related-first (Begon & Geurts): the samples closest to the teacher's domain by the CLIP's
 # zero-shot similarity, one per near-duplicate cluster, then KD^3's class-adaptive filter on the
 # teacher's own predictions, balanced over its pseudo-labels.
 DEMO_POLICY = "dedup | topk:k=3000;by=knn_digit_prompts | kd3 | balance:k=1500;by=msp"
+DEMO_DUP_THRESHOLD = 0.97
+DIGIT_PROMPTS = [f"handwritten digit {d}" for d in range(10)]
 
 
 def selection_report(ws: Workspace, name: str, truth_path: Path) -> dict:
@@ -183,62 +137,94 @@ def _selection_ids(ws: Workspace, name: str) -> list[str]:
     return [s["__key__"] for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode()]
 
 
-def score_and_select(workspace: Workspace, teacher_spec: str, workers: int, timings: dict, name: str = "round1",
-                     policy: str = DEMO_POLICY, student: str | None = None) -> dict:
-    """Score the pool with the teacher (and a student), then write the curated selection."""
-    from curation.score import ScoreConfig, score
-    from curation.select import SelectConfig, select
+def relevance_auroc(ws: Workspace, name: str, truth_path: Path) -> float:
+    """AUROC of a knn score for telling the teacher's domain (MNIST in the crawl) from the rest."""
+    from sklearn.metrics import roc_auc_score
 
-    with _step(f"score ({name})", timings):
-        started = datetime.now(timezone.utc)
-        config = ScoreConfig(teacher=teacher_spec, student=student, name=name, batch_size=512, workers=1)
-        summary = score(workspace, config)
-        catalog.refresh(workspace)
-        catalog.record_run(workspace, "score", started, vars(config), {"samples": summary.samples})
-    with _step(f"select ({name})", timings):
-        started = datetime.now(timezone.utc)
-        result = select(workspace, SelectConfig(name=name, policy=policy))
-        catalog.record_run(workspace, "select", started, {"name": name, "policy": policy}, {"size": result.size})
-    return {"score": summary, "selection": result}
+    rows = duckdb.connect().execute(f"""
+        SELECT t.in_domain, k.knn_sim FROM read_parquet('{ws.root}/knn_scores/{name}.parquet') k
+        JOIN read_parquet('{ws.root}/samples/*.parquet') s USING (sample_id)
+        JOIN read_parquet('{truth_path}') t USING (shard, key)""").fetchall()
+    labels, scores = zip(*rows)
+    return float(roc_auc_score(labels, scores))
+
+
+def train_clip(workspace: Workspace, out_dir: Path, clip_steps: int, seed: int, crawl_params: dict,
+               timings: dict) -> dict:
+    """The demo's small CLIP, trained on the ingested image-caption pairs: a user's checkpoint."""
+    from curation.demo_clip import MODEL, train_demo_clip
+
+    clip_dir = out_dir / "clip"
+    clip_dir.mkdir(parents=True, exist_ok=True)
+    params = {"steps": clip_steps, "seed": seed, "crawl": crawl_params}
+    with _step("demo CLIP", timings):
+        if _cached(clip_dir / "build.json", params) and (clip_dir / f"{MODEL}.pt").exists():
+            clip = json.loads((clip_dir / "clip.json").read_text())
+            print(f"reusing the CLIP checkpoint in {clip_dir}")
+        else:
+            clip = train_demo_clip(workspace, clip_dir, steps=clip_steps, seed=seed)
+            (clip_dir / "build.json").write_text(json.dumps({"params": params}))
+    return clip | {"path": str(clip_dir / f"{MODEL}.pt"), "embedder": f"open_clip:{MODEL}"}
+
+
+def pipeline_config(workspace: Workspace, out_dir: Path, clip: dict, rounds: int, workers: int,
+                    distill_epochs: int) -> Path:
+    """The demo's pipeline YAML: what a user would write for their own crawl and teacher."""
+    import yaml
+
+    config = {
+        "name": "demo",
+        "workspace": str(workspace.root),
+        "workers": workers,
+        "ingest": {"shards": [str(out_dir / "crawl")]},
+        "embed": {"embedder": clip["embedder"], "pretrained": clip["path"], "batch_size": 512, "workers": 2,
+                  "shards_per_task": 100},
+        "index": {"dup_threshold": DEMO_DUP_THRESHOLD},
+        "knn_scores": [{"name": "digit_prompts", "prompts": DIGIT_PROMPTS, "k": 3}],
+        "score": {"teacher": str(out_dir / "teacher" / "teacher.json"), "options": {"batch_size": 512}},
+        "select": {"policy": DEMO_POLICY},
+        "distill": {"student": "tiny_cnn", "loss": {"method": "kd", "T": 4.0}, "epochs": distill_epochs,
+                    "nproc": 2, "workers": 1, "batch_size": 64, "lr": 0.05,
+                    "eval": str(out_dir / "eval" / "mnist-test.tar")},
+        "rounds": rounds,
+        "schedules": {"curation": "0 3 * * *", "pipeline": "0 4 * * 0"},
+    }
+    path = out_dir / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
 
 
 def run_demo(workspace: Workspace, out: str, size: int, n_shards: int, teacher_epochs: int, workers: int,
-             seed: int, clip_steps: int = 100) -> int:
+             seed: int, clip_steps: int = 100, rounds: int = 2, distill_epochs: int = 15) -> int:
     from curation import demo_sources
-    from curation.ingest import ingest
+    from flows.pipeline import pipeline_flow
+    from flows.stages import ingest_flow
 
     out_dir = Path(out).resolve()
     timings: dict[str, float] = {}
     crawl, teacher = build_inputs(out_dir, size, n_shards, teacher_epochs, workers, seed, timings)
-
-    started = datetime.now(timezone.utc)
     with _step("ingest", timings):
-        summary = ingest(workspace, [str(out_dir / "crawl")], workers=workers)
-        catalog.refresh(workspace)
-        catalog.record_run(workspace, "ingest", started, {"shards": str(out_dir / "crawl"), "demo": True},
-                           {"accepted": summary.accepted, "rejected": summary.rejected, "failed": summary.failed})
-    if summary.failed:
-        for url, why in summary.failed.items():
-            print(f"shard {url} failed: {why}")
-        return 1
-
-    stats = catalog.query(workspace, "SELECT count(*) AS n, count(DISTINCT sha256) AS distinct_images, "
-                          "(SELECT count(*) FROM rejects) AS rejected FROM samples").to_pylist()[0]
-    ingest_seconds = sum(r.seconds for r in summary.shards if not r.skipped)
-    fresh = [r for r in summary.shards if not r.skipped]
-    rate = sum(r.n_read for r in fresh) / ingest_seconds if ingest_seconds else float("nan")
-
+        ingested = ingest_flow(str(workspace.root), [str(out_dir / "crawl")])
     crawl_params = {"size": size, "shards": n_shards, "seed": seed, "fashion": demo_sources.fashion_available()}
-    emb = embed_and_index(workspace, out_dir, clip_steps, workers, seed, crawl_params, timings)
-    truth = out_dir / "crawl" / "ground_truth.parquet"
-    report = dup_report(workspace, emb["embedder"], truth)
-    curated = score_and_select(workspace, str(out_dir / "teacher" / "teacher.json"), workers, timings)
-    chosen = selection_report(workspace, "round1", truth)
+    clip = train_clip(workspace, out_dir, clip_steps, seed, crawl_params, timings)
+    config_path = pipeline_config(workspace, out_dir, clip, rounds, workers, distill_epochs)
+    print(f"== pipeline: {config_path} ({rounds} rounds), as `webdistill run {config_path}` would run it", flush=True)
+    result = pipeline_flow(str(config_path))
+    timings.update({f"pipeline {k}": v for k, v in result["timings"].items()})
+    print_results(workspace, out_dir, crawl, teacher, clip, ingested, result, timings)
+    return 0
+
+
+def print_results(workspace: Workspace, out_dir: Path, crawl: dict, teacher: dict, clip: dict, ingested: dict,
+                  result: dict, timings: dict) -> None:
     from curation.report import score_quality
 
-    aurocs = score_quality(workspace, truth, [1000])["scores"]
-    clip = emb["clip"]
-
+    truth = out_dir / "crawl" / "ground_truth.parquet"
+    stats = catalog.query(workspace, "SELECT count(*) AS n, count(DISTINCT sha256) AS distinct_images, "
+                          "(SELECT count(*) FROM rejects) AS rejected FROM samples").to_pylist()[0]
+    embedder = result["index"]["index"]["embedder"]
+    dups, report = result["index"]["dups"], dup_report(workspace, embedder, truth)
+    chance = crawl["domains"].get("mnist", 0) / crawl["samples"]
     print()
     print("webdistill demo: results")
     print(f"  crawl           {crawl['samples']} samples in {crawl['shards']} shards ({out_dir / 'crawl'})")
@@ -246,8 +232,7 @@ def run_demo(workspace: Workspace, out: str, size: int, n_shards: int, teacher_e
     print(f"  teacher         {teacher['factory']} on {teacher['train_samples']} MNIST digits: "
           f"test accuracy {teacher['test_accuracy']:.4f} on {crawl['mnist_test']} held-out digits")
     print(f"  ingest          {stats['n']} accepted, {stats['rejected']} rejected, "
-          f"{stats['n'] - stats['distinct_images']} exact duplicates by sha256"
-          + (f"; {rate:.0f} samples/s per worker" if fresh else " (all shards unchanged: skipped)"))
+          f"{stats['n'] - stats['distinct_images']} exact duplicates by sha256")
     print()
     print(f"  {'defect':<20}{'planted':>9}{'rejected':>10}{'matching truth':>16}")
     for kind, planted, rejected, correct in ingest_report(workspace, truth):
@@ -255,24 +240,27 @@ def run_demo(workspace: Workspace, out: str, size: int, n_shards: int, teacher_e
     print()
     print(f"  CLIP            {clip['model']} trained {clip['seconds']:.0f}s on {clip['pairs_seen']} image-caption pairs, "
           f"loaded with --pretrained {clip['checkpoint']}")
-    if emb["embed_rate"]:
-        print(f"  embed           {emb['embed_rate']:.0f} images/s")
-    print(f"  index           {emb['index']['kind']} FAISS index of {emb['index']['size']} vectors; "
-          f"{emb['kmeans_k']} k-means clusters")
-    print(f"  near-dups       cosine >= {emb['dups']['threshold']}: {emb['dups']['clusters']} clusters; pairwise "
+    print(f"  index           {result['index']['index']['kind']} FAISS index of {result['index']['index']['size']} vectors; "
+          f"{result['index']['kmeans_k']} k-means clusters")
+    print(f"  near-dups       cosine >= {dups['threshold']}: {dups['clusters']} clusters; pairwise "
           f"precision {report['pair_precision']:.3f}, recall {report['pair_recall']:.3f} against the ground truth")
     for kind, (hit, total) in sorted(report["found"].items()):
         print(f"                  planted {kind} duplicates found with their original: {hit}/{total}")
     print(f"  zero-shot       AUROC of similarity to 'handwritten digit N' prompts for the teacher's domain: "
           f"{relevance_auroc(workspace, 'digit_prompts', truth):.3f}")
     print()
-    print(f"  {'score':<20}{'AUROC':>7}{'precision@1000':>16}   (telling the teacher's domain from the rest)")
-    for r in aurocs:
+    print(f"  {'score (round 1)':<20}{'AUROC':>7}{'precision@1000':>16}   (telling the teacher's domain from the rest)")
+    for r in score_quality(workspace, truth, [1000], score_run=result["rounds"][0]["score"]["name"])["scores"]:
         print(f"  {r['score']:<20}{r['auroc']:>7.3f}{r['precision@1000']:>16.3f}")
-    print(f"  selection       round1 = {DEMO_POLICY!r}: {chosen['size']} samples, precision "
-          f"{chosen['precision']:.3f} (chance {crawl['domains'].get('mnist', 0) / crawl['samples']:.3f}); "
-          + ", ".join(f"{d} {n}" for d, n in chosen["domains"].items()))
+    print()
+    print(f"  policy          {DEMO_POLICY!r}; chance precision {chance:.3f}")
+    print(f"  {'round':<8}{'selection':>10}{'precision':>11}{'student accuracy':>18}   domains selected")
+    for r in result["rounds"]:
+        sel = selection_report(workspace, r["selection"]["name"], truth)
+        acc = (r.get("student") or {}).get("eval_accuracy")
+        print(f"  {r['round']:<8}{sel['size']:>10}{sel['precision']:>11.3f}{acc if acc is not None else float('nan'):>18.4f}   "
+              + ", ".join(f"{d} {n}" for d, n in sel["domains"].items()))
+    print(f"  (teacher accuracy on the same held-out digits: {teacher['test_accuracy']:.4f})")
     print()
     print("  stage times     " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
-    print(f"  workspace       {workspace.root} (try: webdistill sql \"SELECT reason, count(*) FROM rejects GROUP BY ALL\")")
-    return 0
+    print(f"  workspace       {workspace.root} (try: webdistill sql \"SELECT * FROM students\")")

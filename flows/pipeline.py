@@ -22,6 +22,7 @@ selection and student are recorded in the catalog (`selections`, `students`, `ru
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -140,26 +141,36 @@ def curation_flow(config_path: str) -> dict:
 
 def run_stages(config_path: str, with_distill: bool) -> dict:
     cfg = load_pipeline_config(config_path)
+    timings: dict[str, float] = {}
+
+    def timed(label: str, fn, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            timings[label] = timings.get(label, 0.0) + time.perf_counter() - start
+
     log = get_run_logger()
     ws, s = cfg.workspace, cfg.sections
     runner = task_runner(cfg.runner, cfg.workers)
     frac = cfg.max_failure_fraction
-    out: dict = {"workspace": ws, "rounds": []}
+    out: dict = {"workspace": ws, "rounds": [], "timings": timings}
 
     if "crawl" in s:
         from .crawl_flow import crawl_flow
 
         c = _abs_paths(cfg, s["crawl"], ("url_list", "out"))
-        out["crawl"] = crawl_flow.with_options(task_runner=runner)(url_list=c.pop("url_list"), out=c.pop("out"), options=c)
+        out["crawl"] = timed("crawl", crawl_flow.with_options(task_runner=runner), url_list=c.pop("url_list"),
+                             out=c.pop("out"), options=c)
     ingest = s["ingest"]
     shards = [cfg.path(p) for p in (ingest["shards"] if isinstance(ingest["shards"], list) else [ingest["shards"]])]
-    out["ingest"] = ingest_flow.with_options(task_runner=runner)(
-        ws, shards, **{k: v for k, v in ingest.items() if k != "shards"}, max_failure_fraction=frac)
+    out["ingest"] = timed("ingest", ingest_flow.with_options(task_runner=runner),
+                          ws, shards, **{k: v for k, v in ingest.items() if k != "shards"}, max_failure_fraction=frac)
     if "embed" in s:
         e = _abs_paths(cfg, s["embed"], ("pretrained", "teacher"))
-        out["embed"] = embed_flow.with_options(task_runner=runner)(ws, **e, max_failure_fraction=frac)
-        out["index"] = index_flow(ws, e.get("embedder", "open_clip:ViT-S-32"), s.get("index") or {},
-                                  s.get("knn_scores") or [])
+        out["embed"] = timed("embed", embed_flow.with_options(task_runner=runner), ws, **e, max_failure_fraction=frac)
+        out["index"] = timed("index", index_flow, ws, e.get("embedder", "open_clip:ViT-S-32"), s.get("index") or {},
+                             s.get("knn_scores") or [])
     score_opts = dict(s["score"])
     teacher = cfg.path(score_opts.pop("teacher"))
     select_opts = dict(s["select"])
@@ -168,13 +179,13 @@ def run_stages(config_path: str, with_distill: bool) -> dict:
     for r in range(1, (cfg.rounds if with_distill else 1) + 1):
         name = f"{cfg.name}-round{r}"
         log.info("round %d: score, select%s", r, ", distill" if distill_opts else "")
-        scored = score_flow.with_options(task_runner=runner)(
-            ws, teacher=teacher, student=student_ckpt, name=name, options=score_opts.get("options"),
-            max_failure_fraction=frac)
-        chosen = select_flow(ws, name=name, **select_opts)
+        scored = timed(f"score r{r}", score_flow.with_options(task_runner=runner),
+                       ws, teacher=teacher, student=student_ckpt, name=name, options=score_opts.get("options"),
+                       max_failure_fraction=frac)
+        chosen = timed(f"select r{r}", select_flow, ws, name=name, **select_opts)
         round_out = {"round": r, "score": scored, "selection": chosen}
         if distill_opts:
-            student = distill_flow(ws, name, name, distill_opts, init_from)
+            student = timed(f"distill r{r}", distill_flow, ws, name, name, distill_opts, init_from)
             round_out["student"] = student
             student_ckpt = student["checkpoint"]
             init_from = student.get("state_dict") or str(Path(student["checkpoint"]).with_name("student.pt"))

@@ -55,3 +55,27 @@ def small_crawl(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo")
     build_demo_crawl(out, size=400, n_shards=3, seed=0, workers=1, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def small_teacher(small_crawl, tmp_path_factory) -> Path:
+    """A demo teacher trained 2 epochs on the small crawl's teacher split: its teacher.json spec."""
+    import shutil
+
+    from distill.demo_teacher import train_demo_teacher
+
+    root = tmp_path_factory.mktemp("teacher")
+    (root / "teacher").mkdir()
+    shutil.copy(small_crawl / "teacher" / "train.npz", root / "teacher" / "train.npz")
+    (root / "eval").symlink_to(small_crawl / "eval")
+    train_demo_teacher(root, epochs=2, log=lambda *_: None)
+    return root / "teacher" / "teacher.json"
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """A temporary Prefect server (SQLite) for the flows of this test session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

@@ -1,0 +1,103 @@
+"""The Prefect flows: the whole pipeline with two student-in-the-loop rounds, per-shard failures
+against the failure fraction, and the Dask runner giving the local runner's results."""
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from curation import catalog
+from curation.workspace import Workspace
+from flows.pipeline import PipelineConfigError, curation_flow, load_pipeline_config, pipeline_flow
+from flows.stages import StageFailed, ingest_flow
+
+TEACHER_EMBEDDER = "tests.models_for_tests:thumbnail"
+
+
+def write_config(tmp_path, small_crawl, teacher, **overrides) -> str:
+    config = {
+        "name": "t",
+        "workspace": str(tmp_path / "ws"),
+        "ingest": {"shards": [str(small_crawl / "crawl")]},
+        "embed": {"embedder": "teacher", "teacher": TEACHER_EMBEDDER, "workers": 0, "shards_per_task": 1},
+        "index": {"kmeans_k": 4, "dup_threshold": 0.97},
+        "score": {"teacher": str(teacher), "options": {"batch_size": 128, "workers": 0}},
+        "select": {"policy": "dedup | topk:k=120;by=msp", "shard_size": 50},
+    } | overrides
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def test_pipeline_runs_two_rounds_and_records_them(prefect_server, small_crawl, small_teacher, tmp_path):
+    path = write_config(tmp_path, small_crawl, small_teacher, rounds=2, distill={
+        "student": "tiny_cnn", "loss": {"method": "kd"}, "epochs": 2, "nproc": 2, "workers": 0, "batch_size": 32,
+        "eval": str(small_crawl / "eval" / "mnist-test.tar")})
+    result = pipeline_flow(path)
+    ws = Workspace(tmp_path / "ws")
+    assert [r["round"] for r in result["rounds"]] == [1, 2]
+    assert all(r["selection"]["size"] == 120 for r in result["rounds"])
+    students = catalog.query(ws, "SELECT name, selection, loss, eval_accuracy, checkpoint FROM students ORDER BY name").to_pylist()
+    assert [s["name"] for s in students] == ["t-round1", "t-round2"]
+    assert all(s["loss"] == "kd" and 0 <= s["eval_accuracy"] <= 1 for s in students)
+    # round 2 re-scored the pool with round 1's student: agreement and KD^3 columns exist
+    agree = catalog.query(ws, "SELECT count(agreement) AS a, count(*) AS n FROM scores WHERE run = 't-round2'").to_pylist()[0]
+    assert agree["a"] == agree["n"] > 0
+    assert catalog.query(ws, "SELECT count(*) AS n FROM scores WHERE run = 't-round1' AND agreement IS NOT NULL"
+                         ).column("n")[0].as_py() == 0
+    # round 2 started from round 1's weights
+    job = json.loads((ws.root / "students" / "t-round2" / "job.json").read_text())
+    assert job["init_from"].endswith("t-round1/student.pt")
+    stages = set(catalog.query(ws, "SELECT DISTINCT stage FROM runs").column("stage").to_pylist())
+    assert {"ingest", "embed", "index", "score", "select"} <= stages
+    assert set(catalog.query(ws, "SELECT name FROM selections").column("name").to_pylist()) == {"t-round1", "t-round2"}
+
+
+def test_a_failed_shard_is_reported_and_the_fraction_decides(prefect_server, small_crawl, tmp_path):
+    shards = [str(small_crawl / "crawl"), "pipe:cat /nonexistent/99999.tar"]
+    summary = ingest_flow(str(tmp_path / "ws"), shards, max_failure_fraction=0.5)
+    assert list(summary["failed"]) == ["pipe:cat /nonexistent/99999.tar"] and summary["accepted"] > 0
+    with pytest.raises(StageFailed, match="1 of 4 shard"):
+        ingest_flow(str(tmp_path / "ws2"), shards, max_failure_fraction=0.0)
+
+
+def _scores(ws_root) -> dict:
+    tables = sorted((ws_root / "scores").glob("*/0*.parquet"))
+    rows = {}
+    for t in tables:
+        for r in pq.read_table(t).to_pylist():
+            rows[r["sample_id"]] = r
+    return rows
+
+
+def test_dask_runner_gives_the_local_runners_results(prefect_server, small_crawl, small_teacher, tmp_path):
+    from distributed import LocalCluster
+
+    local = write_config(tmp_path / "a", small_crawl, small_teacher) if (tmp_path / "a").mkdir() is None else None
+    curation_flow(local)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        (tmp_path / "b").mkdir()
+        on_dask = write_config(tmp_path / "b", small_crawl, small_teacher, runner="dask://" + cluster.scheduler_address.removeprefix("tcp://"))
+        result = curation_flow(on_dask)
+    a, b = _scores(tmp_path / "a" / "ws"), _scores(tmp_path / "b" / "ws")
+    assert a.keys() == b.keys() and len(a) > 300
+    for sid, row in a.items():
+        for col in ("msp", "energy", "odin", "bn_score", "mahalanobis", "knn_teacher"):
+            assert row[col] == pytest.approx(b[sid][col], rel=1e-5, abs=1e-6), (sid, col)
+    ma = json.loads((tmp_path / "a" / "ws" / "selections" / "t-round1" / "manifest.json").read_text())
+    mb = json.loads((tmp_path / "b" / "ws" / "selections" / "t-round1" / "manifest.json").read_text())
+    assert [s["sha256"] for s in ma["shards"]] == [s["sha256"] for s in mb["shards"]]
+    assert result["rounds"][0]["selection"]["size"] == 120
+
+
+def test_bad_pipeline_configs_are_one_clear_line(tmp_path, small_crawl, small_teacher):
+    path = write_config(tmp_path, small_crawl, small_teacher, nonsense=1)
+    with pytest.raises(PipelineConfigError, match="unknown key"):
+        load_pipeline_config(path)
+    path = write_config(tmp_path, small_crawl, small_teacher, rounds=2)
+    with pytest.raises(PipelineConfigError, match="need a 'distill' section"):
+        load_pipeline_config(path)
+    (tmp_path / "bad.yaml").write_text("ingest: [unclosed")
+    with pytest.raises(PipelineConfigError, match="not valid YAML"):
+        load_pipeline_config(tmp_path / "bad.yaml")
