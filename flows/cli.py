@@ -38,6 +38,26 @@ def _workspace_parent() -> argparse.ArgumentParser:
     return parent
 
 
+def cmd_crawl(args: argparse.Namespace) -> int:
+    from curation.crawl import CrawlConfig, crawl
+
+    config = CrawlConfig(shard_size=args.shard_size, timeout_s=args.timeout, max_bytes=args.max_bytes,
+                         concurrency=args.concurrency, retries=args.retries, allow_private=args.allow_private)
+    summary = crawl(args.url_list, args.out, config, workers=args.workers)
+    done = [r for r in summary.shards if not r.skipped]
+    kinds: dict[str, int] = {}
+    for r in done:
+        for k, v in r.error_kinds.items():
+            kinds[k] = kinds.get(k, 0) + v
+    print(f"crawl: {len(done)} shard(s) crawled, {len(summary.shards) - len(done)} finished before and skipped; "
+          f"{sum(r.n_success for r in done)} images, {sum(r.n_failed for r in done)} failed"
+          + (" (" + ", ".join(f"{k}: {v}" for k, v in sorted(kinds.items())) + ")" if kinds else "")
+          + f"; shards in {args.out} (next: webdistill ingest {args.out})")
+    for name, why in summary.failed.items():
+        print(f"webdistill: error: shard {name} failed: {why}", file=sys.stderr)
+    return 1 if summary.failed else 0
+
+
 def cmd_ingest(args: argparse.Namespace) -> int:
     from curation.ingest import ingest
     from curation.validate import ValidationConfig
@@ -351,6 +371,23 @@ def build_parser() -> argparse.ArgumentParser:
         "Every stage writes per-shard artifacts into the workspace; `catalog.duckdb` there has SQL views over all of them.",
     )
     sub = parser.add_subparsers(dest="verb", required=True, parser_class=_Parser, metavar="VERB")
+
+    p = sub.add_parser("crawl", help="download a URL list into WebDataset shards (img2dataset's layout)",
+                       description="Read a URL list (parquet, csv or jsonl with a `url` column and an optional "
+                       "`caption`) and write shards of {key}.jpg|png|webp, {key}.json and {key}.txt, plus a per-shard "
+                       "parquet of every URL's status. Bounded: timeouts, a maximum size, content-type and magic-byte "
+                       "checks, a concurrency limit, retries with backoff; private and loopback addresses are refused. "
+                       "Finished shards are skipped, so a rerun resumes.")
+    p.add_argument("url_list", help="parquet/csv/jsonl file with a url column")
+    p.add_argument("--out", required=True, help="folder for the shards")
+    p.add_argument("--shard-size", type=int, default=1000, help="URLs per shard (default: %(default)s)")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds per request (default: %(default)s)")
+    p.add_argument("--max-bytes", type=int, default=10 * 2**20, help="largest body accepted (default: 10 MiB)")
+    p.add_argument("--concurrency", type=int, default=16, help="requests in flight per shard (default: %(default)s)")
+    p.add_argument("--retries", type=int, default=2, help="retries on timeouts and 5xx (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=1, help="shards crawled at once (default: %(default)s)")
+    p.add_argument("--allow-private", action="store_true", help="allow private and loopback addresses (tests, intranets)")
+    p.set_defaults(func=cmd_crawl)
 
     p = sub.add_parser("ingest", parents=[ws], help="validate crawled WebDataset shards and record them in the catalog",
                        description="Read shards (paths, directories, globs, brace patterns such as "

@@ -101,3 +101,41 @@ def test_bad_pipeline_configs_are_one_clear_line(tmp_path, small_crawl, small_te
     (tmp_path / "bad.yaml").write_text("ingest: [unclosed")
     with pytest.raises(PipelineConfigError, match="not valid YAML"):
         load_pipeline_config(tmp_path / "bad.yaml")
+
+
+def test_crawl_flow_then_ingest_flow_from_a_local_server(prefect_server, tmp_path, small_crawl):
+    import functools
+    import io
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    from PIL import Image
+
+    from flows.crawl_flow import crawl_flow
+
+    site = tmp_path / "site"
+    site.mkdir()
+    for i in range(5):
+        buf = io.BytesIO()
+        Image.new("RGB", (40 + i, 30), (i * 40, 0, 0)).save(buf, "PNG")
+        (site / f"{i}.png").write_bytes(buf.getvalue())
+    (site / "page.png").write_text("<html>not an image</html>")
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(site))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        urls = tmp_path / "urls.csv"
+        urls.write_text("url,caption\n" + "".join(f"{base}/{n},image {n}\n" for n in
+                                                    ["0.png", "1.png", "2.png", "3.png", "4.png", "page.png", "missing.png"]))
+        out = tmp_path / "crawl"
+        result = crawl_flow(str(urls), str(out), {"shard_size": 4, "allow_private": True, "timeout_s": 5})
+        assert result["shards"] == 2 and result["successes"] == 5 and result["failures"] == 2
+        again = crawl_flow(str(urls), str(out), {"shard_size": 4, "allow_private": True, "timeout_s": 5})
+        assert again["skipped"] == 2
+        refused = crawl_flow(str(urls), str(tmp_path / "refused"), {"shard_size": 4})
+        assert refused["successes"] == 0 and refused["failures"] == 7  # loopback refused by default
+    finally:
+        server.shutdown()
+    ingested = ingest_flow(str(tmp_path / "ws"), [str(out)])
+    assert ingested["accepted"] == 5 and ingested["rejected"] == 0
