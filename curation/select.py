@@ -136,7 +136,7 @@ class _ShardSink:
         if self.writer is None or self.count == self.shard_size:
             self._close()
             path = self.folder / f"{self.name}-{len(self.shards):06d}.tar"
-            self.writer = wds.TarWriter(str(path))
+            self.writer = wds.TarWriter(str(path), mtime=0)  # fixed: the same selection gives byte-identical tars
             self.shards.append({"path": path.name, "count": 0})
             self.count = 0
         self.writer.write(sample)
