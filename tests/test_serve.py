@@ -1,0 +1,103 @@
+"""`webdistill serve` against a real `prefect server start` on 127.0.0.1: the deployment is
+registered with its cron schedule, `prefect deployment run` triggers it, and the run completes.
+The processes are stopped by PID: the serve process before the server."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import yaml
+
+from curation import catalog
+from curation.workspace import Workspace
+
+from .conftest import ROOT
+
+PREFECT = str(Path(sys.executable).parent / "prefect")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(predicate, timeout: float, what: str, proc=None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"{what}: the process exited with {proc.returncode}")
+        try:
+            value = predicate()
+            if value:
+                return value
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+def test_serve_registers_a_cron_deployment_that_runs_to_completion(tmp_path, small_crawl, small_teacher):
+    port = _free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_API_URL=api,
+               PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1", PREFECT_UI_ENABLED="false",
+               PYTHONPATH=str(ROOT))
+    config = {"name": "nightly", "workspace": str(tmp_path / "ws"),
+              "ingest": {"shards": [str(small_crawl / "crawl")]},
+              "score": {"teacher": str(small_teacher), "options": {"batch_size": 128, "workers": 0}},
+              "select": {"policy": "topk:k=50;by=msp"},
+              "schedules": {"curation": "0 3 * * *"}}
+    config_path = tmp_path / "nightly.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+
+    logs = open(tmp_path / "server.log", "w")
+    server = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
+                              stdout=logs, stderr=subprocess.STDOUT, start_new_session=True)
+    serve = None
+    try:
+        _wait(lambda: httpx.get(f"{api}/health", timeout=5).status_code == 200, 180, "the Prefect server", server)
+        serve = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", str(config_path)], env=env, cwd=ROOT,
+                                 stdout=open(tmp_path / "serve.log", "w"), stderr=subprocess.STDOUT,
+                                 start_new_session=True)
+
+        def deployment():
+            r = httpx.get(f"{api}/deployments/name/curation/nightly-curation", timeout=5)
+            return r.json() if r.status_code == 200 else None
+
+        dep = _wait(deployment, 120, "the served deployment", serve)
+        crons = [s["schedule"].get("cron") for s in dep["schedules"]]
+        assert crons == ["0 3 * * *"]
+
+        run = subprocess.run([PREFECT, "deployment", "run", "curation/nightly-curation"], env=env,
+                             capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, run.stdout + run.stderr
+        run_id = next(line.split()[-1] for line in run.stdout.splitlines() if "UUID" in line)
+
+        def finished():
+            state = httpx.get(f"{api}/flow_runs/{run_id}", timeout=5).json()["state"]["type"]
+            return state if state in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") else None
+
+        final = _wait(finished, 300, "the flow run", serve)
+        assert final == "COMPLETED", (tmp_path / "serve.log").read_text()[-3000:]
+        ws = Workspace(tmp_path / "ws")
+        assert catalog.query(ws, "SELECT size FROM selections WHERE name = 'nightly-round1'").to_pylist() == [{"size": 50}]
+    finally:
+        if serve is not None:
+            _stop(serve)  # the serve process first, then the server it talks to
+        _stop(server)
+    assert serve.poll() is not None and server.poll() is not None
