@@ -47,8 +47,8 @@ def load_state_dict(path: str | Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise ModelSpecError(f"{path} is not a plain state_dict (refusing to unpickle code): "
-                             f"{str(exc).splitlines()[0]}") from exc
+        raise ModelSpecError(f"{path} is not a plain state_dict: it would need code to unpickle, which is "
+                             "refused (torch.load weights_only=True)") from exc
     except (RuntimeError, EOFError, zipfile.BadZipFile) as exc:
         raise ModelSpecError(f"cannot read weights {path}: {str(exc).splitlines()[0]}") from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):

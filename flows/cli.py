@@ -568,6 +568,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _distill_user_errors() -> tuple[type, ...]:
+    """The distillation package's errors a user can fix (it does not depend on curation's error types)."""
+    from distill.config import ConfigError
+    from distill.data import DataError
+    from distill.launch import DistillJobError
+    from distill.losses import LossConfigError
+    from distill.spec import ModelSpecError
+    from distill.students import StudentError
+    from distill.train import JobError
+
+    return (ConfigError, DataError, DistillJobError, LossConfigError, ModelSpecError, StudentError, JobError)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -579,6 +592,10 @@ def main(argv: list[str] | None = None) -> int:
         print("webdistill: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - last resort: still one line unless asked for more
+        if isinstance(exc, _distill_user_errors()):
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+            print(f"webdistill: error: {message}", file=sys.stderr)
+            return 2
         if os.environ.get("WEBDISTILL_DEBUG"):
             traceback.print_exc()
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""

@@ -34,7 +34,7 @@ def test_specs_load_every_supported_way(tmp_path):
 def test_unsafe_or_wrong_specs_are_refused(tmp_path):
     with open(tmp_path / "evil.pt", "wb") as fh:
         pickle.dump({"w": _Evil()}, fh)
-    with pytest.raises(ModelSpecError, match="refusing to unpickle code"):
+    with pytest.raises(ModelSpecError, match="need code to unpickle, which is refused"):
         load_model(f"distill.models:mnist_teacher@{tmp_path / 'evil.pt'}")
     torch.save({"nope": torch.zeros(1)}, tmp_path / "other.pt")
     with pytest.raises(ModelSpecError, match="do not fit"):

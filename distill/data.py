@@ -1,0 +1,239 @@
+"""Reading a curated selection for training: the manifest, and a WebDataset pipeline per rank and epoch.
+
+Every rank runs exactly `steps` batches per epoch, whatever the number and sizes of the shards
+(fewer shards than ranks x workers included), so ranks stay in step and no rank waits on an
+empty split. How:
+
+- Each epoch has an endless shard stream Q = perm_0 + perm_1 + ..., where perm_c is a permutation of
+  the manifest's shards seeded by (seed, epoch, c). Like `wds.split_by_node` + `wds.split_by_worker`
+  (an islice of the stream), DataLoader worker w of rank r reads Q[s], Q[s + S], Q[s + 2S], ... with
+  slot s = r * W + w of S = world * W slots. The stream never runs dry, so the slicing works with one
+  shard as well as with thousands; with fewer shards than slots, slots read the same shard in
+  differently shuffled orders, and in the long run every sample is drawn equally often.
+- Each slot shuffles its samples in a buffer seeded by (seed, epoch, slot), decodes them and batches
+  them in the worker; the DataLoader takes the workers' batches round-robin, and the epoch stops
+  after `steps` batches. The data order is thus a function of (seed, epoch, rank) and the config.
+- Resuming after k batches skips them before decoding: the worker that must deliver batch k comes
+  first (physical worker w plays slot role (w + k) % W) and each role drops the raw samples of its
+  batches below k. The resumed epoch yields batches k, k+1, ... exactly as the uninterrupted one.
+
+The pipeline is the same for a laptop and a cluster; shards can be local paths or fsspec/pipe: URLs.
+"""
+from __future__ import annotations
+
+import functools
+import io
+import json
+import random
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .preprocess import image_to_tensor
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+LOGIT_KEYS = ("logits.npy", "teacher.npy")
+
+
+def is_remote(url: str) -> bool:
+    """An fsspec URL or a pipe: command, not a local path."""
+    return "://" in url or url.startswith("pipe:")
+
+
+class DataError(ValueError):
+    """A selection's manifest or shards cannot be trained on (missing, malformed, lacking logits)."""
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    url: str
+    count: int
+
+
+@dataclass(frozen=True)
+class Manifest:
+    path: str
+    name: str
+    total: int
+    num_classes: int
+    classes: list[str]
+    shards: list[ShardEntry]
+    teacher: str | None = None
+    input_size: int | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """What `image_to_tensor` needs: the teacher's input size and normalisation."""
+    size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def __call__(self, im: Image.Image) -> torch.Tensor:
+        return image_to_tensor(im, self.size, self.mean, self.std)
+
+
+def load_manifest(path: str | Path) -> Manifest:
+    """A selection's manifest.json, with shard paths made absolute (they are relative to its folder)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"no selection manifest at {path}")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path} is not valid JSON: {exc}") from exc
+    for key in ("total", "num_classes", "shards"):
+        if key not in raw:
+            raise DataError(f"manifest {path} has no {key!r}")
+    shards = []
+    for entry in raw["shards"]:
+        if not isinstance(entry, dict) or "path" not in entry:
+            raise DataError(f"manifest {path}: each shard needs a 'path', got {entry!r}")
+        url = str(entry["path"])
+        if not is_remote(url) and not Path(url).is_absolute():
+            url = str(path.parent / url)
+        if int(entry.get("count", 1)) > 0:  # an empty shard would only slow the endless stream down
+            shards.append(ShardEntry(url, int(entry.get("count", 1))))
+    if not shards or int(raw["total"]) <= 0:
+        raise DataError(f"selection {path} is empty: no samples to train on")
+    num_classes = int(raw["num_classes"])
+    classes = [str(c) for c in raw.get("classes") or range(num_classes)]
+    size = raw.get("input_size")
+    return Manifest(str(path), str(raw.get("name") or path.parent.name), int(raw["total"]), num_classes, classes,
+                    shards, raw.get("teacher"), int(size) if size else None,
+                    tuple(raw["mean"]) if raw.get("mean") else None, tuple(raw["std"]) if raw.get("std") else None)
+
+
+def decode_sample(sample: dict, prep: Preprocess, num_classes: int,
+                  need_logits: bool) -> tuple[torch.Tensor, torch.Tensor, float, int]:
+    """A curated sample -> (image, teacher logits float32 (C,) or (0,), weight, pseudo-label or -1)."""
+    where = f"{sample.get('__url__', '?')}: sample {sample.get('__key__', '?')}"
+    image_key = next((k for k in IMAGE_KEYS if k in sample), None)
+    if image_key is None:
+        raise DataError(f"{where} has no image ({', '.join(IMAGE_KEYS)})")
+    image = prep(Image.open(io.BytesIO(sample[image_key])))
+    logits = torch.empty(0)
+    if need_logits:
+        logit_key = next((k for k in LOGIT_KEYS if k in sample), None)
+        if logit_key is None:
+            raise DataError(f"{where} has no logits.npy: a stored-teacher run needs the teacher's logits in the "
+                            "shards (select with logits, or use teacher_mode: live)")
+        logits = torch.from_numpy(np.load(io.BytesIO(sample[logit_key]), allow_pickle=False).astype(np.float32))
+        if logits.shape != (num_classes,):
+            raise DataError(f"{where}: logits.npy has shape {tuple(logits.shape)}, the manifest says "
+                            f"{num_classes} classes")
+    weight = float(json.loads(sample["json"]).get("weight", 1.0)) if "json" in sample else 1.0
+    label = int(sample["cls"]) if "cls" in sample else -1
+    return image, logits, weight, label
+
+
+def collate(samples: list[tuple]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    images, logits, weights, labels = zip(*samples)
+    return (torch.stack(images), torch.stack(logits), torch.tensor(weights, dtype=torch.float32),
+            torch.tensor(labels, dtype=torch.int64))
+
+
+def check_shards(manifest: Manifest, prep: Preprocess, need_logits: bool) -> None:
+    """Fail early, with one line, on a shard that is missing or whose first sample cannot be trained on.
+    Local shards are all checked; of remote ones only the first (one request each would slow start-up)."""
+    remote = [s for s in manifest.shards if is_remote(s.url)]
+    for shard in [s for s in manifest.shards if not is_remote(s.url)] + remote[:1]:
+        if not is_remote(shard.url) and not Path(shard.url).is_file():
+            raise DataError(f"shard listed in {manifest.path} not found: {shard.url}")
+        try:
+            first = next(wds.tarfile_to_samples()(iter([{"url": shard.url}])), None)
+        except Exception as exc:  # noqa: BLE001 - tar/IO errors of every kind become one line
+            raise DataError(f"cannot read shard {shard.url}: {exc}") from exc
+        if first is None:
+            raise DataError(f"shard {shard.url} is empty, but the manifest counts {shard.count} samples")
+        decode_sample(first, prep, manifest.num_classes, need_logits)
+
+
+def derive_seed(*parts: int) -> int:
+    """A well-mixed 32-bit seed from a tuple such as (seed, epoch, slot)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+def slot_shards(urls: list[str], seed: int, epoch: int, slot: int, slots: int) -> Iterator[dict]:
+    """Shards of one slot: every `slots`-th entry, from `slot` on, of the epoch's endless shard stream."""
+    n, pos, perm, perm_cycle = len(urls), slot, None, -1
+    while True:
+        cycle, i = divmod(pos, n)
+        if cycle != perm_cycle:
+            perm, perm_cycle = np.random.default_rng([seed, epoch, cycle]).permutation(n), cycle
+        yield {"url": urls[perm[i]]}
+        pos += slots
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """Who reads what in one epoch: a pure function of these fields."""
+    seed: int
+    epoch: int
+    rank: int
+    world: int
+    steps: int
+    batch_size: int
+    shuffle_buffer: int = 1000
+
+
+class EpochStream(IterableDataset):
+    """One rank's endless stream of batches for one epoch (cut to `plan.steps` by `epoch_batches`)."""
+
+    def __init__(self, urls: list[str], plan: EpochPlan, prep: Preprocess, num_classes: int,
+                 need_logits: bool, skip_batches: int = 0):
+        super().__init__()
+        self.urls, self.plan, self.skip_batches = list(urls), plan, skip_batches
+        self.decode = functools.partial(decode_sample, prep=prep, num_classes=num_classes, need_logits=need_logits)
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        p, k = self.plan, self.skip_batches
+        role = (worker + k) % workers  # the role whose next batch is number k goes first (worker 0)
+        skip_samples = (k - role + workers - 1) // workers * p.batch_size  # its batches numbered below k
+        slot, slots = p.rank * workers + role, p.world * workers
+        pipeline = wds.DataPipeline(
+            functools.partial(slot_shards, self.urls, p.seed, p.epoch, slot, slots),
+            wds.tarfile_to_samples(),
+            wds.shuffle(p.shuffle_buffer, p.shuffle_buffer, rng=random.Random(derive_seed(p.seed, p.epoch, slot))),
+            lambda src: islice(src, skip_samples, None),  # fast-forward on raw bytes: nothing decoded
+            wds.map(self.decode),
+            wds.batched(p.batch_size, collation_fn=collate, partial=False),
+        )
+        return iter(pipeline)
+
+
+def epoch_batches(stream: EpochStream, workers: int, pin_memory: bool = False) -> Iterator[tuple]:
+    """The epoch's remaining batches (steps - skipped), decoded by `workers` DataLoader processes."""
+    loader = DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
+                        # its own generator: creating the loader must not draw from the global RNG
+                        generator=torch.Generator().manual_seed(stream.plan.seed))
+    it = iter(loader)
+    try:
+        for _ in range(stream.plan.steps - stream.skip_batches):
+            yield next(it)
+    finally:
+        del it  # stops the workers, which would otherwise keep decoding the endless stream
+
+
+def eval_batches(shards: str | list[str], prep: Preprocess, batch_size: int) -> Iterator[tuple]:
+    """(images, true labels) from a labelled WebDataset: an image (png/jpg/webp) + `cls` per sample."""
+    return iter(
+        # rank 0 evaluates the whole set: no node splitting (WebDataset's default refuses multi-node)
+        wds.WebDataset(shards, shardshuffle=False, empty_check=False, nodesplitter=lambda src: src)
+        .decode("pil")
+        .to_tuple("png;jpg;jpeg;webp", "cls")
+        .map_tuple(prep, int)
+        .batched(batch_size, collation_fn=lambda b: (torch.stack([x for x, _ in b]),
+                                                     torch.tensor([y for _, y in b], dtype=torch.int64)))
+    )
