@@ -32,7 +32,7 @@ def _file_fingerprint(path: str | Path) -> str:
     return f"{Path(path).resolve()}:{st.st_size}:{st.st_mtime_ns}"
 
 
-def _spec_fingerprint(spec: str) -> str:
+def spec_fingerprint(spec: str) -> str:
     """A model spec plus the files it names: retraining a teacher in place changes it."""
     files = [Path(spec)] if os.path.isfile(spec) else []
     if spec.endswith(".json") and files:
@@ -193,7 +193,7 @@ class TeacherEmbedder(Embedder):
         self.dim = int(self.encode_images(torch.zeros(1, 3, size, size, dtype=torch.uint8)).shape[1])
         self.name = "teacher"
         self.args = {"name": "teacher", "teacher": teacher_spec, "precision": precision}
-        self.config = {"embedder": "teacher", "spec": _spec_fingerprint(teacher_spec), "precision": precision}
+        self.config = {"embedder": "teacher", "spec": spec_fingerprint(teacher_spec), "precision": precision}
 
     def _feature_fn(self):
         if hasattr(self.model, "embed"):

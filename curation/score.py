@@ -32,7 +32,7 @@ from distill.spec import LoadedModel, ModelSpecError, load_model
 
 from . import score_fns as sf
 from .embed import ShardJob, per_shard_outputs, shard_jobs
-from .embedders import Geometry, SquareResize, _spec_fingerprint
+from .embedders import Geometry, SquareResize, spec_fingerprint
 from .errors import WebdistillError
 from .workspace import Workspace, atomic_path, config_hash, read_parquet_metadata, write_parquet_atomic
 
@@ -64,8 +64,8 @@ class ScoreConfig:
     def pass1_part(self) -> dict:
         keys = ("odin", "odin_temperature", "odin_epsilon", "energy_temperature", "kd3_alpha")
         return {k: getattr(self, k) for k in keys} | {
-            "teacher": _spec_fingerprint(self.teacher),
-            "student": _spec_fingerprint(self.student) if self.student else None, "version": SCORE_VERSION}
+            "teacher": spec_fingerprint(self.teacher),
+            "student": spec_fingerprint(self.student) if self.student else None, "version": SCORE_VERSION}
 
     def pass2_part(self) -> dict:
         return {k: getattr(self, k) for k in ("kd3_tau", "reference_confidence", "reference_max", "knn_k")}

@@ -13,8 +13,8 @@ selection or the new one, never a mix. A rerun that picks the same samples rewri
 from __future__ import annotations
 
 import hashlib
-import io
 import json
+import os
 import re
 import shutil
 import uuid
@@ -22,13 +22,12 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
-import webdataset as wds
 
 from . import catalog, policies
 from .errors import SQLError, WebdistillError
 from .score import read_run
+from .shard_writer import ShardSink, logits_npy, swap_into_place
 from .shards import TruncatedShard, iter_samples, open_shard
 from .workspace import Workspace, config_hash
 
@@ -49,6 +48,7 @@ class SelectConfig:
     limit: int | None = None
     shard_size: int = 1000  # samples per curated shard
     seed: int = 0
+    synthetic: tuple[str, ...] = ()  # synthetic sets (synthetic/<name>/) mixed into the selection
 
 
 @dataclass
@@ -115,50 +115,10 @@ def _sample_json(row) -> bytes:
         "scores": scores}).encode()
 
 
-def _logits_npy(logits) -> bytes | None:
-    if logits is None or (not isinstance(logits, (list, np.ndarray))) or len(logits) == 0:
-        return None
-    buf = io.BytesIO()
-    np.save(buf, np.asarray(logits, dtype=np.float16))
-    return buf.getvalue()
-
-
-class _ShardSink:
-    """Rolls curated tar files every `shard_size` samples and records their counts and sha256."""
-
-    def __init__(self, folder: Path, name: str, shard_size: int):
-        self.folder, self.name, self.shard_size = folder, name, shard_size
-        self.shards: list[dict] = []
-        self.writer = None
-        self.count = 0
-
-    def write(self, sample: dict) -> None:
-        if self.writer is None or self.count == self.shard_size:
-            self._close()
-            path = self.folder / f"{self.name}-{len(self.shards):06d}.tar"
-            self.writer = wds.TarWriter(str(path), mtime=0)  # fixed: the same selection gives byte-identical tars
-            self.shards.append({"path": path.name, "count": 0})
-            self.count = 0
-        self.writer.write(sample)
-        self.count += 1
-        self.shards[-1]["count"] = self.count
-
-    def _close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
-            entry = self.shards[-1]
-            entry["sha256"] = hashlib.sha256((self.folder / entry["path"]).read_bytes()).hexdigest()
-
-    def close(self) -> list[dict]:
-        self._close()
-        return self.shards
-
-
 def write_shards(chosen: pd.DataFrame, folder: Path, name: str, shard_size: int) -> tuple[list[dict], list[str]]:
     """Copy the chosen samples' original bytes out of their source shards (each read once, in
     order); returns the curated shards and the ids whose bytes are gone or changed."""
-    sink = _ShardSink(folder, name, shard_size)
+    sink = ShardSink(folder, name, shard_size)
     lost: list[str] = []
     for shard_url, rows in chosen.groupby("shard_url", sort=True):
         wanted = {r["key"]: r for _, r in rows.iterrows()}
@@ -175,7 +135,7 @@ def write_shards(chosen: pd.DataFrame, folder: Path, name: str, shard_size: int)
                 sample = {"__key__": row["sample_id"], row["ext"]: data, "json": _sample_json(row)}
                 if pd.notna(row.get("teacher_label")):
                     sample["cls"] = str(int(row["teacher_label"])).encode()
-                logits = _logits_npy(row.get("teacher_logits"))
+                logits = logits_npy(row.get("teacher_logits"))
                 if logits is not None:
                     sample["logits.npy"] = logits
                 sink.write(sample)
@@ -189,18 +149,14 @@ def write_shards(chosen: pd.DataFrame, folder: Path, name: str, shard_size: int)
     return sink.close(), lost
 
 
-def _selection_hash(chosen: pd.DataFrame, config: SelectConfig, score_run: dict) -> str:
+def _selection_hash(ws: Workspace, chosen: pd.DataFrame, config: SelectConfig, score_run: dict) -> str:
     ids = hashlib.sha256("\n".join(f"{s}:{w:.9g}" for s, w in zip(chosen["sample_id"], chosen["weight"])).encode())
-    return config_hash({"ids": ids.hexdigest(), "config": asdict(config),
+    synthetic = {}
+    for name in config.synthetic:  # a regenerated synthetic set changes the selection too
+        manifest = ws.root / "synthetic" / name / "manifest.json"
+        synthetic[name] = hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.exists() else None
+    return config_hash({"ids": ids.hexdigest(), "config": asdict(config), "synthetic": synthetic,
                         "score_run": [score_run.get("name"), score_run.get("finished_at")]})
-
-
-def _swap_into_place(tmp: Path, final: Path) -> None:
-    old = final.parent / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def select(ws: Workspace, config: SelectConfig) -> SelectResult:
@@ -209,7 +165,7 @@ def select(ws: Workspace, config: SelectConfig) -> SelectResult:
     sources = catalog.candidate_sources(ws)
     run = read_run(ws, sources["score_run"]) if sources["score_run"] else {}
     final = ws.root / "selections" / config.name
-    digest = _selection_hash(chosen, config, run)
+    digest = _selection_hash(ws, chosen, config, run)
     try:
         previous = json.loads((final / "manifest.json").read_text())
     except (OSError, json.JSONDecodeError):
@@ -221,12 +177,17 @@ def select(ws: Workspace, config: SelectConfig) -> SelectResult:
     tmp.mkdir(parents=True)
     try:
         shards, lost = write_shards(chosen, tmp, config.name, config.shard_size)
+        synthetic = [_mix_synthetic(ws, name, tmp) for name in config.synthetic]
+        shards += [s for mixed in synthetic for s in mixed["shards"]]
         total = sum(s["count"] for s in shards)
         if total == 0:
             raise SelectError(f"empty selection {config.name!r}: none of the chosen images could be read back")
         kept = chosen[~chosen["sample_id"].isin(set(lost))]
         teacher = run.get("teacher") or {}
         labels = kept["teacher_label"].dropna().astype(int)
+        counts = labels.value_counts()
+        for mixed in synthetic:
+            counts = counts.add(pd.Series({int(k): v for k, v in mixed["counts_per_class"].items()}), fill_value=0)
         manifest = {
             "name": config.name, "total": total, "shards": shards,
             "query": config.sql, "policy": config.policy, "limit": config.limit, "seed": config.seed,
@@ -234,18 +195,40 @@ def select(ws: Workspace, config: SelectConfig) -> SelectResult:
             "num_classes": teacher.get("num_classes"), "classes": teacher.get("classes"),
             "input_size": teacher.get("input_size"), "mean": teacher.get("mean"), "std": teacher.get("std"),
             "has_logits": bool(kept["teacher_logits"].notna().all()) if "teacher_logits" in kept else False,
-            "counts_per_class": {str(k): int(v) for k, v in labels.value_counts().sort_index().items()},
-            "weight_sum": float(kept["weight"].sum()), "lost": lost,
+            "counts_per_class": {str(k): int(v) for k, v in counts.sort_index().items()},
+            "weight_sum": float(kept["weight"].sum()) + sum(m["weight_sum"] for m in synthetic), "lost": lost,
+            "synthetic": {m["name"]: m["total"] for m in synthetic},
             "sources": _source_fingerprints(ws, sorted(kept["shard"].unique())),
             "candidates": sources, "selection_hash": digest,
             "created_at": datetime.now(timezone.utc).isoformat(),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        _swap_into_place(tmp, final)
+        swap_into_place(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     catalog.record_selection(ws, manifest, final)
     return SelectResult(config.name, total, final, manifest)
+
+
+def _mix_synthetic(ws: Workspace, name: str, folder: Path) -> dict:
+    """Link (or copy) a synthetic set's verified tars into the selection's folder, so the selection
+    stays self-contained; returns the set's manifest with the shards' new paths."""
+    src = ws.root / "synthetic" / name
+    try:
+        manifest = json.loads((src / "manifest.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SelectError(f"no synthetic set {name!r} in {src.parent} (run `webdistill synthesize --name {name}`)") from exc
+    shards = []
+    for shard in manifest["shards"]:
+        target = folder / f"synthetic-{name}-{Path(shard['path']).name}"
+        try:
+            os.link(src / shard["path"], target)
+        except OSError:
+            shutil.copyfile(src / shard["path"], target)
+        if hashlib.sha256(target.read_bytes()).hexdigest() != shard["sha256"]:
+            raise SelectError(f"synthetic set {name!r}: {shard['path']} does not match its manifest's sha256")
+        shards.append(shard | {"path": target.name})
+    return manifest | {"shards": shards, "weight_sum": manifest.get("weight_sum", manifest["total"])}
 
 
 def _source_fingerprints(ws: Workspace, shards: list[str]) -> dict[str, str]:

@@ -284,7 +284,7 @@ def cmd_select(args: argparse.Namespace) -> int:
 
     ws = resolve_workspace(args.workspace)
     config = SelectConfig(name=args.name, sql=args.sql, policy=args.policy, limit=args.limit,
-                          shard_size=args.shard_size, seed=args.seed)
+                          shard_size=args.shard_size, seed=args.seed, synthetic=tuple(args.synthetic or ()))
     started = datetime.now(timezone.utc)
     result = select(ws, config)
     catalog.record_run(ws, "select", started, vars(config), {"size": result.size, "unchanged": result.unchanged})
@@ -296,6 +296,25 @@ def cmd_select(args: argparse.Namespace) -> int:
         print(f"webdistill: error: {len(m['lost'])} chosen image(s) changed or vanished since ingest and were left out",
               file=sys.stderr)
         return 1
+    return 0
+
+
+def cmd_synthesize(args: argparse.Namespace) -> int:
+    import torch
+
+    from curation.synthesize import SynthConfig, synthesize
+
+    ws = resolve_workspace(args.workspace)
+    config = SynthConfig(teacher=args.teacher, name=args.name, score_run=args.score_run, per_class=args.per_class,
+                         conf_threshold=args.conf_threshold, search=args.search, seed=args.seed)
+    torch.set_num_threads(1)  # small models: one thread is faster than two fighting the decode worker
+    started = datetime.now(timezone.utc)
+    result = synthesize(ws, config)
+    catalog.record_run(ws, "synthesize", started, vars(config), {"size": result.size, "unchanged": result.unchanged})
+    m = result.manifest
+    print(f"synthesize {args.name}: {result.size} images" + (" unchanged" if result.unchanged else "")
+          + (f", {m['pass_rate']:.1%} of candidates passed confidence {args.conf_threshold}" if "pass_rate" in m else "")
+          + f"; per class {m['counts_per_class']}; in {result.path}")
     return 0
 
 
@@ -510,7 +529,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="keep at most this many samples")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per curated shard (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random policies (default: %(default)s)")
+    p.add_argument("--synthetic", nargs="+", default=None, metavar="NAME",
+                   help="mix these synthetic sets (from `webdistill synthesize`) into the selection")
     p.set_defaults(func=cmd_select)
+
+    p = sub.add_parser("synthesize", parents=[ws], help="generate confident images per class (Nguyen et al.)",
+                       description="Train a conditional VAE on the scored pool (conditioned on the teacher's "
+                       "pseudo-labels), search its latent space for images the teacher classifies confidently, and "
+                       "keep --per-class of them per class above --conf-threshold, as WebDataset shards under "
+                       "synthetic/NAME/ (provenance synthetic). Mix them into a selection with "
+                       "`webdistill select ... --synthetic NAME`.")
+    p.add_argument("--teacher", required=True, help="teacher model spec")
+    p.add_argument("--name", required=True, help="name of the synthetic set")
+    p.add_argument("--per-class", type=int, default=100, help="images kept per class (default: %(default)s)")
+    p.add_argument("--conf-threshold", type=float, default=0.9, help="teacher confidence to keep an image (default: %(default)s)")
+    p.add_argument("--score-run", default=None, help="scoring run whose pseudo-labels train the cVAE (default: the latest)")
+    p.add_argument("--search", choices=["gradient", "evolution"], default="gradient",
+                   help="latent search: gradients through decoder and teacher, or black-box evolution (default: gradient)")
+    p.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
+    p.set_defaults(func=cmd_synthesize)
 
     p = sub.add_parser("distill", parents=[ws], help="distil a student on a curated selection, under torchrun",
                        description="Write a job config under students/NAME/ and run `python -m distill.train` under "
