@@ -9,6 +9,7 @@
     index:  {dup_threshold: 0.95, kmeans_k: 64}
     knn_scores: [{name: digits, prompts: ["a photo of the digit 0", ...]}]
     score:  {teacher: teacher/teacher.json, options: {odin: true}}
+    synthesize: {per_class: 100}                                       # optional (Nguyen et al.)
     select: {policy: "dedup | kd3 | balance:k=2000;by=msp"}
     distill: {student: tiny_cnn, loss: {method: kd}, epochs: 5, nproc: 2, eval: eval/test.tar}
     rounds: 2
@@ -34,7 +35,7 @@ from curation.errors import WebdistillError
 from curation.workspace import resolve_workspace
 
 from .runners import task_runner
-from .stages import embed_flow, index_flow, ingest_flow, score_flow, select_flow
+from .stages import embed_flow, index_flow, ingest_flow, score_flow, select_flow, synthesize_flow
 
 SECTIONS = ("crawl", "ingest", "embed", "index", "knn_scores", "score", "select", "synthesize", "distill")
 TOP_KEYS = {"workspace", "runner", "workers", "max_failure_fraction", "rounds", "schedules", "name", *SECTIONS}
@@ -174,6 +175,7 @@ def run_stages(config_path: str, with_distill: bool) -> dict:
     score_opts = dict(s["score"])
     teacher = cfg.path(score_opts.pop("teacher"))
     select_opts = dict(s["select"])
+    user_synthetic = list(select_opts.pop("synthetic", None) or [])
     distill_opts = _abs_paths(cfg, dict(s.get("distill") or {}), ("eval", "teacher")) if with_distill else {}
     student_ckpt = init_from = None
     for r in range(1, (cfg.rounds if with_distill else 1) + 1):
@@ -182,8 +184,12 @@ def run_stages(config_path: str, with_distill: bool) -> dict:
         scored = timed(f"score r{r}", score_flow.with_options(task_runner=runner),
                        ws, teacher=teacher, student=student_ckpt, name=name, options=score_opts.get("options"),
                        max_failure_fraction=frac)
-        chosen = timed(f"select r{r}", select_flow, ws, name=name, **select_opts)
-        round_out = {"round": r, "score": scored, "selection": chosen}
+        synthetic, made = list(user_synthetic), None
+        if "synthesize" in s:  # confident synthetic images, mixed into this round's selection
+            made = timed(f"synthesize r{r}", synthesize_flow, ws, teacher=teacher, name=name, options=s["synthesize"])
+            synthetic.append(made["name"])
+        chosen = timed(f"select r{r}", select_flow, ws, name=name, synthetic=synthetic, **select_opts)
+        round_out = {"round": r, "score": scored, "selection": chosen, "synthetic": made}
         if distill_opts:
             student = timed(f"distill r{r}", distill_flow, ws, name, name, distill_opts, init_from)
             round_out["student"] = student

@@ -198,12 +198,14 @@ def score_flow(workspace: str, teacher: str, student: str | None = None, name: s
 
 @flow(name="select")
 def select_flow(workspace: str, name: str, sql: str | None = None, policy: str | None = None,
-                limit: int | None = None, shard_size: int = 1000, seed: int = 0) -> dict:
+                limit: int | None = None, shard_size: int = 1000, seed: int = 0,
+                synthetic: list[str] | None = None) -> dict:
     from curation.select import SelectConfig, select
 
     ws = resolve_workspace(workspace)
     started = datetime.now(timezone.utc)
-    config = SelectConfig(name=name, sql=sql, policy=policy, limit=limit, shard_size=shard_size, seed=seed)
+    config = SelectConfig(name=name, sql=sql, policy=policy, limit=limit, shard_size=shard_size, seed=seed,
+                          synthetic=tuple(synthetic or ()))
     result = task(name="select", retries=1)(select)(ws, config)
     out = {"name": name, "size": result.size, "path": str(result.path), "unchanged": result.unchanged,
            "counts_per_class": result.manifest["counts_per_class"], "lost": len(result.manifest.get("lost", []))}
@@ -211,6 +213,26 @@ def select_flow(workspace: str, name: str, sql: str | None = None, policy: str |
     return out
 
 
+# --- synthesize -----------------------------------------------------------------------------
+
+@flow(name="synthesize")
+def synthesize_flow(workspace: str, teacher: str, name: str, options: dict | None = None) -> dict:
+    """Nguyen et al.: confident synthetic images per class, from a cVAE of the scored pool."""
+    import torch
+
+    from curation.synthesize import SynthConfig, synthesize
+
+    ws = resolve_workspace(workspace)
+    started = datetime.now(timezone.utc)
+    config = SynthConfig(teacher=teacher, name=name, **(options or {}))
+    torch.set_num_threads(1)  # small models: one thread beats two fighting the decode worker
+    result = task(name="synthesize", retries=1)(synthesize)(ws, config, progress=False)
+    out = {"name": name, "size": result.size, "unchanged": result.unchanged,
+           "pass_rate": result.manifest.get("pass_rate"), "counts_per_class": result.manifest["counts_per_class"]}
+    _record(ws, "synthesize", started, {"teacher": teacher, "name": name, **(options or {})}, out)
+    return out
+
+
 def flows_by_name() -> dict[str, Any]:
     return {"ingest": ingest_flow, "embed": embed_flow, "index": index_flow, "score": score_flow,
-            "select": select_flow}
+            "select": select_flow, "synthesize": synthesize_flow}

@@ -31,13 +31,17 @@ def write_config(tmp_path, small_crawl, teacher, **overrides) -> str:
 
 
 def test_pipeline_runs_two_rounds_and_records_them(prefect_server, small_crawl, small_teacher, tmp_path):
-    path = write_config(tmp_path, small_crawl, small_teacher, rounds=2, distill={
+    path = write_config(tmp_path, small_crawl, small_teacher, rounds=2,
+                        synthesize={"per_class": 2, "vae_epochs": 1, "vae_samples": 200, "search_steps": 5,
+                                    "conf_threshold": 0.5},
+                        distill={
         "student": "tiny_cnn", "loss": {"method": "kd"}, "epochs": 2, "nproc": 2, "workers": 0, "batch_size": 32,
         "eval": str(small_crawl / "eval" / "mnist-test.tar")})
     result = pipeline_flow(path)
     ws = Workspace(tmp_path / "ws")
     assert [r["round"] for r in result["rounds"]] == [1, 2]
-    assert all(r["selection"]["size"] == 120 for r in result["rounds"])
+    for r in result["rounds"]:  # 120 crawled samples plus the round's synthetic set
+        assert r["synthetic"]["size"] > 0 and r["selection"]["size"] == 120 + r["synthetic"]["size"]
     students = catalog.query(ws, "SELECT name, selection, loss, eval_accuracy, checkpoint FROM students ORDER BY name").to_pylist()
     assert [s["name"] for s in students] == ["t-round1", "t-round2"]
     assert all(s["loss"] == "kd" and 0 <= s["eval_accuracy"] <= 1 for s in students)
