@@ -36,6 +36,9 @@ bench: setup
 	$(BIN)/python bench/ingest_throughput.py
 	$(BIN)/python bench/embed_throughput.py --shards 3 --repeats 3
 	$(BIN)/python bench/dedup_1m.py
+	$(BIN)/python bench/score_auroc.py
+	$(BIN)/python bench/distill_losses.py
+	$(BIN)/python bench/distill_throughput.py
 
 clean:
 	rm -rf $(VENV) workspace demo .pytest_cache
