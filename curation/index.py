@@ -4,6 +4,8 @@
     index/<embedder>/ids.parquet   row -> sample_id (the id map)
     index/<embedder>/meta.json     kind (flat | ivf | ivfpq), size, dim, the stamp of its inputs
     dups/<embedder>.parquet        near-duplicate clusters: one representative per cluster
+                                   (candidate pairs from the embedding and from thumbnails,
+                                   verified on the pixels: see curation/dup_verify.py)
     clusters/<embedder>.parquet    k-means cluster of every sample, for diversity-aware selection
     knn_scores/<name>.parquet      kNN similarity to a reference set (higher = closer)
 
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import faiss
@@ -25,14 +27,23 @@ import pyarrow.parquet as pq
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
+from . import dup_verify
 from .errors import WebdistillError
 from .workspace import Workspace, atomic_path, config_hash, read_parquet_metadata, write_parquet_atomic
 
 INDEX_VERSION = 1
 
 
+DUPS_VERSION = 2
+VERIFY_MODES = ("pixels", "none")
+
+
 class IndexMissing(WebdistillError):
     """No embeddings to index, or no index to query."""
+
+
+class BadIndexConfig(WebdistillError):
+    """An index setting out of its range."""
 
 
 @dataclass(frozen=True)
@@ -42,12 +53,35 @@ class IndexConfig:
     pq_m: int = 0  # > 0: IVF-PQ with this many sub-quantizers (memory / speed for recall)
     nprobe: int = 32
     train_size: int = 200_000
-    dup_threshold: float = 0.95  # cosine similarity at or above which two samples are near-duplicates
+    dup_threshold: float = 0.95  # cosine similarity at or above which two samples are near-duplicate candidates
+    # "pixels": a candidate pair joins a cluster only if one image is a crop/resize/re-encode of the other
+    # on the pixels (curation/dup_verify.py); "none": the embedding alone decides, as in DUPS_VERSION 1
+    verify: str = "pixels"
+    dup_neighbours: int = 4  # "pixels": per image, the k most similar candidates by embedding and k by thumbnail
+    dup_max_residual: float = dup_verify.MAX_RESIDUAL  # "pixels": aligned thumbnails' difference over their detail
+    dup_max_crop: float = dup_verify.MAX_CROP  # "pixels": share of each side a near-duplicate may have lost
     kmeans_k: int = 64
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if self.verify not in VERIFY_MODES:
+            raise BadIndexConfig(f"verify must be one of {', '.join(VERIFY_MODES)}, not {self.verify!r}")
+        if self.dup_neighbours < 1:
+            raise BadIndexConfig(f"dup_neighbours must be at least 1, not {self.dup_neighbours}")
+        if not self.dup_max_residual > 0:
+            raise BadIndexConfig(f"dup_max_residual must be positive, not {self.dup_max_residual}")
+        if not 0 <= self.dup_max_crop < 0.25:
+            raise BadIndexConfig(f"dup_max_crop is a share of each side in [0, 0.25), not {self.dup_max_crop}")
+
     def index_part(self) -> dict:
         return {k: getattr(self, k) for k in ("ivf_threshold", "nlist", "pq_m", "train_size", "seed")}
+
+    def dups_part(self) -> dict:
+        keys = ["dup_threshold", "nprobe", "verify"]
+        if self.verify == "pixels":
+            keys += ["dup_neighbours", "dup_max_residual", "dup_max_crop",  # and the thumbnail index's settings:
+                     "ivf_threshold", "nlist", "train_size", "seed"]
+        return {k: getattr(self, k) for k in keys}
 
 
 def gpu_available() -> bool:
@@ -153,36 +187,141 @@ def similar_pairs(index: faiss.Index, x: np.ndarray, threshold: float, chunk: in
 
 def _samples_table(ws: Workspace) -> pa.Table:
     files = sorted((ws.root / "samples").glob("*.parquet"))
-    return pa.concat_tables([pq.read_table(f, columns=["sample_id", "sha256", "width", "height"]) for f in files])
+    columns = ["sample_id", "sha256", "width", "height", "shard_url", "key", "ext"]
+    return pa.concat_tables([pq.read_table(f, columns=columns) for f in files])
 
 
-def near_duplicates(ws: Workspace, embedder: str, config: IndexConfig = IndexConfig()) -> dict:
-    """Connected components of the similarity graph (plus identical bytes): one row per sample."""
-    index, ids, meta = open_index(ws, embedder, config.nprobe)
-    out = ws.root / "dups" / f"{embedder}.parquet"
-    stamp = config_hash({"index": meta["stamp"], "threshold": config.dup_threshold, "nprobe": config.nprobe})
-    if read_parquet_metadata(out).get("stamp") == stamp:
-        return {"skipped": True, **read_parquet_metadata(out).get("summary", {})}
-    start = time.perf_counter()
-    vec = load_vectors(ws, embedder)
-    i, j = similar_pairs(index, vec.x, config.dup_threshold)
-    # identical bytes are always one cluster, whatever the embedding says
-    row_of = {sid: r for r, sid in enumerate(ids)}
-    samples = _samples_table(ws).to_pylist()
+def _unique_pairs(i: np.ndarray, j: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs as (smaller, larger), each once, self-pairs dropped."""
+    a, b = np.minimum(i, j).astype(np.int64), np.maximum(i, j).astype(np.int64)
+    codes = np.unique(a[a != b] * n + b[a != b])
+    return codes // n, codes % n
+
+
+def top_k_per_sample(i: np.ndarray, j: np.ndarray, score: np.ndarray, k: int) -> np.ndarray:
+    """Mask of the pairs that are among the k highest-scoring pairs of either of their samples."""
+    ends = np.concatenate([i, j])
+    order = np.lexsort((-np.concatenate([score, score]), ends))
+    first = np.searchsorted(ends[order], ends[order], side="left")
+    rank = np.empty(len(ends), np.int64)
+    rank[order] = np.arange(len(ends)) - first
+    return (rank[: len(i)] < k) | (rank[len(i) :] < k)
+
+
+def _thumbnail_pairs(thumbs: np.ndarray, config: IndexConfig, dims: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Each image and its `dup_neighbours` nearest images by blurred thumbnail, whole or centre
+    (a crop's whole matches its original's centre), through the same FAISS path as the index."""
+    whole, centre = dup_verify.descriptors(thumbs)
+    n = len(whole)
+    if n < 2:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    # an uncentred SVD basis keeps inner products (so cosine search still means something) in fewer dims
+    sample = whole[np.random.default_rng(config.seed).choice(n, min(n, 20_000), replace=False)]
+    basis = np.linalg.svd(sample, full_matrices=False)[2][:dims].T
+    whole, centre = (np.ascontiguousarray(v @ basis, dtype=np.float32) for v in (whole, centre))
+    faiss.normalize_L2(whole)
+    faiss.normalize_L2(centre)
+    index, _ = _make_index(whole, replace(config, pq_m=0))  # 64 floats a row: no need to compress
+    index.add(whole)
+    if isinstance(index, faiss.IndexIVF):
+        index.nprobe = config.nprobe
+    k = min(config.dup_neighbours + 1, n)
+    rows, cols = [], []
+    for queries in (whole, centre):
+        _, found = index.search(queries, k)
+        rows.append(np.repeat(np.arange(n), k))
+        cols.append(found.ravel())
+    i, j = np.concatenate(rows), np.concatenate(cols)
+    return _unique_pairs(i[j >= 0], j[j >= 0], n)
+
+
+def leader_clusters(n: int, i: np.ndarray, j: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """Star clustering of n nodes: in `order`, each node not yet taken leads a cluster of itself and
+    its neighbours not yet taken. Returns each node's leader. Unlike connected components, every
+    member is a neighbour of its leader, so a chain of overlapping crops A~B~C~... stays apart."""
+    adj = coo_matrix((np.ones(2 * len(i), np.int8), (np.concatenate([i, j]), np.concatenate([j, i]))),
+                     shape=(n, n)).tocsr()
+    leader = np.full(n, -1, np.int64)
+    for v in order:
+        if leader[v] < 0:
+            leader[v] = v
+            around = adj.indices[adj.indptr[v] : adj.indptr[v + 1]]
+            leader[around[leader[around] < 0]] = v
+    return leader
+
+
+def _pixel_labels(x: np.ndarray, samples: dict[str, dict], ids: np.ndarray, i: np.ndarray, j: np.ndarray,
+                  config: IndexConfig, workers: int) -> tuple[np.ndarray, dict]:
+    """Cluster label of every index row, from candidate pairs verified on the pixels.
+
+    Work is per distinct image (sha256): identical bytes are one node, so they always share a
+    cluster, each image is decoded once, and no neighbour slot is spent on a copy. Candidates: each
+    image's `dup_neighbours` most similar embedding pairs (cosine >= dup_threshold) and nearest
+    thumbnails. Clusters are stars around the largest image (see leader_clusters)."""
+    started = time.perf_counter()
+    digest = np.array([samples.get(sid, {}).get("sha256") or sid for sid in ids], dtype=object)
+    image_of = np.unique(digest, return_inverse=True)[1]
+    by_id = np.argsort(ids)
+    rep_row = by_id[np.unique(image_of[by_id], return_index=True)[1]]  # each image's smallest sample_id
+    n_images = len(rep_row)
+    keep = top_k_per_sample(i, j, np.einsum("ij,ij->i", x[i], x[j]), config.dup_neighbours)
+    ei, ej = _unique_pairs(image_of[i[keep]], image_of[j[keep]], n_images)
+    located = [samples.get(ids[r]) for r in rep_row]
+    thumbs, ok = dup_verify.load_thumbnails([(s["shard_url"], s["key"], s["ext"]) if s else None for s in located],
+                                            workers=workers)
+    read_done = time.perf_counter()
+    readable = np.flatnonzero(ok)  # images that could not be read again are never verified
+    ti, tj = _thumbnail_pairs(thumbs[readable], config)
+    ci, cj = _unique_pairs(np.concatenate([ei, readable[ti]]), np.concatenate([ej, readable[tj]]), n_images)
+    search_done = time.perf_counter()
+    verified = dup_verify.verify_pairs(thumbs, ok, ci, cj, config.dup_max_residual, config.dup_max_crop)
+    area = np.array([(s["width"] or 0) * (s["height"] or 0) if s else 0 for s in located])
+    leader = leader_clusters(n_images, ci[verified], cj[verified], np.lexsort((ids[rep_row], -area)))
+    stats = {"pairs": int(verified.sum()), "candidates": int(len(ci)), "candidates_from_embedding": int(len(ei)),
+             "unreadable": int((~ok).sum()), "read_seconds": round(read_done - started, 3),
+             "thumbnail_search_seconds": round(search_done - read_done, 3),
+             "verify_seconds": round(time.perf_counter() - search_done, 3)}
+    return leader[image_of], stats
+
+
+def _component_labels(samples: dict[str, dict], ids: np.ndarray, i: np.ndarray,
+                      j: np.ndarray) -> tuple[np.ndarray, dict]:
+    """Connected components of the embedding pairs plus identical bytes (verify="none")."""
     by_hash: dict[str, list[int]] = {}
-    area: dict[str, int] = {}
-    for s in samples:
-        area[s["sample_id"]] = (s["width"] or 0) * (s["height"] or 0)
-        if s["sample_id"] in row_of:
-            by_hash.setdefault(s["sha256"], []).append(row_of[s["sample_id"]])
+    for r, sid in enumerate(ids):
+        if sid in samples:
+            by_hash.setdefault(samples[sid]["sha256"], []).append(r)
     same = [(g[0], other) for g in by_hash.values() if len(g) > 1 for other in g[1:]]
     if same:
         si, sj = np.array(same).T
         i, j = np.concatenate([i, si]), np.concatenate([j, sj])
-    n = len(ids)
-    graph = coo_matrix((np.ones(len(i), np.int8), (i, j)), shape=(n, n))
-    n_comp, labels = connected_components(graph, directed=False)
+    graph = coo_matrix((np.ones(len(i), np.int8), (i, j)), shape=(len(ids), len(ids)))
+    return connected_components(graph, directed=False)[1], {"pairs": int(len(i))}
+
+
+def near_duplicates(ws: Workspace, embedder: str, config: IndexConfig = IndexConfig(), workers: int = 1) -> dict:
+    """Near-duplicate clusters, one row per sample; identical bytes always share a cluster.
+
+    verify="pixels": candidate pairs (embedding and thumbnails) confirmed on the pixels, clustered
+    around the largest image; `workers` processes read the shards. verify="none": connected
+    components of the embedding pairs at cosine >= dup_threshold."""
+    index, ids, meta = open_index(ws, embedder, config.nprobe)
+    out = ws.root / "dups" / f"{embedder}.parquet"
+    stamp = config_hash({"index": meta["stamp"], "dups": config.dups_part(), "version": DUPS_VERSION})
+    if read_parquet_metadata(out).get("stamp") == stamp:
+        return {"skipped": True, **read_parquet_metadata(out).get("summary", {})}
+    start = time.perf_counter()
+    vec = load_vectors(ws, embedder)
+    samples = {s["sample_id"]: s for s in _samples_table(ws).to_pylist()}
+    i, j = similar_pairs(index, vec.x, config.dup_threshold)
+    if config.verify == "pixels":
+        raw_labels, stats = _pixel_labels(vec.x, samples, ids, i, j, config, workers)
+    else:
+        raw_labels, stats = _component_labels(samples, ids, i, j)
+    labels = np.unique(raw_labels, return_inverse=True)[1]
+    n, n_clusters = len(ids), len(np.unique(labels))
     # representative: the largest image, then the smallest sample_id: deterministic across runs
+    area = {sid: (s["width"] or 0) * (s["height"] or 0) for sid, s in samples.items()}
     order = sorted(range(n), key=lambda r: (labels[r], -area.get(ids[r], 0), ids[r]))
     rep_of_label: dict[int, str] = {}
     for r in order:
@@ -195,8 +334,9 @@ def near_duplicates(ws: Workspace, embedder: str, config: IndexConfig = IndexCon
         "cluster_size": sizes[labels].astype(np.int32),
         "is_representative": [rep_of_label[int(labels[r])] == ids[r] for r in range(n)],
     })
-    summary = {"samples": n, "clusters": int(n_comp), "duplicates": int(n - n_comp), "pairs": int(len(i)),
-               "threshold": config.dup_threshold, "seconds": round(time.perf_counter() - start, 3)}
+    summary = {"samples": n, "clusters": n_clusters, "duplicates": n - n_clusters, "threshold": config.dup_threshold,
+               "verify": config.verify, "embedding_pairs": int(len(i)), **stats,
+               "seconds": round(time.perf_counter() - start, 3)}
     write_parquet_atomic(table, out, {"stamp": stamp, "summary": summary})
     return {"skipped": False, **summary}
 

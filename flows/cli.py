@@ -125,7 +125,8 @@ def _index_config(args: argparse.Namespace):
     from curation.index import IndexConfig
 
     return IndexConfig(ivf_threshold=args.ivf_threshold, nlist=args.nlist, pq_m=args.pq_m, nprobe=args.nprobe,
-                       dup_threshold=args.dup_threshold, kmeans_k=args.kmeans_k)
+                       dup_threshold=args.dup_threshold, kmeans_k=args.kmeans_k, verify=args.verify,
+                       dup_max_crop=args.max_crop)
 
 
 def cmd_index(args: argparse.Namespace) -> int:
@@ -136,7 +137,7 @@ def cmd_index(args: argparse.Namespace) -> int:
     name, config = embedder_dir_name(args.embedder), _index_config(args)
     started = datetime.now(timezone.utc)
     meta = build_index(ws, name, config)
-    dups = near_duplicates(ws, name, config)
+    dups = near_duplicates(ws, name, config, workers=args.workers)
     clusters = kmeans_clusters(ws, name, config)
     catalog.refresh(ws)
     catalog.record_run(ws, "index", started, {"embedder": name} | vars(config),
@@ -463,6 +464,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pq-m", type=int, default=0, help="> 0: IVF-PQ with this many sub-quantizers")
     p.add_argument("--dup-threshold", type=float, default=0.95, help="cosine similarity of near-duplicates")
     p.add_argument("--kmeans-k", type=int, default=64, help="k-means clusters (default: %(default)s)")
+    p.add_argument("--verify", choices=["pixels", "none"], default="pixels",
+                   help="check candidate near-duplicate pairs on the pixels (crop/resize/re-encode tolerant) before "
+                   "joining them; none: trust the embedding alone (default: %(default)s)")
+    p.add_argument("--max-crop", type=float, default=0.08,
+                   help="largest crop per side, as a fraction, that still counts as a near-duplicate (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=2, help="processes reading images for the pixel check (default: %(default)s)")
     p.set_defaults(func=cmd_index)
 
     p = sub.add_parser("knn", parents=[ws], help="nearest neighbours of a sample, an image file or a text",

@@ -178,7 +178,8 @@ def pipeline_config(workspace: Workspace, out_dir: Path, clip: dict, rounds: int
         "ingest": {"shards": [str(out_dir / "crawl")]},
         "embed": {"embedder": clip["embedder"], "pretrained": clip["path"], "batch_size": 512, "workers": 2,
                   "shards_per_task": 100},
-        "index": {"dup_threshold": DEMO_DUP_THRESHOLD},
+        # 6%: the demo plants near-duplicates cropped by up to 6% per side
+        "index": {"dup_threshold": DEMO_DUP_THRESHOLD, "dup_max_crop": 0.06},
         "knn_scores": [{"name": "digit_prompts", "prompts": DIGIT_PROMPTS, "k": 3}],
         "score": {"teacher": str(out_dir / "teacher" / "teacher.json"), "options": {"batch_size": 512}},
         "select": {"policy": DEMO_POLICY},

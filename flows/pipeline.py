@@ -171,7 +171,7 @@ def run_stages(config_path: str, with_distill: bool) -> dict:
         e = _abs_paths(cfg, s["embed"], ("pretrained", "teacher"))
         out["embed"] = timed("embed", embed_flow.with_options(task_runner=runner), ws, **e, max_failure_fraction=frac)
         out["index"] = timed("index", index_flow, ws, e.get("embedder", "open_clip:ViT-S-32"), s.get("index") or {},
-                             s.get("knn_scores") or [])
+                             s.get("knn_scores") or [], cfg.workers)
     score_opts = dict(s["score"])
     teacher = cfg.path(score_opts.pop("teacher"))
     select_opts = dict(s["select"])

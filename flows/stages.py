@@ -130,13 +130,13 @@ def embed_flow(workspace: str, embedder: str = "open_clip:ViT-S-32", pretrained:
 # --- index, near-duplicates, k-means, kNN scores ---------------------------------------------
 
 @task(name="index")
-def index_task(ws_root: str, embedder: str, config: dict, knn_scores: list[dict]) -> dict:
+def index_task(ws_root: str, embedder: str, config: dict, knn_scores: list[dict], workers: int = 2) -> dict:
     from curation.embedders import embedder_dir_name, embedder_from_workspace
     from curation.index import IndexConfig, build_index, kmeans_clusters, knn_score, near_duplicates
 
     ws, name = Workspace(ws_root), embedder_dir_name(embedder)
     cfg = IndexConfig(**config)
-    out = {"index": build_index(ws, name, cfg), "dups": near_duplicates(ws, name, cfg),
+    out = {"index": build_index(ws, name, cfg), "dups": near_duplicates(ws, name, cfg, workers=workers),
            "kmeans_k": kmeans_clusters(ws, name, cfg)["k"], "knn": {}}
     for ref in knn_scores:  # {"name": ..., "prompts": [...]} or {"name": ..., "sql": "..."}
         if "prompts" in ref:
@@ -153,10 +153,10 @@ def index_task(ws_root: str, embedder: str, config: dict, knn_scores: list[dict]
 
 @flow(name="index")
 def index_flow(workspace: str, embedder: str = "open_clip:ViT-S-32", config: dict | None = None,
-               knn_scores: list[dict] | None = None) -> dict:
+               knn_scores: list[dict] | None = None, workers: int = 2) -> dict:
     ws = resolve_workspace(workspace)
     started = datetime.now(timezone.utc)
-    out = index_task(str(ws.root), embedder, config or {}, knn_scores or [])
+    out = index_task(str(ws.root), embedder, config or {}, knn_scores or [], workers)
     _record(ws, "index", started, {"embedder": embedder, **(config or {})},
             {"kind": out["index"]["kind"], "dup_clusters": out["dups"].get("clusters"), "kmeans_k": out["kmeans_k"]})
     return out

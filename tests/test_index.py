@@ -1,23 +1,27 @@
 import io
 import json
+import tarfile
 from collections import Counter, defaultdict
 
 import faiss
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import skimage.data
 import torch
 import webdataset as wds
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from curation import catalog
+from curation.dup_verify import MAX_RESIDUAL, PixelCheckError, load_thumbnails, pair_residuals, thumbnail
 from curation.embed import embed
 from curation.embedders import EmbedderError, make_embedder
-from curation.index import IndexConfig, build_index, kmeans_clusters, knn_score, near_duplicates, search, vectors_of
+from curation.index import (BadIndexConfig, IndexConfig, build_index, kmeans_clusters, knn_score, leader_clusters,
+                            near_duplicates, search, top_k_per_sample, vectors_of)
 from curation.ingest import ingest
 from curation.workspace import Workspace
 
-from .conftest import run_cli
+from .conftest import run_cli, write_tar
 
 SPEC = "tests.models_for_tests:thumbnail"  # a real module:factory teacher spec, fast and meaningful
 EMB = "teacher"
@@ -117,6 +121,108 @@ def test_ivf_and_ivfpq_paths_match_the_exact_clusters(dup_crawl):
         # with 8 of 8 lists probed the partition must be identical
         assert sorted(Counter(got.values()).values()) == sorted(Counter(want.values()).values())
         assert pair_precision_recall(got, family) == pair_precision_recall(want, family)
+
+
+def _crop_resize(im: Image.Image, sides: tuple[float, float, float, float], scale: float) -> Image.Image:
+    """A planted near-duplicate: crop a share of each side (left, top, right, bottom), then resize."""
+    w, h = im.size
+    box = (int(w * sides[0]), int(h * sides[1]), w - int(w * sides[2]), h - int(h * sides[3]))
+    im = im.crop(box)
+    return im.resize((int(im.width * scale), int(im.height * scale)), Image.BILINEAR)
+
+
+def _garment(pattern: str) -> Image.Image:
+    """A T-shirt silhouette; only the print differs between patterns (a class-level look-alike)."""
+    im = Image.new("L", (280, 280), 0)
+    draw = ImageDraw.Draw(im)
+    draw.polygon([(70, 40), (210, 40), (260, 110), (220, 130), (215, 260), (65, 260), (60, 130), (20, 110)], fill=190)
+    if pattern == "stripes":
+        for y in range(60, 250, 24):
+            draw.rectangle((75, y, 205, y + 8), fill=120)
+    else:
+        draw.ellipse((110, 90, 170, 150), fill=60)
+        draw.rectangle((100, 190, 180, 205), fill=240)
+    return im.convert("RGB")
+
+
+def _ncc(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(float).ravel(), b.astype(float).ravel()
+    a, b = a - a.mean(), b - b.mean()
+    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+def test_pixel_check_accepts_a_crop_and_rejects_distinct_look_alikes():
+    photo = Image.fromarray(skimage.data.astronaut()).resize((320, 320), Image.BICUBIC)
+    original = thumbnail(_jpeg(photo, 90))
+    near = thumbnail(_jpeg(_crop_resize(photo, (0.05, 0.02, 0.04, 0.06), 0.75), 60))
+    reframed = thumbnail(_jpeg(_crop_resize(photo, (0.15, 0.0, 0.0, 0.15), 1.0), 90))  # same photo, cropped far more
+    shirt = _garment("stripes")
+    stripes, logo = thumbnail(_jpeg(shirt, 90)), thumbnail(_jpeg(_garment("logo"), 90))
+    stripes_near = thumbnail(_jpeg(_crop_resize(shirt, (0.03, 0.02, 0.04, 0.05), 0.7), 55))
+    assert pair_residuals(original[None], original[None])[0] == pytest.approx(0.0, abs=1e-6)
+    # either side may be the crop
+    accepted = pair_residuals(np.stack([original, near, stripes, stripes_near]),
+                              np.stack([near, original, stripes_near, stripes]))
+    assert (accepted <= MAX_RESIDUAL).all(), accepted
+    # the two shirts correlate like duplicates on the whole thumbnail (what a class-level embedding sees) ...
+    assert _ncc(stripes, logo) > 0.9
+    rejected = pair_residuals(np.stack([original, reframed, stripes, logo]),
+                              np.stack([reframed, original, logo, stripes]))
+    assert (rejected > 2 * MAX_RESIDUAL).all(), rejected  # ... but they are far from near-duplicates
+
+
+def test_thumbnails_flag_what_cannot_be_read(tmp_path):
+    rgb = np.random.default_rng(3).integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    png = io.BytesIO()
+    Image.fromarray(rgb).save(png, "PNG")
+    tar = write_tar(tmp_path / "00000.tar", [{"__key__": "a", "png": png.getvalue()},
+                                              {"__key__": "junk", "jpg": b"<html>not an image</html>"}])
+    cut = write_tar(tmp_path / "00001.tar", [{"__key__": k, "png": png.getvalue()} for k in ("a", "b")])
+    with tarfile.open(cut) as t:
+        second = next(m for m in t.getmembers() if m.name.startswith("b."))
+    with open(cut, "r+b") as fh:  # an interrupted copy: the tar ends inside sample b
+        fh.truncate(second.offset_data + 10)
+    with pytest.raises(PixelCheckError):
+        thumbnail(b"<html>not an image</html>")
+    thumbs, ok = load_thumbnails([(str(tar), "a", "png"), (str(tar), "junk", "jpg"), None,
+                                  (str(tmp_path / "gone.tar"), "a", "png"), (str(tar), "a", "png"),
+                                  (str(cut), "a", "png"), (str(cut), "b", "png")], side=16)
+    assert ok.tolist() == [True, False, False, False, True, True, False]
+    grey = np.asarray(Image.fromarray(rgb).convert("L").resize((16, 16), Image.BILINEAR, reducing_gap=2.0))
+    assert np.array_equal(thumbs[0], grey) and np.array_equal(thumbs[4], grey) and not thumbs[1].any()
+    with pytest.raises(PixelCheckError):
+        pair_residuals(thumbs[:2], thumbs[:3])
+
+
+def test_star_clusters_and_top_k_by_hand():
+    # a chain 0-1-2-3 and a loner 4: components would give one cluster of four
+    i, j = np.array([0, 1, 2]), np.array([1, 2, 3])
+    assert leader_clusters(5, i, j, np.array([0, 1, 2, 3, 4])).tolist() == [0, 0, 2, 2, 4]
+    assert leader_clusters(5, i, j, np.array([1, 3, 0, 2, 4])).tolist() == [1, 1, 1, 3, 4]
+    # pairs (0,1) .9, (0,2) .8, (0,3) .7, (1,2) .1: with k=1 sample 0 keeps (0,1), 1 keeps (0,1),
+    # 2 keeps (0,2), 3 keeps (0,3); (1,2) is nobody's best
+    i, j, s = np.array([0, 0, 0, 1]), np.array([1, 2, 3, 2]), np.array([0.9, 0.8, 0.7, 0.1])
+    assert top_k_per_sample(i, j, s, 1).tolist() == [True, True, True, False]
+    assert top_k_per_sample(i, j, s, 2).tolist() == [True, True, True, True]
+    with pytest.raises(BadIndexConfig):
+        IndexConfig(verify="maybe")
+    with pytest.raises(BadIndexConfig):
+        IndexConfig(dup_max_crop=0.4)
+
+
+def test_pixel_check_keeps_apart_what_the_embedding_chains(dup_crawl):
+    ws, family = dup_crawl
+    loose = 0.2  # distinct fields reach this cosine with ~5% of the others: the embedding alone chains them
+    build_index(ws, EMB, IndexConfig(dup_threshold=loose))
+    near_duplicates(ws, EMB, IndexConfig(dup_threshold=loose, verify="none"))
+    catalog.refresh(ws)
+    chained, _ = pair_precision_recall(_clusters(ws), family)
+    summary = near_duplicates(ws, EMB, IndexConfig(dup_threshold=loose))
+    assert not summary["skipped"]  # the verify setting is part of the stamp
+    catalog.refresh(ws)
+    precision, recall = pair_precision_recall(_clusters(ws), family)
+    assert chained < 0.5 and precision > 0.95 and recall > 0.95, (chained, precision, recall)
+    assert summary["clusters"] == 300 and summary["unreadable"] == 0
 
 
 def test_artifacts_open_with_plain_faiss_numpy_and_pyarrow(dup_crawl):
