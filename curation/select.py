@@ -27,7 +27,7 @@ import pandas as pd
 from . import catalog, policies
 from .errors import SQLError, WebdistillError
 from .score import read_run
-from .shard_writer import ShardSink, logits_npy, swap_into_place
+from .shard_writer import ShardSink, logits_npy, read_manifest, swap_into_place
 from .shards import TruncatedShard, iter_samples, open_shard
 from .workspace import Workspace, config_hash
 
@@ -166,10 +166,7 @@ def select(ws: Workspace, config: SelectConfig) -> SelectResult:
     run = read_run(ws, sources["score_run"]) if sources["score_run"] else {}
     final = ws.root / "selections" / config.name
     digest = _selection_hash(ws, chosen, config, run)
-    try:
-        previous = json.loads((final / "manifest.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        previous = {}
+    previous = read_manifest(final)
     if previous.get("selection_hash") == digest:
         return SelectResult(config.name, previous["total"], final, previous, unchanged=True)
 

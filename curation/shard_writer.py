@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import shutil
 import uuid
 from pathlib import Path
@@ -59,3 +60,11 @@ def swap_into_place(tmp: Path, final: Path) -> None:
         final.rename(old)
     tmp.rename(final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def read_manifest(folder: Path) -> dict:
+    """A finished folder's manifest.json ({} when there is none yet, or it is unreadable)."""
+    try:
+        return json.loads((folder / "manifest.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}

@@ -60,7 +60,7 @@ from .embed import ShardJob, load_images, shard_jobs
 from .embedders import Geometry, SquareResize, spec_fingerprint
 from .errors import WebdistillError
 from .select import NAME_RE
-from .shard_writer import ShardSink, logits_npy, swap_into_place
+from .shard_writer import ShardSink, logits_npy, read_manifest, swap_into_place
 from .workspace import Workspace, config_hash
 
 SYNTH_VERSION = 1
@@ -427,10 +427,7 @@ def synthesize(ws: Workspace, config: SynthConfig, progress: bool = True) -> Syn
         raise SynthError(f"the teacher has {probe.shape[1]} classes, scoring run {run!r} has {num_classes}")
     final = ws.root / "synthetic" / config.name
     digest = _inputs_hash(config, run, files)
-    try:
-        previous = json.loads((final / "manifest.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        previous = {}
+    previous = read_manifest(final)
     if previous.get("synth_hash") == digest:
         return SynthResult(config.name, previous["total"], final, previous, unchanged=True)
 
