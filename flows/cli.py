@@ -591,13 +591,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="pipeline YAML with a `schedules` section")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("demo", parents=[ws], help="build the demo crawl and teacher from offline data, then run the pipeline",
+    p = sub.add_parser("demo", parents=[ws], help="build the demo crawl and teacher offline, then run the whole pipeline (2 rounds)",
                        description="Build a crawl of real images (MNIST as the teacher's domain, mixed with Fashion-MNIST, "
                        "animal silhouettes, letters, natural-image crops and 8x8 digits) with planted defects and "
-                       "duplicates, train a small teacher on a kept-aside MNIST split, ingest the crawl, train a small "
-                       "CLIP on its image-caption pairs and embed with it (as a user's --pretrained checkpoint), build "
-                       "the FAISS index, near-duplicate and k-means clusters, and print what was found against the "
-                       "ground truth.")
+                       "duplicates, train a small teacher on a kept-aside MNIST split, ingest the crawl, and train a "
+                       "small CLIP on its image-caption pairs (a user's --pretrained checkpoint). Then run OUT/pipeline.yaml "
+                       "as one Prefect flow, as `webdistill run` would: embed, index, near-duplicate and k-means "
+                       "clusters, and --rounds rounds of score, select and distil (torchrun, 2 processes), each round "
+                       "re-scoring with the last student. Print what was found against the ground truth, and per round "
+                       "the selection's size and precision and the student's accuracy.")
     p.add_argument("--out", default="demo", help="where the crawl, eval set and teacher go (default: %(default)s)")
     p.add_argument("--size", type=int, default=52_000, help="samples in the crawl (default: %(default)s)")
     p.add_argument("--shards", type=int, default=24, help="shards in the crawl (default: %(default)s)")
