@@ -58,8 +58,11 @@ class PipelineConfig:
     sections: dict = field(default_factory=dict)
 
     def path(self, p: str | None) -> str | None:
-        """A path from the config, made absolute against the config's folder (URLs are left as they are)."""
-        if p is None or "://" in p or p.startswith("pipe:") or ":" in p.split("/")[0] and not Path(p).exists():
+        """A path from the config, made absolute against the config's folder. URLs, `pipe:` commands
+        and model specs such as `module:factory` or `torchvision:resnet18` are left as they are."""
+        if p is None or "://" in p or p.startswith("pipe:"):
+            return p
+        if ":" in p.split("/")[0] and not Path(p).exists():  # a model spec, not a path
             return p
         return str((Path(self.base) / p).resolve())
 
