@@ -17,6 +17,8 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .errors import WebdistillError
+
 DEFAULT_WORKSPACE = "./workspace"
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -25,7 +27,11 @@ os.umask(_UMASK)
 def resolve_workspace(path: str | os.PathLike | None = None) -> "Workspace":
     """`path`, else $WEBDISTILL_WORKSPACE, else ./workspace."""
     chosen = path or os.environ.get("WEBDISTILL_WORKSPACE") or DEFAULT_WORKSPACE
-    return Workspace(Path(chosen))
+    if isinstance(chosen, str) and "://" in chosen and not chosen.startswith("file://"):
+        # stages work on a local folder; `curation.remote.synced` mirrors a URL into one
+        raise WebdistillError(f"{chosen} is a URL: open it with curation.remote.synced(url) (the CLI and "
+                         "`webdistill run` do this)")
+    return Workspace(Path(chosen.removeprefix("file://") if isinstance(chosen, str) else chosen))
 
 
 @dataclass(frozen=True)

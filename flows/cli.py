@@ -627,10 +627,22 @@ def _distill_user_errors() -> tuple[type, ...]:
     return (ConfigError, DataError, DistillJobError, LossConfigError, ModelSpecError, StudentError, JobError)
 
 
+def _run(args: argparse.Namespace) -> int:
+    """Run the verb; a workspace at an fsspec URL is mirrored locally and synced back after."""
+    from curation.remote import is_remote, synced
+
+    url = getattr(args, "workspace", None) or os.environ.get("WEBDISTILL_WORKSPACE")
+    if not is_remote(url):
+        return args.func(args)
+    with synced(url) as local:
+        args.workspace = str(local)
+        return args.func(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        return _run(args)
     except WebdistillError as exc:
         print(f"webdistill: error: {exc}", file=sys.stderr)
         return 2

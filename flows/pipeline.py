@@ -144,7 +144,17 @@ def curation_flow(config_path: str) -> dict:
 
 
 def run_stages(config_path: str, with_distill: bool) -> dict:
+    from curation.remote import is_remote, synced
+
     cfg = load_pipeline_config(config_path)
+    if is_remote(cfg.workspace):  # mirror it locally for the stages, sync it back at the end
+        with synced(cfg.workspace) as local:
+            cfg.workspace = str(local)
+            return _run_config(cfg, with_distill)
+    return _run_config(cfg, with_distill)
+
+
+def _run_config(cfg: PipelineConfig, with_distill: bool) -> dict:
     timings: dict[str, float] = {}
 
     def timed(label: str, fn, *args, **kwargs):

@@ -147,3 +147,18 @@ def test_crawl_flow_then_ingest_flow_from_a_local_server(prefect_server, tmp_pat
         server.shutdown()
     ingested = ingest_flow(str(tmp_path / "ws"), [str(out)])
     assert ingested["accepted"] == 5 and ingested["rejected"] == 0
+
+
+def test_curation_flow_on_a_workspace_at_an_fsspec_url(prefect_server, small_crawl, small_teacher, tmp_path,
+                                                        monkeypatch):
+    import fsspec
+
+    from curation import remote
+
+    monkeypatch.setattr(remote, "CACHE", tmp_path / "cache")
+    path = write_config(tmp_path, small_crawl, small_teacher, workspace="memory://webdistill-flows/ws")
+    result = curation_flow(path)
+    assert result["rounds"][0]["selection"]["size"] == 120
+    index = json.loads(fsspec.filesystem("memory").cat("/webdistill-flows/ws/_index.json"))
+    assert any(p.startswith("scores/t-round1/") for p in index)
+    assert "selections/t-round1/manifest.json" in index and "catalog.duckdb" in index

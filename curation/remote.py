@@ -1,0 +1,117 @@
+"""A workspace at an fsspec URL (s3://, gs://, memory://, ...): mirrored to a local cache folder,
+where the stages and DuckDB work as usual, and synced back afterwards.
+
+    remote/<files...>          the workspace's artifacts, each uploaded whole
+    remote/_index.json         path -> sha256 of every artifact: written last, it is the commit
+
+A reader trusts only `_index.json`, so an interrupted push leaves the previous state readable. Pull
+fetches the files whose sha256 differs from the local copy; push uploads the local files whose sha256
+differs from the remote index, then the new index. Per-shard artifacts never collide between
+writers; `catalog.duckdb` is last-writer-wins (its views are rebuilt from the artifacts anyway).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import fsspec
+
+from .errors import WebdistillError
+from .workspace import atomic_path
+
+INDEX = "_index.json"
+CACHE = Path(os.environ.get("WEBDISTILL_CACHE", Path.home() / ".cache" / "webdistill"))
+
+
+class RemoteWorkspaceError(WebdistillError):
+    """The remote workspace cannot be read or written."""
+
+
+def is_remote(path: str | os.PathLike | None) -> bool:
+    return isinstance(path, str) and "://" in path and not path.startswith("file://")
+
+
+def cache_dir(url: str) -> Path:
+    """The local mirror of a remote workspace: one folder per URL."""
+    return CACHE / "workspaces" / hashlib.sha256(url.encode()).hexdigest()[:16]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _local_files(root: Path) -> dict[str, Path]:
+    """Artifacts under the mirror, without temporaries, hidden files and DuckDB's WAL."""
+    out = {}
+    for p in root.rglob("*"):
+        rel = p.relative_to(root).as_posix()
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts) \
+                and not rel.endswith((".tmp", ".wal")):
+            out[rel] = p
+    return out
+
+
+def _remote_index(fs, base: str) -> dict[str, str]:
+    try:
+        with fs.open(f"{base}/{INDEX}", "rb") as fh:
+            return json.load(fh)
+    except FileNotFoundError:
+        return {}
+    except (OSError, json.JSONDecodeError) as exc:
+        raise RemoteWorkspaceError(f"cannot read {base}/{INDEX}: {exc}") from exc
+
+
+def pull(url: str, root: Path) -> dict[str, str]:
+    """Bring the mirror up to the remote index; returns that index."""
+    fs, base = fsspec.core.url_to_fs(url)
+    index = _remote_index(fs, base)
+    for rel, digest in index.items():
+        local = root / rel
+        if local.is_file() and _sha256(local) == digest:
+            continue
+        with atomic_path(local) as tmp:
+            fs.get_file(f"{base}/{rel}", str(tmp))
+            if _sha256(tmp) != digest:
+                raise RemoteWorkspaceError(f"{url}/{rel} does not match its index entry (a push in progress?)")
+    return index
+
+
+def push(url: str, root: Path, pulled: dict[str, str]) -> int:
+    """Upload what changed in the mirror since `pulled` (the index it was pulled at), then the new
+    index, merged with what other writers committed meanwhile; returns the number of files sent."""
+    fs, base = fsspec.core.url_to_fs(url)
+    local = {rel: _sha256(path) for rel, path in _local_files(root).items()}
+    sent = 0
+    for rel, digest in sorted(local.items()):
+        if pulled.get(rel) != digest:
+            fs.makedirs(f"{base}/{Path(rel).parent.as_posix()}", exist_ok=True)
+            fs.put_file(str(root / rel), f"{base}/{rel}")
+            sent += 1
+    latest = _remote_index(fs, base)  # another writer may have committed since our pull
+    merged = {**latest, **{rel: d for rel, d in local.items() if pulled.get(rel) != d}}
+    for rel in set(pulled) - set(local):  # removed here since the pull (e.g. a replaced selection)
+        merged.pop(rel, None)
+    with fs.open(f"{base}/{INDEX}", "w") as fh:  # written last: the commit
+        json.dump(merged, fh, indent=0, sort_keys=True)
+    return sent
+
+
+@contextmanager
+def synced(url: str) -> Iterator[Path]:
+    """Pull the remote workspace into its mirror, yield the mirror's path, push what changed."""
+    root = cache_dir(url)
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        pulled = pull(url, root)
+    except (OSError, ValueError) as exc:
+        raise RemoteWorkspaceError(f"cannot read the workspace {url}: {exc}") from exc
+    yield root
+    push(url, root, pulled)
