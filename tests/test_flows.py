@@ -149,16 +149,29 @@ def test_crawl_flow_then_ingest_flow_from_a_local_server(prefect_server, tmp_pat
     assert ingested["accepted"] == 5 and ingested["rejected"] == 0
 
 
-def test_curation_flow_on_a_workspace_at_an_fsspec_url(prefect_server, small_crawl, small_teacher, tmp_path,
-                                                        monkeypatch):
-    import fsspec
+def test_curation_flow_on_a_workspace_at_an_fsspec_url(prefect_server, small_crawl, small_teacher, tmp_path):
+    """In its own process, as `webdistill run` would be: fsspec's memory filesystem lives as long as it."""
+    import os
+    import subprocess
+    import sys
 
-    from curation import remote
+    from prefect.settings import PREFECT_API_URL
 
-    monkeypatch.setattr(remote, "CACHE", tmp_path / "cache")
+    from .conftest import ROOT
+
     path = write_config(tmp_path, small_crawl, small_teacher, workspace="memory://webdistill-flows/ws")
-    result = curation_flow(path)
-    assert result["rounds"][0]["selection"]["size"] == 120
-    index = json.loads(fsspec.filesystem("memory").cat("/webdistill-flows/ws/_index.json"))
-    assert any(p.startswith("scores/t-round1/") for p in index)
-    assert "selections/t-round1/manifest.json" in index and "catalog.duckdb" in index
+    script = (
+        "import json, fsspec\n"
+        "from flows.pipeline import curation_flow\n"
+        f"result = curation_flow({path!r})\n"
+        "index = json.loads(fsspec.filesystem('memory').cat('/webdistill-flows/ws/_index.json'))\n"
+        "print(json.dumps({'size': result['rounds'][0]['selection']['size'], 'index': sorted(index)}))\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), WEBDISTILL_CACHE=str(tmp_path / "cache"),
+               PREFECT_API_URL=PREFECT_API_URL.value())
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["size"] == 120
+    assert any(p.startswith("scores/t-round1/") for p in out["index"])
+    assert "selections/t-round1/manifest.json" in out["index"] and "catalog.duckdb" in out["index"]
+    assert (tmp_path / "cache" / "workspaces").is_dir()  # the local mirror the stages ran in
