@@ -136,7 +136,10 @@ def load_images(jobs: list[ShardJob], preprocess, batch_size: int = 512, workers
     workers = max(0, min(workers, len(jobs)))
     loader = DataLoader(ShardImages(jobs, preprocess, blank), batch_size=batch_size, num_workers=workers,
                         prefetch_factor=4 if workers else None, pin_memory=torch.cuda.is_available(),
-                        worker_init_fn=_low_priority_worker if workers else None)
+                        worker_init_fn=_low_priority_worker if workers else None,
+                        # forkserver: workers start from a clean process, not a fork of one that
+                        # runs Prefect's or Dask's threads (a fork of those can die at start)
+                        multiprocessing_context="forkserver" if workers else None)
     with tqdm(total=sum(len(j.keys) for j in jobs), desc=desc, unit="img", disable=not progress or None) as bar:
         for batch in loader:
             yield batch

@@ -317,6 +317,10 @@ def finish(ws: Workspace, config: ScoreConfig, summary: ScoreSummary, started: d
         raise ScoreError("no shard could be scored")
     score_pass2(ws, config, summary)
     run = _run_dir(ws, config.name)
+    previous = read_run(ws, config.name)
+    if not summary.scored and not summary.finalized and previous.get("config") == json.loads(
+            json.dumps(asdict(config), default=str)):
+        return summary  # nothing changed: keep the run's record (and its finished_at) as it is
     if summary.teacher is None:  # every shard was already scored: keep what the last run recorded
         summary.teacher = read_run(ws, config.name).get("teacher") or _describe_teacher(config)
     with atomic_path(run / "run.json") as tmp:

@@ -22,7 +22,9 @@ selection and student are recorded in the catalog (`selections`, `students`, `ru
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,7 +114,15 @@ def run_distillation(ws_root: str, name: str, selection: str, options: dict, ini
     if init_from:
         job["init_from"] = init_from
     config_path = out / "job.json"
+    stamp = out / "selection.sha256"
+    digest = hashlib.sha256(Path(job["selection"]).read_bytes()).hexdigest()
+    if config_path.exists() and (json.loads(config_path.read_text()) != job
+                                 or not stamp.exists() or stamp.read_text() != digest):
+        # a new selection or config under this run name (a re-run round): train it from scratch
+        shutil.rmtree(out)
+        out.mkdir(parents=True)
     config_path.write_text(json.dumps(job, indent=2))
+    stamp.write_text(digest)
     summary = launch(config_path, nproc=nproc, stream=stream)
     catalog.record_student(ws, summary | {"selection": selection})
     return summary
