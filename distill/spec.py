@@ -58,7 +58,8 @@ def load_state_dict(path: str | Path) -> dict:
     return state
 
 
-def _factory(name: str) -> nn.Module:
+def build_architecture(name: str) -> nn.Module:
+    """An untrained model from an architecture name: torchvision:NAME, timm:NAME or module:factory."""
     if name.startswith("torchvision:"):
         import torchvision
 
@@ -110,7 +111,7 @@ def load_model(spec: str) -> LoadedModel:
         if "factory" not in cfg:
             raise ModelSpecError(f"{path} has no 'factory'")
         weights = path.parent / cfg["weights"] if cfg.get("weights") else None
-        model = _with_weights(_factory(cfg["factory"]), weights, spec)
+        model = _with_weights(build_architecture(cfg["factory"]), weights, spec)
         return LoadedModel(model, spec, int(cfg.get("input_size", 224)), tuple(cfg.get("mean", IMAGENET_MEAN)),
                            tuple(cfg.get("std", IMAGENET_STD)), list(cfg.get("classes", [])))
     if path.is_file():
@@ -125,4 +126,4 @@ def load_model(spec: str) -> LoadedModel:
     name, _, weights = spec.partition("@")
     if ":" not in name:
         raise ModelSpecError(f"model spec not found: {spec}")
-    return LoadedModel(_with_weights(_factory(name), weights or None, spec), spec)
+    return LoadedModel(_with_weights(build_architecture(name), weights or None, spec), spec)

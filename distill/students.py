@@ -12,7 +12,7 @@ from typing import Callable
 from torch import nn
 
 from .models import mnist_teacher, tiny_student
-from .spec import ModelSpecError, _factory
+from .spec import ModelSpecError, build_architecture
 
 STUDENTS: dict[str, Callable[[int], nn.Module]] = {
     "tiny_cnn": tiny_student,    # about 17k parameters
@@ -50,7 +50,7 @@ def build_student(name: str, num_classes: int) -> nn.Module:
         raise StudentError(f"unknown student {name!r} (known: {', '.join(STUDENTS)}, "
                            "torchvision:<name>, timm:<name>, module:factory)")
     try:
-        model = _factory(name)
+        model = build_architecture(name)
     except ModelSpecError as exc:
         raise StudentError(f"student {name!r}: {exc}") from exc
     return _fit_head(model, num_classes, name).train()
