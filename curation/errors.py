@@ -27,3 +27,7 @@ class SQLError(WebdistillError):
 
 class DemoDataError(WebdistillError):
     """A data source the demo needs is unavailable."""
+
+
+class UnsafeName(WebdistillError):
+    """A name (selection, run, source, embedder, ...) or a stored path that would leave its folder."""

@@ -8,6 +8,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import shutil
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,7 +19,7 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import WebdistillError
+from .errors import UnsafeName, WebdistillError
 
 DEFAULT_WORKSPACE = "./workspace"
 _UMASK = os.umask(0)
@@ -34,6 +36,24 @@ def resolve_workspace(path: str | os.PathLike | None = None) -> "Workspace":
     return Workspace(Path(chosen.removeprefix("file://") if isinstance(chosen, str) else chosen))
 
 
+# A name that becomes one path component: no separators, no leading dot (so never `.` or `..`),
+# nothing a shell or a URL would read specially.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def check_name(name: object, what: str = "name") -> str:
+    """Return `name` if it is safe as one path component, else raise UnsafeName (one line)."""
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+        raise UnsafeName(f"{what} {name!r} is not allowed: use 1-128 letters, digits, '.', '_' or '-', "
+                         "starting with a letter or digit")
+    return name
+
+
+def inside(path: Path, folder: Path) -> bool:
+    """True when `path`, with every symlink resolved, lies under `folder` (also resolved)."""
+    return Path(path).resolve().is_relative_to(Path(folder).resolve())
+
+
 @dataclass(frozen=True)
 class Workspace:
     root: Path
@@ -46,9 +66,31 @@ class Workspace:
         return self.root / "catalog.duckdb"
 
     def artifact_dir(self, *parts: str) -> Path:
-        d = self.root.joinpath(*parts)
+        d = self.owned(*parts)
         d.mkdir(parents=True, exist_ok=True)
         return d
+
+    def owned(self, kind: str, *names: str, what: str | None = None) -> Path:
+        """The path `<root>/<kind>/<name>...` for user-given or stored names: each name passes
+        `check_name`, and the result (symlinks resolved) must stay under `<root>/<kind>`, so a
+        workspace from elsewhere cannot point a stage's writes or deletes outside it."""
+        for name in names:
+            check_name(name, what or kind.rstrip("s"))
+        folder = self.root / kind
+        path = folder.joinpath(*names)
+        if not inside(folder, self.root) or not inside(path, folder):
+            raise UnsafeName(f"{path} resolves outside {folder}: refusing to use it")
+        return path
+
+
+def remove_tree(path: Path, owner: Path) -> None:
+    """Delete `path` only when it lies under `owner` (the folder the stage owns) and is not itself a
+    symlink; anything else is refused, never followed."""
+    path, owner = Path(path), Path(owner)
+    if path.is_symlink() or not inside(path, owner) or path.resolve() == owner.resolve():
+        raise UnsafeName(f"refusing to delete {path}: it is not a folder under {owner}")
+    if path.exists():
+        shutil.rmtree(path)
 
 
 @contextmanager
