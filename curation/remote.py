@@ -6,7 +6,9 @@ where the stages and DuckDB work as usual, and synced back afterwards.
 
 A reader trusts only `_index.json`, so an interrupted push leaves the previous state readable. Pull
 fetches the files whose sha256 differs from the local copy; push uploads the local files whose sha256
-differs from the remote index, then the new index. Per-shard artifacts never collide between
+differs from the remote index, then the new index. The index came from elsewhere: pull checks all of it
+(relative keys that stay inside the cache folder, symlinks resolved; 64-hex sha256 values) before it
+writes anything. Per-shard artifacts never collide between
 writers; `catalog.duckdb` is last-writer-wins (its views are rebuilt from the artifacts anyway).
 """
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -21,7 +24,7 @@ from typing import Iterator
 import fsspec
 
 from .errors import WebdistillError
-from .workspace import atomic_path
+from .workspace import atomic_path, inside
 
 INDEX = "_index.json"
 CACHE = Path(os.environ.get("WEBDISTILL_CACHE", Path.home() / ".cache" / "webdistill"))
@@ -49,11 +52,12 @@ def _sha256(path: Path) -> str:
 
 
 def _local_files(root: Path) -> dict[str, Path]:
-    """Artifacts under the mirror, without temporaries, hidden files and DuckDB's WAL."""
+    """Artifacts under the mirror, without temporaries, hidden files, DuckDB's WAL and symlinks (whose
+    target may lie outside the mirror)."""
     out = {}
     for p in root.rglob("*"):
         rel = p.relative_to(root).as_posix()
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts) \
+        if p.is_file() and not p.is_symlink() and not any(part.startswith(".") for part in p.relative_to(root).parts) \
                 and not rel.endswith((".tmp", ".wal")):
             out[rel] = p
     return out
@@ -65,14 +69,44 @@ def _remote_index(fs, base: str) -> dict[str, str]:
             return json.load(fh)
     except FileNotFoundError:
         return {}
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise RemoteWorkspaceError(f"cannot read {base}/{INDEX}: {exc}") from exc
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _unsafe_key(rel: object, root: Path) -> str | None:
+    """Why an index key may not become a file under `root` (None when it may)."""
+    if not isinstance(rel, str) or not rel:
+        return "not a non-empty string"
+    if "\\" in rel or "\0" in rel or rel.startswith("/"):
+        return "absolute, or holds a backslash or NUL"
+    if any(part in ("", ".", "..") for part in rel.split("/")):
+        return "has an empty, '.' or '..' part"
+    if not inside(root / rel, root):
+        return "resolves outside the cache folder"
+    return None
+
+
+def check_index(index: object, root: Path, where: str) -> dict[str, str]:
+    """The remote index if every entry is `relative/path -> sha256` that stays under `root` (symlinks
+    resolved), else RemoteWorkspaceError naming the first bad entry: checked before any write."""
+    if not isinstance(index, dict):
+        raise RemoteWorkspaceError(f"{where}/{INDEX} is not a mapping of paths to sha256")
+    for rel, digest in index.items():
+        why = _unsafe_key(rel, root)
+        if why:
+            raise RemoteWorkspaceError(f"{where}/{INDEX}: refusing entry {rel!r}: {why}")
+        if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+            raise RemoteWorkspaceError(f"{where}/{INDEX}: entry {rel!r} has no sha256 (got {digest!r:.80})")
+    return index
 
 
 def pull(url: str, root: Path) -> dict[str, str]:
     """Bring the mirror up to the remote index; returns that index."""
     fs, base = fsspec.core.url_to_fs(url)
-    index = _remote_index(fs, base)
+    index = check_index(_remote_index(fs, base), root, url)
     for rel, digest in index.items():
         local = root / rel
         if local.is_file() and _sha256(local) == digest:
