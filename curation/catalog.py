@@ -1,5 +1,5 @@
-"""`catalog.duckdb`: views over the per-shard artifacts, small bookkeeping tables, and
-the read-only SQL surface users query.
+"""`catalog.duckdb`: views over the per-shard artifacts and small bookkeeping tables.
+Users query it through the read-only surface of `user_sql` (re-exported here: `query`).
 
 Views point at absolute globs, so they are rebuilt whenever the workspace moves
 (`refresh` is cheap and runs after every stage). Plain DuckDB opens the file as is.
@@ -18,7 +18,6 @@ import duckdb
 import pyarrow as pa
 
 from . import schemas
-from .errors import CatalogMissing, SQLError, SQLRefused
 from .workspace import Workspace
 
 
@@ -57,12 +56,6 @@ TABLES = {
         name VARCHAR PRIMARY KEY, selection VARCHAR, loss VARCHAR, teacher_mode VARCHAR, eval_accuracy DOUBLE,
         checkpoint VARCHAR, created_at TIMESTAMPTZ, summary JSON)""",
 }
-
-# User SQL may only read. DuckDB's own parser names each statement's type.
-ALLOWED_STATEMENTS = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
-USER_MEMORY_LIMIT = "4GB"
-USER_THREADS = 2
-
 
 def _connect_rw(ws: Workspace, timeout_s: float = 60.0) -> duckdb.DuckDBPyConnection:
     """A write connection; waits while another process holds the catalog's lock."""
@@ -178,75 +171,5 @@ def record_student(ws: Workspace, summary: dict) -> None:
                              datetime.now(timezone.utc), json.dumps(summary, default=str)])
 
 
-def _needs_refresh(ws: Workspace) -> bool:
-    try:
-        con = duckdb.connect(str(ws.catalog_path), read_only=True)
-    except duckdb.Error:
-        return False
-    try:
-        rows = con.execute("SELECT value FROM catalog_info WHERE key = 'workspace'").fetchall()
-        return not rows or rows[0][0] != str(ws.root)
-    except duckdb.Error:
-        return True
-    finally:
-        con.close()
-
-
-def connect_readonly(ws: Workspace) -> duckdb.DuckDBPyConnection:
-    """A connection that can read the workspace and nothing else, and can change nothing."""
-    if not ws.catalog_path.exists():
-        raise CatalogMissing(f"no catalog at {ws.catalog_path}; run `webdistill ingest` first")
-    if _needs_refresh(ws):  # the workspace was moved: repoint the views
-        refresh(ws)
-    try:
-        con = duckdb.connect(str(ws.catalog_path), read_only=True)
-    except duckdb.IOException as exc:  # a stage holds the write lock for a moment
-        raise SQLError(f"the catalog is busy ({_first_line(exc)}); try again in a moment") from exc
-    allowed = str(ws.root).replace("'", "''") + "/"
-    for setting in (
-        f"SET allowed_directories=['{allowed}']",
-        "SET enable_external_access=false",
-        "SET autoinstall_known_extensions=false",
-        "SET autoload_known_extensions=false",
-        f"SET memory_limit='{USER_MEMORY_LIMIT}'",
-        f"SET threads={USER_THREADS}",
-        "SET lock_configuration=true",  # last: nothing above can be undone from SQL
-    ):
-        con.execute(setting)
-    return con
-
-
-def check_read_only(query: str) -> None:
-    """Refuse anything but one SELECT/EXPLAIN statement, before it reaches the database."""
-    try:
-        statements = duckdb.extract_statements(query)
-    except duckdb.Error as exc:
-        raise SQLError(_first_line(exc)) from exc
-    if len(statements) != 1:
-        raise SQLRefused(f"give exactly one statement (got {len(statements)})")
-    kind = statements[0].type
-    if kind not in ALLOWED_STATEMENTS:
-        raise SQLRefused(f"read-only SQL: {kind.name} statements are not allowed, only SELECT")
-
-
-def query(ws: Workspace, sql: str) -> pa.Table:
-    """Run read-only user SQL against the catalog and return an Arrow table."""
-    check_read_only(sql)
-    con = connect_readonly(ws)
-    try:
-        return con.sql(sql).to_arrow_table()
-    except duckdb.PermissionException as exc:
-        raise SQLRefused(_first_line(exc)) from exc
-    except duckdb.InvalidInputException as exc:
-        msg = _first_line(exc)
-        if "read-only" in msg or "locked" in msg:
-            raise SQLRefused(msg) from exc
-        raise SQLError(msg) from exc
-    except duckdb.Error as exc:
-        raise SQLError(_first_line(exc)) from exc
-    finally:
-        con.close()
-
-
-def _first_line(exc: Exception) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+# The read-only SQL surface lives in user_sql; these names stay here for callers.
+from .user_sql import Limits, check_read_only, connect_readonly, query  # noqa: E402,F401

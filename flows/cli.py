@@ -7,8 +7,8 @@ Errors a user can fix are one line on stderr and exit code 2; a partly failed st
 from __future__ import annotations
 
 import argparse
-import io
 import json
+import math
 import os
 import sys
 import traceback
@@ -38,11 +38,25 @@ def _workspace_parent() -> argparse.ArgumentParser:
     return parent
 
 
+MODEL_SPECS = ("Model specs: a .json spec ({\"factory\": NAME, \"weights\": \"w.pt\", ...}), a torch.export "
+               "program (.pt2), torchvision:NAME[@w.pt], timm:NAME[@w.pt], module:factory[@w.pt] or a TorchScript file. "
+               "Loaded without trust: state_dicts (weights_only=True), checked .pt2 programs, and factories from the "
+               "project's registry (tiny_cnn, small_cnn, distill.models:*), torchvision: and timm:. TorchScript and "
+               "other module:factory specs run code and need --trust-model-code.")
+
+
+def _trust_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-model-code", action="store_true",
+                   help="let model files run their own code: TorchScript files and module:factory specs outside the "
+                   "registry (off by default; .json specs, .pt2 programs and state_dicts need no trust)")
+
+
 def cmd_crawl(args: argparse.Namespace) -> int:
     from curation.crawl import CrawlConfig, crawl
 
     config = CrawlConfig(shard_size=args.shard_size, timeout_s=args.timeout, max_bytes=args.max_bytes,
-                         concurrency=args.concurrency, retries=args.retries, allow_private=args.allow_private)
+                         concurrency=args.concurrency, retries=args.retries, allow_private=args.allow_private,
+                         allowed_networks=tuple(args.allow_network or ()))
     summary = crawl(args.url_list, args.out, config, workers=args.workers)
     done = [r for r in summary.shards if not r.skipped]
     kinds: dict[str, int] = {}
@@ -90,10 +104,46 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     return 1 if (summary.missing or summary.failed) else 0
 
 
+MAX_QUERY_BYTES = 16 * 2**20  # a query read from a file or stdin
+
+
+def _sql_text(args: argparse.Namespace) -> str:
+    """The query: the argument, or the text of -f FILE, or stdin for `-` (argv caps a query at 128 KB)."""
+    if (args.query is None) == (args.file is None):
+        raise WebdistillError("give the query as an argument, or -f FILE, or '-' to read it from stdin")
+    source = args.file if args.file is not None else ("-" if args.query == "-" else None)
+    if source is None:
+        return args.query
+    try:
+        if source == "-":
+            data = sys.stdin.buffer.read(MAX_QUERY_BYTES + 1)
+        else:
+            with open(source, "rb") as f:
+                data = f.read(MAX_QUERY_BYTES + 1)
+        if len(data) > MAX_QUERY_BYTES:
+            raise WebdistillError(f"the query in {source} is longer than {MAX_QUERY_BYTES} bytes")
+        return data.decode("utf-8")
+    except OSError as exc:
+        raise WebdistillError(f"cannot read the query from {source}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise WebdistillError(f"the query in {source} is not UTF-8 text") from exc
+
+
 def cmd_sql(args: argparse.Namespace) -> int:
+    from curation import user_sql
+
     ws = resolve_workspace(args.workspace)
-    table = catalog.query(ws, args.query)
+    sql = _sql_text(args)
+    table_rows = args.max_rows or 40
+    limits = user_sql.Limits(timeout_s=args.timeout, max_bytes=args.max_bytes, max_temp_bytes=args.max_temp_bytes,
+                             max_rows=args.max_rows or user_sql.USER_LIMITS.max_rows)
+    if args.format != "table":
+        _print_table(user_sql.query(ws, sql, limits), args)
+        return 0
+    table, total = user_sql.head(ws, sql, table_rows, limits)  # the rest is counted, never held
     _print_table(table, args)
+    if total > table.num_rows:
+        print(f"{total} rows in all; the first {table.num_rows} shown (--max-rows)")
     return 0
 
 
@@ -102,7 +152,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
     from curation.embedders import make_embedder
 
     ws = resolve_workspace(args.workspace)
-    embedder = make_embedder(args.embedder, args.pretrained, args.teacher, args.device, args.precision)
+    embedder = make_embedder(args.embedder, args.pretrained, args.teacher, args.device, args.precision,
+                             trust_model_code=args.trust_model_code)
     if args.embedder.startswith("open_clip:") and not args.pretrained:
         print("embed: no --pretrained weights: the vectors come from a randomly initialised model", file=sys.stderr)
     started = datetime.now(timezone.utc)
@@ -126,7 +177,7 @@ def _index_config(args: argparse.Namespace):
 
     return IndexConfig(ivf_threshold=args.ivf_threshold, nlist=args.nlist, pq_m=args.pq_m, nprobe=args.nprobe,
                        dup_threshold=args.dup_threshold, kmeans_k=args.kmeans_k, verify=args.verify,
-                       dup_max_crop=args.max_crop)
+                       dup_max_crop=args.max_crop, dup_max_neighbors=args.dup_max_neighbors)
 
 
 def cmd_index(args: argparse.Namespace) -> int:
@@ -146,23 +197,63 @@ def cmd_index(args: argparse.Namespace) -> int:
           + (" unchanged" if meta["skipped"] else f" built in {meta['seconds']:.1f}s"))
     print(f"near-duplicates at cosine >= {config.dup_threshold}: {dups.get('clusters')} clusters, "
           f"{dups.get('duplicates')} samples that duplicate another; k-means: {clusters['k']} clusters")
+    if dups.get("capped_images"):
+        print(f"near-duplicates: {dups['capped_images']} of {dups.get('images')} images have more than "
+              f"{dups.get('max_neighbors')} look-alikes at cosine >= {config.dup_threshold}; only their nearest "
+              f"{dups.get('max_neighbors')} were candidates (--dup-max-neighbors; column candidates_capped of `dups`)",
+              file=sys.stderr)
     return 0
 
 
+def _json_safe(value):
+    """`value` as standard JSON can hold it: NaN and +/-Infinity become null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _json_text(value) -> str:
+    return json.dumps(_json_safe(value), default=str, allow_nan=False)
+
+
+def _csv_ready(batch):
+    """A batch CSV can hold: list, struct and map columns (teacher_logits) as JSON text."""
+    import pyarrow as pa
+
+    columns = [pa.array([None if v is None else _json_text(v) for v in col.to_pylist()], pa.string())
+               if pa.types.is_nested(col.type) else col for col in batch.columns]
+    return pa.RecordBatch.from_arrays(columns, names=batch.schema.names)
+
+
 def _print_table(table, args: argparse.Namespace) -> None:
+    """Write a result as a table, CSV or JSON (valid JSON: NaN is null), one batch at a time."""
     if args.format == "csv":
+        import pyarrow as pa
         import pyarrow.csv as pacsv
 
-        buf = io.BytesIO()
-        pacsv.write_csv(table, buf)
-        sys.stdout.write(buf.getvalue().decode())
+        sys.stdout.flush()
+        schema = _csv_ready(pa.RecordBatch.from_pylist([], schema=table.schema)).schema
+        with pacsv.CSVWriter(sys.stdout.buffer, schema) as writer:
+            for batch in table.to_batches():
+                writer.write_batch(_csv_ready(batch))
+        sys.stdout.buffer.flush()
     elif args.format == "json":
-        json.dump(table.to_pylist(), sys.stdout, default=str)
-        sys.stdout.write("\n")
+        sys.stdout.write("[")
+        sep = ""
+        for batch in table.to_batches():
+            for row in batch.to_pylist():
+                sys.stdout.write(sep + _json_text(row))
+                sep = ", "
+        sys.stdout.write("]\n")
     else:
         import duckdb
 
-        duckdb.from_arrow(table).show(max_rows=getattr(args, "max_rows", 40), max_width=getattr(args, "max_width", None))
+        max_rows = getattr(args, "max_rows", None) or 40
+        duckdb.from_arrow(table).show(max_rows=max_rows, max_width=getattr(args, "max_width", None))
 
 
 def _query_vectors(ws, name: str, args: argparse.Namespace):
@@ -172,7 +263,7 @@ def _query_vectors(ws, name: str, args: argparse.Namespace):
 
     if args.sample_id:
         return vectors_of(ws, name, args.sample_id), list(args.sample_id)
-    embedder = embedder_from_workspace(ws.root, name)
+    embedder = embedder_from_workspace(ws.root, name, trust_model_code=args.trust_model_code)
     if args.text:
         return embedder.encode_text(args.text).numpy(), list(args.text)
     return _encode_image_files(embedder, args.image, strict=True), list(args.image)
@@ -229,21 +320,25 @@ def cmd_knn_score(args: argparse.Namespace) -> int:
     from curation.embedders import embedder_dir_name, embedder_from_workspace
     from curation.errors import WebdistillError
     from curation.index import knn_score, vectors_of
+    from curation.workspace import check_name
 
     ws = resolve_workspace(args.workspace)
     name = embedder_dir_name(args.embedder)
+    check_name(args.name, "knn score name")  # before the reference set is encoded
     if args.sql:
         table = catalog.query(ws, args.sql)
         if "sample_id" not in table.column_names:
             raise WebdistillError("--sql must return a sample_id column")
         ref, what = vectors_of(ws, name, table.column("sample_id").to_pylist()), f"sql: {args.sql}"
     elif args.prompts:
-        ref, what = embedder_from_workspace(ws.root, name).encode_text(args.prompts).numpy(), f"prompts: {args.prompts}"
+        embedder = embedder_from_workspace(ws.root, name, trust_model_code=args.trust_model_code)
+        ref, what = embedder.encode_text(args.prompts).numpy(), f"prompts: {args.prompts}"
     else:
         from pathlib import Path
 
         files = sorted(p for p in Path(args.images).rglob("*") if p.is_file())
-        ref, what = _encode_image_files(embedder_from_workspace(ws.root, name), files, strict=False), f"images: {args.images}"
+        embedder = embedder_from_workspace(ws.root, name, trust_model_code=args.trust_model_code)
+        ref, what = _encode_image_files(embedder, files, strict=False), f"images: {args.images}"
     result = knn_score(ws, name, args.name, ref, k=args.k, description=what)
     catalog.refresh(ws)
     print(f"knn-score {args.name}: {result['samples']} samples scored against {result['reference']} reference "
@@ -259,7 +354,7 @@ def cmd_score(args: argparse.Namespace) -> int:
                          workers=args.workers, odin=not args.no_odin, odin_temperature=args.odin_temperature,
                          odin_epsilon=args.odin_epsilon, kd3_alpha=args.kd3_alpha, kd3_tau=args.kd3_tau,
                          reference_confidence=args.reference_confidence, knn_k=args.knn_k,
-                         device=args.device or ("cuda" if _cuda() else "cpu"))
+                         device=args.device or ("cuda" if _cuda() else "cpu"), trust_model_code=args.trust_model_code)
     started = datetime.now(timezone.utc)
     summary = score(ws, config)
     catalog.refresh(ws)
@@ -293,6 +388,8 @@ def cmd_select(args: argparse.Namespace) -> int:
     status = "unchanged" if result.unchanged else f"written in {len(m['shards'])} shard(s)"
     print(f"select {config.name}: {result.size} samples {status} at {result.path}; "
           f"per class: {m['counts_per_class']}")
+    for note in m.get("notes") or ():
+        print(f"select {config.name}: note: {note}", file=sys.stderr)
     if m.get("lost"):
         print(f"webdistill: error: {len(m['lost'])} chosen image(s) changed or vanished since ingest and were left out",
               file=sys.stderr)
@@ -307,7 +404,8 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
 
     ws = resolve_workspace(args.workspace)
     config = SynthConfig(teacher=args.teacher, name=args.name, score_run=args.score_run, per_class=args.per_class,
-                         conf_threshold=args.conf_threshold, search=args.search, seed=args.seed)
+                         conf_threshold=args.conf_threshold, search=args.search, seed=args.seed,
+                         trust_model_code=args.trust_model_code)
     torch.set_num_threads(1)  # small models: one thread is faster than two fighting the decode worker
     started = datetime.now(timezone.utc)
     result = synthesize(ws, config)
@@ -323,7 +421,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     from flows.pipeline import run_distillation
 
     ws = resolve_workspace(args.workspace)
-    if not (ws.root / "selections" / args.selection / "manifest.json").exists():
+    if not (ws.owned("selections", args.selection, what="selection name") / "manifest.json").exists():
         from curation.errors import WebdistillError
 
         raise WebdistillError(f"no selection {args.selection!r} in {ws.root / 'selections'} (see: webdistill sql "
@@ -331,12 +429,14 @@ def cmd_distill(args: argparse.Namespace) -> int:
     options = {"student": args.student, "loss": json.loads(args.loss) if args.loss.startswith("{") else {"method": args.loss},
                "teacher_mode": args.teacher_mode, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
                "nproc": args.nproc, "workers": args.loader_workers}
+    if args.trust_model_code:
+        options["trust_model_code"] = True
     # the job resolves relative paths against its config's folder: hand it absolute ones
     if args.teacher:
         options["teacher"] = _absolute_if_file(args.teacher)
     if args.eval:
         options["eval"] = _absolute_if_file(args.eval)
-    name = args.name or f"{args.selection}-{options['loss']['method']}"
+    name = args.name if args.name is not None else f"{args.selection}-{options['loss']['method']}"
     summary = run_distillation(str(ws.root), name, args.selection, options,
                                init_from=_absolute_if_file(args.init_from) if args.init_from else None, stream=sys.stderr)
     acc = summary.get("eval_accuracy")
@@ -355,7 +455,7 @@ def _absolute_if_file(path: str) -> str:
 def cmd_run(args: argparse.Namespace) -> int:
     from flows.pipeline import pipeline_flow
 
-    result = pipeline_flow(args.config)
+    result = pipeline_flow(args.config, trust_model_code=args.trust_model_code)
     for r in result["rounds"]:
         sel, student = r["selection"], r.get("student") or {}
         acc = student.get("eval_accuracy")
@@ -406,7 +506,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=16, help="requests in flight per shard (default: %(default)s)")
     p.add_argument("--retries", type=int, default=2, help="retries on timeouts and 5xx (default: %(default)s)")
     p.add_argument("--workers", type=int, default=1, help="shards crawled at once (default: %(default)s)")
-    p.add_argument("--allow-private", action="store_true", help="allow private and loopback addresses (tests, intranets)")
+    p.add_argument("--allow-private", action="store_true",
+                   help="allow private and loopback addresses (tests, intranets); link-local (169.254.0.0/16, the "
+                   "cloud metadata range; fe80::/10), multicast, 0.0.0.0/8 and reserved ranges stay refused")
+    p.add_argument("--allow-network", action="append", metavar="CIDR",
+                   help="allow this network although it is not global, e.g. 10.1.0.0/16 or 169.254.169.254/32 "
+                   "(repeatable; the only way to open link-local and the other special ranges)")
     p.set_defaults(func=cmd_crawl)
 
     p = sub.add_parser("ingest", parents=[ws], help="validate crawled WebDataset shards and record them in the catalog",
@@ -427,10 +532,22 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run one read-only SELECT against catalog.duckdb. Views: "
                        + ", ".join(f"{k} ({v.description})" for k, v in catalog.VIEWS.items())
                        + "; candidates (samples with their clusters and latest scores); tables: runs, selections, "
-                       "students, score_columns. Writes, ATTACH, COPY, INSTALL/LOAD and files outside the workspace are refused.")
-    p.add_argument("query", help='e.g. "SELECT reason, count(*) FROM rejects GROUP BY reason"')
-    p.add_argument("--format", choices=["table", "csv", "json"], default="table", help="output format (default: table)")
-    p.add_argument("--max-rows", type=int, default=40, help="rows shown by --format table (default: %(default)s)")
+                       "students, score_columns. Only a SELECT (or EXPLAIN of one) that reads runs: writes, COPY, ATTACH, "
+                       "INSTALL/LOAD, SET, query() and files outside the workspace are refused, whatever wraps them. "
+                       "Every query is bounded in time, output rows and bytes, and temp space.")
+    p.add_argument("query", nargs="?", default=None,
+                   help='e.g. "SELECT reason, count(*) FROM rejects GROUP BY reason"; - reads it from stdin')
+    p.add_argument("-f", "--file", default=None, help="read the query from FILE (- for stdin)")
+    p.add_argument("--format", choices=["table", "csv", "json"], default="table",
+                   help="output format (default: table); lists and structs are JSON text in csv, NaN is null in json")
+    p.add_argument("--max-rows", type=int, default=None,
+                   help="rows shown by --format table (default: 40); the most rows csv/json output, past it the "
+                   "query is refused (default: 100000)")
+    p.add_argument("--max-bytes", type=int, default=256 * 2**20,
+                   help="the most bytes (Arrow) of output, past it the query is refused (default: 256 MiB)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds before the query is stopped (default: %(default)s)")
+    p.add_argument("--max-temp-bytes", type=int, default=4 * 2**30,
+                   help="temp space the query may spill to, removed after it (default: 4 GiB)")
     p.add_argument("--max-width", type=int, default=None, help="width of --format table (default: terminal)")
     p.set_defaults(func=cmd_sql)
 
@@ -441,12 +558,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embedder", default="open_clip:ViT-S-32",
                    help="open_clip:<model name> (any open_clip model) or teacher (default: %(default)s)")
     p.add_argument("--pretrained", default=None, help="open_clip pretrained tag or a local checkpoint path")
-    p.add_argument("--teacher", default=None, help="teacher model spec, for --embedder teacher")
+    p.add_argument("--teacher", default=None, help="teacher model spec, for --embedder teacher. " + MODEL_SPECS)
     p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default: %(default)s)")
     p.add_argument("--workers", type=int, default=2, help="decode workers, at idle priority (default: %(default)s)")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
                    help="bf16 autocast is faster on CPUs with AMX/AVX512-BF16; fp16 applies on GPU (default: fp32)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    _trust_option(p)
     p.set_defaults(func=cmd_embed)
 
     def index_options(p):
@@ -455,14 +573,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("index", parents=[ws], help="FAISS index, near-duplicate clusters and k-means clusters",
                        description="Build a FAISS index over one embedder's vectors (exact IndexFlatIP below "
-                       "--ivf-threshold vectors, IVF or IVF-PQ above), then near-duplicate clusters (range search + "
-                       "connected components; identical bytes always share a cluster) into the `dups` view and "
+                       "--ivf-threshold vectors, IVF or IVF-PQ above), then near-duplicate clusters (each image's nearest "
+                       "look-alikes, at most --dup-max-neighbors, checked on the pixels; identical bytes always share "
+                       "a cluster) into the `dups` view and "
                        "k-means clusters into `clusters`. Files open with plain faiss.read_index and pyarrow.")
     index_options(p)
     p.add_argument("--ivf-threshold", type=int, default=100_000, help="exact search below this many vectors")
     p.add_argument("--nlist", type=int, default=None, help="IVF lists (default: about 4*sqrt(n))")
     p.add_argument("--pq-m", type=int, default=0, help="> 0: IVF-PQ with this many sub-quantizers")
     p.add_argument("--dup-threshold", type=float, default=0.95, help="cosine similarity of near-duplicates")
+    p.add_argument("--dup-max-neighbors", type=int, default=32,
+                   help="per image, at most this many nearest look-alikes are near-duplicate candidates; memory "
+                   "and time grow with images x this (default: %(default)s)")
     p.add_argument("--kmeans-k", type=int, default=64, help="k-means clusters (default: %(default)s)")
     p.add_argument("--verify", choices=["pixels", "none"], default="pixels",
                    help="check candidate near-duplicate pairs on the pixels (crop/resize/re-encode tolerant) before "
@@ -481,6 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--text", nargs="+", help="query by text (embedders with a text tower)")
     p.add_argument("-k", type=int, default=10, help="neighbours per query (default: %(default)s)")
     p.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    _trust_option(p)  # a teacher embedder's model is loaded again to embed the queries
     p.set_defaults(func=cmd_knn)
 
     p = sub.add_parser("knn-score", parents=[ws], help="score every sample by its similarity to a reference set",
@@ -493,6 +616,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--prompts", nargs="+", help="class prompts, e.g. 'a photo of the digit 3'")
     r.add_argument("--sql", help="a query returning the sample_ids of the reference set")
     p.add_argument("-k", type=int, default=5, help="reference neighbours averaged (default: %(default)s)")
+    _trust_option(p)
     p.set_defaults(func=cmd_knn_score)
 
     p = sub.add_parser("score", parents=[ws], help="score every sample with the teacher (and a student)",
@@ -501,11 +625,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "logit, energy, negative entropy, GEN, ODIN, the BatchNorm-statistics score, Mahalanobis and "
                        "relative Mahalanobis, kNN to the pool's confident samples, the teacher's pseudo-label, "
                        "confidence and logits, and with a student agreement, KL, JS and the KD^3 combined "
-                       "prediction. `SELECT * FROM score_columns` documents each. Model specs: a .json spec, a "
-                       "TorchScript file, module:factory[@weights.pt], torchvision:NAME[@w.pt] or timm:NAME[@w.pt]; "
-                       "weights load with weights_only=True.")
-    p.add_argument("--teacher", required=True, help="teacher model spec")
-    p.add_argument("--student", default=None, help="student model spec, e.g. a distill run's student.torchscript.pt")
+                       "prediction. `SELECT * FROM score_columns` documents each. " + MODEL_SPECS)
+    p.add_argument("--teacher", required=True, help="teacher model spec (see above)")
+    p.add_argument("--student", default=None, help="student model spec, e.g. a distill run's student.json")
     p.add_argument("--name", default="default", help="name of the scoring run (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default: %(default)s)")
     p.add_argument("--workers", type=int, default=1, help="decode workers (default: %(default)s)")
@@ -519,6 +641,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="teacher confidence of the reference samples for Mahalanobis and kNN (default: %(default)s)")
     p.add_argument("--knn-k", type=int, default=10, help="k of the kNN score (default: %(default)s)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    _trust_option(p)
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("select", parents=[ws], help="pick samples by SQL and/or policies; write curated WebDataset shards",
@@ -546,7 +669,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "keep --per-class of them per class above --conf-threshold, as WebDataset shards under "
                        "synthetic/NAME/ (provenance synthetic). Mix them into a selection with "
                        "`webdistill select ... --synthetic NAME`.")
-    p.add_argument("--teacher", required=True, help="teacher model spec")
+    p.add_argument("--teacher", required=True, help="teacher model spec. " + MODEL_SPECS)
     p.add_argument("--name", required=True, help="name of the synthetic set")
     p.add_argument("--per-class", type=int, default=100, help="images kept per class (default: %(default)s)")
     p.add_argument("--conf-threshold", type=float, default=0.9, help="teacher confidence to keep an image (default: %(default)s)")
@@ -554,15 +677,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--search", choices=["gradient", "evolution"], default="gradient",
                    help="latent search: gradients through decoder and teacher, or black-box evolution (default: gradient)")
     p.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
+    _trust_option(p)
     p.set_defaults(func=cmd_synthesize)
 
     p = sub.add_parser("distill", parents=[ws], help="distil a student on a curated selection, under torchrun",
                        description="Write a job config under students/NAME/ and run `python -m distill.train` under "
                        "torchrun with --nproc processes (DDP: gloo on CPU, nccl on GPU). Checkpoints every few steps and "
-                       "resumes after a crash when rerun; logs metrics.jsonl; exports student.pt and "
-                       "student.torchscript.pt (usable as `webdistill score --student`); records the run in `students`.")
+                       "resumes after a crash when rerun; logs metrics.jsonl; exports student.pt (state_dict), student.json (a spec "
+                       "that rebuilds it from the registry: `webdistill score --student` loads it without trust) and "
+                       "student.pt2 (a torch.export program); records the run in `students`.")
     p.add_argument("--selection", required=True, help="a selection name (selections/NAME/manifest.json)")
-    p.add_argument("--student", required=True, help="student architecture: tiny_cnn, small_cnn, torchvision:NAME, timm:NAME")
+    p.add_argument("--student", required=True, help="student architecture: tiny_cnn, small_cnn, torchvision:NAME, "
+                   "timm:NAME, or module:factory (with --trust-model-code)")
     p.add_argument("--teacher", default=None, help="teacher spec (default: the selection's; needed for --teacher-mode live)")
     p.add_argument("--teacher-mode", choices=["stored", "live"], default="stored",
                    help="stored: logits from the shards, no teacher forward; live: run the teacher (feature losses, kd3, sakd)")
@@ -576,6 +702,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval", default=None, help="labelled WebDataset shards (image + cls) to evaluate on")
     p.add_argument("--init-from", default=None, help="start from these student weights (a previous round's student.pt)")
     p.add_argument("--name", default=None, help="run name (default: SELECTION-LOSS)")
+    _trust_option(p)
     p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("run", help="run the whole pipeline from a YAML config as one Prefect flow, with rounds",
@@ -583,6 +710,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "Prefect flows with per-shard tasks; rounds re-score with the latest student, re-select and "
                        "continue training. See flows/pipeline.py for the config's keys.")
     p.add_argument("config", help="pipeline YAML")
+    _trust_option(p)  # or `trust_model_code: true` in the YAML
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("serve", help="serve the config's flows as Prefect deployments with cron schedules",

@@ -17,12 +17,12 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_cli(*args: str, cwd=None, env=None) -> subprocess.CompletedProcess:
-    """Run `webdistill` as a user would, in a subprocess."""
+def run_cli(*args: str, cwd=None, env=None, input: str | None = None) -> subprocess.CompletedProcess:
+    """Run `webdistill` as a user would, in a subprocess (with `input` on its stdin)."""
     full_env = dict(os.environ, **(env or {}))
     full_env["PYTHONPATH"] = str(ROOT)
     return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True,
-                          cwd=cwd or ROOT, env=full_env, timeout=600)
+                          cwd=cwd or ROOT, env=full_env, timeout=600, input=input)
 
 
 def encode(arr: np.ndarray, fmt: str, **kw) -> bytes:
