@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from curation.embed import embed  # noqa: E402
 from curation.embedders import make_embedder  # noqa: E402
 from curation.ingest import ingest  # noqa: E402
-from curation.shards import iter_samples, open_shard  # noqa: E402
+from curation.shards import iter_samples, open_stored_shard  # noqa: E402
 from curation.workspace import Workspace  # noqa: E402
 
 
@@ -40,7 +40,7 @@ def predecoded(shards: list[Path], preprocess, n: int) -> torch.Tensor:
 
     out = []
     for shard in shards:
-        with open_shard(str(shard)) as stream:
+        with open_stored_shard(str(shard.resolve())) as stream:
             try:
                 for raw in iter_samples(stream):
                     data = raw.files.get("jpg") or raw.files.get("png")

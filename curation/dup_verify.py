@@ -27,7 +27,7 @@ from PIL import Image
 
 from .errors import ShardReadError, WebdistillError
 from .parallel import map_shards
-from .shards import TruncatedShard, iter_samples, open_shard
+from .shards import TruncatedShard, iter_samples, open_stored_shard
 
 THUMB_SIDE = 64  # side of the stored grayscale thumbnails
 DESCRIPTOR_SIDE = 16  # side of the blurred thumbnails an index searches
@@ -60,7 +60,7 @@ def _shard_thumbnails(job: tuple[str, dict[str, str], int]) -> dict[str, np.ndar
     url, wanted, side = job
     out: dict[str, np.ndarray] = {}
     try:
-        with open_shard(url) as stream:
+        with open_stored_shard(url) as stream:  # a URL from `samples`: data, never a command
             for sample in iter_samples(stream):
                 ext = wanted.get(sample.key)
                 if ext is not None and ext in sample.files:

@@ -26,7 +26,8 @@ from tqdm import tqdm
 
 from . import schemas
 from .embedders import Embedder
-from .shards import TruncatedShard, iter_samples, open_shard
+from .errors import ShardReadError
+from .shards import TruncatedShard, iter_samples, open_stored_shard
 from .workspace import Workspace, atomic_path, config_hash, read_parquet_metadata, write_parquet_atomic
 
 EMBED_VERSION = 1
@@ -65,7 +66,10 @@ class ShardImages(IterableDataset):
             job = self.jobs[j]
             rows = {k: i for i, k in enumerate(job.keys)}
             seen = set()
-            stream = open_shard(job.shard_url)
+            try:
+                stream = open_stored_shard(job.shard_url)  # a URL from `samples`: data, never a command
+            except ShardReadError:  # refused or gone: an empty stream, so every row is flagged below
+                stream = io.BytesIO()
             try:
                 for raw in iter_samples(stream):
                     row = rows.get(raw.key)

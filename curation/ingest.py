@@ -4,6 +4,9 @@ Per shard it writes three artifacts, each atomically:
     samples/<shard>.parquet   accepted samples and their metadata
     rejects/<shard>.parquet   every sample (or part of the shard) that was refused, with a reason
     shards/<shard>.parquet    one row of bookkeeping, written last: the shard's commit record
+    sources/<shard>.tar       only for a shard later stages may not re-open from its spec (a `pipe:`
+                              command, an unusual protocol): a copy of the bytes ingest read, in the
+                              same pass; `shard_url` records the copy, `shard_origin` the spec typed
 A shard whose commit record carries the same input fingerprint and config hash is skipped,
 so a rerun after a crash redoes only the shards that were not committed.
 """
@@ -22,7 +25,8 @@ import pyarrow as pa
 from . import schemas
 from .errors import ShardReadError
 from .parallel import map_shards
-from .shards import ShardRef, TruncatedShard, expand_shards, iter_samples, open_shard
+from .shards import (ShardRef, SpooledShard, TruncatedShard, expand_shards, iter_samples, open_shard,
+                     stored_url_refusal)
 from .validate import IMAGE_EXTS, Rejected, ValidationConfig, validate_image
 from .workspace import Workspace, config_hash, read_parquet_metadata, write_parquet_atomic
 
@@ -96,8 +100,11 @@ def ingest_shard(ws_root: str, ref: ShardRef, config: ValidationConfig) -> Shard
     ws = Workspace(Path(ws_root))
     paths = _paths(ws, ref.name)
     chash = config_hash(config.as_dict() | {"version": INGEST_VERSION})
+    # later stages re-open stored URLs as data only, never as commands: they read ingest's copy
+    spool = ws.owned("sources", f"{ref.name}.tar") if stored_url_refusal(ref.url) else None
     done = read_parquet_metadata(paths["shards"])
-    if done.get("fingerprint") == ref.fingerprint and done.get("config_hash") == chash:
+    if (done.get("fingerprint") == ref.fingerprint and done.get("config_hash") == chash
+            and (spool is None or spool.is_file())):
         return ShardResult(shard=ref.name, skipped=True)
 
     start = time.perf_counter()
@@ -108,7 +115,10 @@ def ingest_shard(ws_root: str, ref: ShardRef, config: ValidationConfig) -> Shard
     def reject(key, reason, detail="", url=None):
         rejects.append({"shard": ref.name, "key": key, "reason": reason, "detail": detail[:500], "url": url})
 
-    stream = open_shard(ref.url)
+    stream = open_shard(ref.url)  # a spec the user typed: the one place a pipe: command runs
+    if spool is not None:
+        stream = SpooledShard(stream, spool)
+    shard_url = str(spool or ref.url)
     try:
         for idx, raw in enumerate(iter_samples(stream)):
             n_read += 1
@@ -130,7 +140,7 @@ def ingest_shard(ws_root: str, ref: ShardRef, config: ValidationConfig) -> Shard
                     "shard": ref.name,
                     "key": raw.key,
                     "idx": idx,
-                    "shard_url": ref.url,
+                    "shard_url": shard_url,
                     "url": url,
                     "caption": _caption(meta, raw.files),
                     "sha256": hashlib.sha256(data).hexdigest(),
@@ -154,7 +164,8 @@ def ingest_shard(ws_root: str, ref: ShardRef, config: ValidationConfig) -> Shard
     write_parquet_atomic(pa.Table.from_pylist(rejects, schema=schemas.REJECTS), paths["rejects"], stamp)
     record = {
         "shard": ref.name,
-        "shard_url": ref.url,
+        "shard_url": shard_url,
+        "shard_origin": ref.url,
         "fingerprint": ref.fingerprint,
         "config_hash": chash,
         "n_read": n_read,

@@ -34,7 +34,8 @@ REJECTS = pa.schema(
 SHARDS = pa.schema(
     [
         ("shard", pa.string()),
-        ("shard_url", pa.string()),
+        ("shard_url", pa.string()),  # what later stages read: the spec, or ingest's copy in sources/
+        ("shard_origin", pa.string()),  # the spec as the user typed it (a pipe: command, a path, a URL)
         ("fingerprint", pa.string()),
         ("config_hash", pa.string()),
         ("n_read", pa.int64()),

@@ -28,7 +28,7 @@ from . import catalog, policies
 from .errors import SQLError, WebdistillError
 from .score import read_run
 from .shard_writer import ShardSink, logits_npy, read_manifest, swap_into_place
-from .shards import TruncatedShard, iter_samples, open_shard
+from .shards import TruncatedShard, iter_samples, open_stored_shard
 from .workspace import Workspace, config_hash
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -122,7 +122,7 @@ def write_shards(chosen: pd.DataFrame, folder: Path, name: str, shard_size: int)
     lost: list[str] = []
     for shard_url, rows in chosen.groupby("shard_url", sort=True):
         wanted = {r["key"]: r for _, r in rows.iterrows()}
-        stream = open_shard(shard_url)
+        stream = open_stored_shard(shard_url)  # a URL from the catalog: data, never a command
         try:
             for raw in iter_samples(stream):
                 row = wanted.pop(raw.key, None)

@@ -3,14 +3,24 @@
 A shard is read as a stream, so it may be a local file, any fsspec URL, or a shell
 pipe. Reading never raises for bad content: a tar cut off mid-way ends the stream
 with `TruncatedShard`, after every sample that could be read in full.
+
+Two ways in, after who wrote the URL (DESIGN.md, Security model):
+- `open_shard` opens a spec the user typed (CLI or pipeline YAML): a `pipe:` command runs here only.
+- `open_stored_shard` opens a URL read back from an artifact (`samples.shard_url`, ...): that is data,
+  so it opens only a regular local file or a storage URL (STORED_PROTOCOLS) through fsspec, never
+  webdataset's gopen, and refuses anything else with `UnsafeShardURL`. Ingest keeps a copy of a shard
+  it could not record that way (`SpooledShard`), and records the copy.
 """
 from __future__ import annotations
 
 import glob
 import os
 import re
+import stat
+import sys
 import tarfile
 import zlib
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator
@@ -20,7 +30,8 @@ import fsspec
 from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext
 
-from .errors import ShardNotFound, ShardReadError
+from .errors import ShardNotFound, ShardReadError, UnsafeShardURL
+from .workspace import atomic_path
 
 _TAR_SUFFIX = re.compile(r"\.(tar|tar\.gz|tgz)$")
 
@@ -120,12 +131,88 @@ def expand_shards(specs: list[str], source: str | None = None) -> tuple[list[Sha
 
 
 def open_shard(url: str) -> BinaryIO:
+    """Open a shard spec the USER typed (CLI or pipeline YAML): a local path, an fsspec URL or a
+    `pipe:` command. Never call it with a URL read from an artifact: see `open_stored_shard`."""
     try:
         if url.startswith("pipe:"):
             return gopen(url, "rb")
         return fsspec.open(url, "rb").open()
     except (OSError, ValueError) as exc:
         raise ShardReadError(f"cannot open shard {url}: {exc}") from exc
+
+
+# The storage a URL read back from an artifact may name: object stores, http and local files, read by
+# fsspec in-process. Anything else (pipe:, chained `a::b` caches, ssh, dask, git, ...) is refused.
+STORED_PROTOCOLS = frozenset({"file", "memory", "s3", "s3a", "gs", "gcs", "az", "abfs", "http", "https", "hf"})
+_COMMAND = re.compile(r"^\W*pipe\W*:", re.IGNORECASE)  # ` pipe:`, `PIPE:`, `"pipe:` ...: all read as commands
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def stored_url_refusal(url: object) -> str | None:
+    """Why `url`, read back from an artifact, may not be opened (None: it may): it must be an absolute
+    path to a regular local file, or a URL of STORED_PROTOCOLS."""
+    if not isinstance(url, str) or not url:
+        return "it is empty"
+    if _COMMAND.match(url):
+        return ("a pipe: command read back from stored data is never run; only a shard spec typed on the "
+                "command line or in the pipeline YAML may be one")
+    if any(ord(c) < 32 for c in url) or "::" in url:
+        return "control characters or a chained URL ('::') are not read from stored data"
+    scheme = _SCHEME.match(url)
+    if scheme:
+        protocol = scheme.group(1).lower()
+        if protocol not in STORED_PROTOCOLS:
+            return f"protocol {protocol!r} is not one a stored URL may use ({', '.join(sorted(STORED_PROTOCOLS))})"
+        if protocol != "file":
+            return None
+        url = url[len("file://"):]
+    if not os.path.isabs(url):
+        return "it is neither an absolute local path nor a storage URL"
+    try:
+        mode = os.stat(url).st_mode
+    except OSError:
+        return None  # missing: opening it says so, as for any vanished shard
+    # a FIFO, a device or /proc/self/fd/0 would block or never end: only a plain file is a shard
+    return None if stat.S_ISREG(mode) else "it is not a regular file"
+
+
+def open_stored_shard(url: object) -> BinaryIO:
+    """Open a shard URL read back from an artifact (`samples.shard_url`, a workspace from elsewhere):
+    data, never a command. Raises UnsafeShardURL (one line) for anything `stored_url_refusal` refuses."""
+    why = stored_url_refusal(url)
+    if why:
+        shown = repr(url) if len(repr(url)) <= 200 else repr(url)[:200] + "..."
+        raise UnsafeShardURL(f"refusing the stored shard URL {shown}: {why}")
+    try:
+        return fsspec.open(url, "rb").open()
+    except (OSError, ValueError) as exc:
+        raise ShardReadError(f"cannot open shard {url}: {exc}") from exc
+
+
+class SpooledShard:
+    """A shard stream that keeps a copy of every byte read in `path` (written atomically): ingest reads
+    a `pipe:` shard once, and later stages read the copy with `open_stored_shard`. The copy is renamed
+    into place when the stream closes cleanly; a stream that fails to close (a command's non-zero
+    exit) leaves none."""
+
+    def __init__(self, stream: BinaryIO, path: Path):
+        self.path, self._stream, self._stack = Path(path), stream, ExitStack()
+        self._sink = open(self._stack.enter_context(atomic_path(self.path)), "wb")
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._stream.read(size)
+        self._sink.write(data)
+        return data
+
+    def close(self) -> None:
+        try:
+            self._stream.close()
+        except BaseException:
+            self._sink.close()
+            self._stack.__exit__(*sys.exc_info())  # atomic_path removes the partial copy
+            raise
+        self._sink.close()
+        self._stack.close()  # atomic_path renames the copy into place
 
 
 def iter_samples(stream: BinaryIO) -> Iterator[RawSample]:

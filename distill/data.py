@@ -17,7 +17,9 @@ empty split. How:
   first (physical worker w plays slot role (w + k) % W) and each role drops the raw samples of its
   batches below k. The resumed epoch yields batches k, k+1, ... exactly as the uninterrupted one.
 
-The pipeline is the same for a laptop and a cluster; shards can be local paths or fsspec/pipe: URLs.
+The pipeline is the same for a laptop and a cluster. A manifest is data (a selection from elsewhere
+included): its shards are files in its own folder, so the pipeline only ever opens local files and never
+runs a command read from a file. `--eval` shards, typed by the user, may be paths, fsspec URLs or pipe:.
 """
 from __future__ import annotations
 
@@ -83,7 +85,7 @@ class Preprocess:
 
 
 def load_manifest(path: str | Path) -> Manifest:
-    """A selection's manifest.json, with shard paths made absolute (they are relative to its folder)."""
+    """A selection's manifest.json, with shard paths made absolute (they are files in its folder)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"no selection manifest at {path}")
@@ -98,9 +100,7 @@ def load_manifest(path: str | Path) -> Manifest:
     for entry in raw["shards"]:
         if not isinstance(entry, dict) or "path" not in entry:
             raise DataError(f"manifest {path}: each shard needs a 'path', got {entry!r}")
-        url = str(entry["path"])
-        if not is_remote(url) and not Path(url).is_absolute():
-            url = str(path.parent / url)
+        url = manifest_shard(path, entry["path"])
         if int(entry.get("count", 1)) > 0:  # an empty shard would only slow the endless stream down
             shards.append(ShardEntry(url, int(entry.get("count", 1))))
     if not shards or int(raw["total"]) <= 0:
@@ -111,6 +111,20 @@ def load_manifest(path: str | Path) -> Manifest:
     return Manifest(str(path), str(raw.get("name") or path.parent.name), int(raw["total"]), num_classes, classes,
                     shards, raw.get("teacher"), int(size) if size else None,
                     tuple(raw["mean"]) if raw.get("mean") else None, tuple(raw["std"]) if raw.get("std") else None)
+
+
+def manifest_shard(manifest: Path, listed: object) -> str:
+    """The absolute path of a shard a manifest lists: a file in the manifest's folder (select writes
+    plain file names). A command (`pipe:...`), a URL, an absolute path or a path that leaves the folder
+    (`../`, a symlink) is refused with one line: WebDataset's opener would run or fetch it."""
+    folder = manifest.parent.resolve()
+    if not isinstance(listed, str) or not listed or ":" in listed or "\0" in listed or Path(listed).is_absolute():
+        raise DataError(f"manifest {manifest}: shard path {str(listed)[:200]!r} refused: a selection lists files in "
+                        "its own folder, never a command, a URL or an absolute path")
+    target = (folder / listed).resolve()
+    if not target.is_relative_to(folder):
+        raise DataError(f"manifest {manifest}: shard path {listed[:200]!r} leaves the selection's folder {folder}")
+    return str(target)
 
 
 def decode_sample(sample: dict, prep: Preprocess, num_classes: int,
@@ -143,11 +157,10 @@ def collate(samples: list[tuple]) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
 
 
 def check_shards(manifest: Manifest, prep: Preprocess, need_logits: bool) -> None:
-    """Fail early, with one line, on a shard that is missing or whose first sample cannot be trained on.
-    Local shards are all checked; of remote ones only the first (one request each would slow start-up)."""
-    remote = [s for s in manifest.shards if is_remote(s.url)]
-    for shard in [s for s in manifest.shards if not is_remote(s.url)] + remote[:1]:
-        if not is_remote(shard.url) and not Path(shard.url).is_file():
+    """Fail early, with one line, on a shard that is missing or whose first sample cannot be trained on
+    (a manifest's shards are local files: `manifest_shard`)."""
+    for shard in manifest.shards:
+        if not Path(shard.url).is_file():
             raise DataError(f"shard listed in {manifest.path} not found: {shard.url}")
         try:
             first = next(wds.tarfile_to_samples()(iter([{"url": shard.url}])), None)

@@ -131,8 +131,9 @@ def selection_report(ws: Workspace, name: str, truth_path: Path) -> dict:
 def _selection_ids(ws: Workspace, name: str) -> list[str]:
     import webdataset as wds
 
-    manifest = json.loads((ws.root / "selections" / name / "manifest.json").read_text())
-    urls = [str(ws.root / "selections" / name / s["path"]) for s in manifest["shards"]]
+    from distill.data import load_manifest  # the one reader of a manifest's shard paths (files in its folder)
+
+    urls = [s.url for s in load_manifest(ws.root / "selections" / name / "manifest.json").shards]
     return [s["__key__"] for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode()]
 
 
