@@ -48,8 +48,3 @@ class UnsafeName(WebdistillError):
 class UnsafeShardURL(ShardReadError):
     """A shard URL read back from an artifact names a command (`pipe:`) or a source that only a
     user-typed spec may name: stored data is never run."""
-
-
-class UnsafeShardURL(ShardReadError):
-    """A shard URL read back from an artifact names a command (`pipe:`) or a source that only a
-    user-typed spec may name: stored data is never run."""
