@@ -8,11 +8,15 @@ A shard whose parquet carries the same plan fingerprint (its keys, URLs, caption
 that decides what is accepted) is skipped, so a rerun resumes where a crash stopped.
 
 Every URL is bounded: http(s) only; no private, loopback, link-local, multicast or reserved
-address (every resolved IP is checked, on every redirect hop) unless allowed; a connect timeout
-and a total timeout per attempt; a body cap enforced while streaming; an image/* content type;
-a magic-byte signature; a full PIL decode behind the decompression-bomb guard. Timeouts, 5xx and
-connection errors are retried with exponential backoff; 4xx and refusals are not. At most
-`concurrency` requests of a shard are in flight. A failure is a row, never an exception.
+address (every resolved IP is checked, on every redirect hop, and the IPv4 address an IPv6 one
+embeds: mapped, 6to4, Teredo, NAT64) unless allowed. `allow_private` opens loopback and private
+ranges only; link-local (169.254.0.0/16, where clouds serve instance credentials; fe80::/10),
+multicast, 0.0.0.0/8 and reserved ranges open only for a network named in `allowed_networks`
+(`--allow-network CIDR`). A connect timeout and a total timeout per attempt; a body cap enforced
+while streaming; an image/* content type; a magic-byte signature; a full PIL decode behind the
+decompression-bomb guard. Timeouts, 5xx and connection errors are retried with exponential
+backoff; 4xx and refusals are not. At most `concurrency` requests of a shard are in flight. A
+failure is a row, never an exception.
 
 Status follows img2dataset: "success" or "failed_to_download", plus "failed_to_decode" for bytes
 that arrived but are not a usable image. `error_kind` is one word from a fixed vocabulary
@@ -88,8 +92,9 @@ class CrawlConfig:
     retries: int = 2  # extra attempts after a timeout, a 5xx or a connection error
     backoff_s: float = 0.5  # wait backoff_s * 2**attempt before retrying
     max_redirects: int = 5
-    allow_private: bool = False  # True only to crawl a local test server
-    allowed_networks: tuple[str, ...] = ()  # CIDRs reachable although private (a known intranet host)
+    allow_private: bool = False  # loopback and private ranges: a local test server, an intranet
+    allowed_networks: tuple[str, ...] = ()  # CIDRs reachable although not global (--allow-network): the
+    # only way to open link-local (169.254.0.0/16, cloud metadata), multicast, 0.0.0.0/8 or reserved ranges
     user_agent: str = "webdistill/0.1 (image crawler for dataset curation; set your contact URL here)"
     allowed_formats: tuple[str, ...] = ("jpeg", "png", "webp")
     max_pixels: int = 40_000_000  # width * height from the header, checked before decoding
@@ -107,6 +112,11 @@ class CrawlConfig:
         if unknown or not self.allowed_formats:
             raise CrawlError(f"crawl config: allowed_formats must be among {sorted(FORMAT_EXT)}, "
                              f"got {self.allowed_formats}")
+        nets = self.allowed_networks
+        nets = (nets,) if isinstance(nets, str) else nets  # `allowed_networks: 10.0.0.0/8` in a YAML
+        if not isinstance(nets, (list, tuple)):
+            raise CrawlError(f"crawl config: allowed_networks must be a list of CIDRs, got {nets!r}")
+        object.__setattr__(self, "allowed_networks", tuple(str(n) for n in nets))
         self.networks()  # fail now on a bad CIDR, not mid-crawl
 
     def networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
@@ -219,17 +229,53 @@ class AddressPolicy:
         return cls(config.allow_private, config.networks())
 
     def refusal(self, address: str) -> str | None:
-        """Why `address` may not be reached ("127.0.0.1 is loopback"), or None if it may."""
+        """Why `address` may not be reached ("127.0.0.1 is loopback"), or None if it may. An IPv6
+        address that embeds an IPv4 one (mapped, 6to4, Teredo, NAT64) must pass for both."""
         ip = ipaddress.ip_address(address.split("%")[0])  # drop an IPv6 zone ("fe80::1%eth0")
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
             ip = ip.ipv4_mapped  # ::ffff:127.0.0.1 reaches 127.0.0.1
-        if self.allow_private or any(ip in net for net in self.allowed):
-            return None
-        # Order matters: loopback and link-local addresses are also "private" to ipaddress.
-        for kind in ("loopback", "link_local", "multicast", "unspecified", "reserved", "private"):
-            if getattr(ip, f"is_{kind}"):
-                return f"{ip} is {kind.replace('_', '-')}"
-        return None if ip.is_global else f"{ip} is not a global address"
+        for one in (ip, *_embedded_ipv4(ip)):
+            if any(one in net for net in self.allowed):
+                continue  # the user named this network
+            kind = _address_kind(one)
+            if kind is not None and not (self.allow_private and kind in _PRIVATE_KINDS):
+                return f"{one} is {kind}"
+        return None
+
+
+# What --allow-private opens. Link-local (169.254.0.0/16: cloud instance metadata and credentials;
+# fe80::/10), multicast, 0.0.0.0/8, reserved and site-local ranges stay refused: only a network the
+# user names (allowed_networks, --allow-network CIDR) opens them.
+_PRIVATE_KINDS = ("loopback", "private", "not a global address")
+_THIS_NETWORK = ipaddress.ip_network("0.0.0.0/8")  # "this host": Linux connects 0.x.x.x to itself
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+def _address_kind(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+    """The special range `ip` is in ("loopback", "link-local", ...), or None for a global address."""
+    # Order matters: loopback and link-local addresses are also "private" to ipaddress.
+    for kind in ("loopback", "link_local", "multicast", "unspecified", "reserved"):
+        if getattr(ip, f"is_{kind}"):
+            return kind.replace("_", "-")
+    if ip in _THIS_NETWORK:
+        return "in 0.0.0.0/8 (this host)"
+    if getattr(ip, "is_site_local", False):
+        return "site-local"
+    if ip.is_private:
+        return "private"
+    return None if ip.is_global else "not a global address"
+
+
+def _embedded_ipv4(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses an IPv6 address reaches through a translator or tunnel."""
+    if not isinstance(ip, ipaddress.IPv6Address):
+        return []
+    found = [ip.sixtofour] if ip.sixtofour else []
+    if ip.teredo:
+        found += list(ip.teredo)
+    if ip in _NAT64:
+        found.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+    return found
 
 
 class _GuardedResolver(AbstractResolver):

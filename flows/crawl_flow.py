@@ -19,7 +19,8 @@ def crawl_shard_task(plan, out: str, config):
 @flow(name="crawl")
 def crawl_flow(url_list: str, out: str, options: dict | None = None, max_failure_fraction: float = 0.1) -> dict:
     """Crawl a URL list (parquet/csv/jsonl with `url`, optional `caption`) into img2dataset-style shards.
-    `options` are CrawlConfig fields: timeout_s, max_bytes, concurrency, retries, allow_private, ..."""
+    `options` are CrawlConfig fields: timeout_s, max_bytes, concurrency, retries, allow_private,
+    allowed_networks (CIDRs; the only way to open link-local and other special ranges), ..."""
     from curation.crawl import CrawlConfig, plan_shards, read_url_list
 
     started = datetime.now(timezone.utc)
