@@ -23,16 +23,18 @@ from pathlib import Path
 import pyarrow as pa
 
 from . import schemas
-from .errors import ShardReadError
+from .errors import ShardReadError, WorkerDied
 from .parallel import map_shards
 from .shards import (ShardRef, SpooledShard, TruncatedShard, expand_shards, iter_samples, open_shard,
                      stored_url_refusal)
-from .validate import IMAGE_EXTS, Rejected, ValidationConfig, validate_image
+from .decode_sandbox import DecodeSandbox
+from .validate import IMAGE_EXTS, Rejected, ValidationConfig
 from .workspace import Workspace, config_hash, read_parquet_metadata, write_parquet_atomic
 
 STAGE = "ingest"
 # Bump when validation or the artifacts change: committed shards are redone, not skipped.
-INGEST_VERSION = 2
+# 3: every tar member ends in samples or rejects; bounded members; decode budget; padded images refused.
+INGEST_VERSION = 3
 
 
 def make_sample_id(shard: str, key: str) -> str:
@@ -71,7 +73,8 @@ class IngestSummary:
 
 
 def _paths(ws: Workspace, shard: str) -> dict[str, Path]:
-    return {kind: ws.root / kind / f"{shard}.parquet" for kind in ("samples", "rejects", "shards")}
+    # `shard` passed check_name in shard_name; owned() also keeps a symlinked folder from redirecting writes
+    return {kind: ws.owned(kind, f"{shard}.parquet", what="shard name") for kind in ("samples", "rejects", "shards")}
 
 
 def _decode_meta(files: dict[str, bytes]) -> dict:
@@ -79,17 +82,24 @@ def _decode_meta(files: dict[str, bytes]) -> dict:
     if raw is None:
         return {}
     try:
-        meta = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise Rejected("bad_json", f"{exc.__class__.__name__}: {exc}") from exc
+        meta = json.loads(raw.decode("utf-8"))  # UTF-8 only: the text is stored as it is
+    except (ValueError, RecursionError) as exc:  # also bad UTF-8, 5,000-digit numbers, deep nesting
+        raise Rejected("bad_json", f"{exc.__class__.__name__}: {str(exc)[:200]}") from None
     if not isinstance(meta, dict):
         raise Rejected("bad_json", f"expected an object, got {type(meta).__name__}")
     return meta
 
 
+def _text(value) -> str | None:
+    """A string from the crawl's json, storable as UTF-8 (a lone surrogate escape becomes '?')."""
+    if not isinstance(value, str):
+        return None
+    return value.encode("utf-8", "replace").decode("utf-8")
+
+
 def _caption(meta: dict, files: dict[str, bytes]) -> str | None:
     if isinstance(meta.get("caption"), str):
-        return meta["caption"]
+        return _text(meta["caption"])
     if "txt" in files:
         return files["txt"].decode("utf-8", errors="replace")
     return None
@@ -113,46 +123,56 @@ def ingest_shard(ws_root: str, ref: ShardRef, config: ValidationConfig) -> Shard
     n_read = 0
 
     def reject(key, reason, detail="", url=None):
+        nonlocal n_read
+        n_read += reason != "truncated_tar"  # that row stands for the unread rest, not for one sample
         rejects.append({"shard": ref.name, "key": key, "reason": reason, "detail": detail[:500], "url": url})
+
+    def candidates(stream):
+        """(sample facts, image bytes) for the sandbox; what fails before decoding is rejected here."""
+        for idx, raw in enumerate(iter_samples(stream, config, on_reject=reject)):
+            url = None
+            try:
+                meta = _decode_meta(raw.files)
+                url = _text(meta.get("url"))
+                ext = next((e for e in IMAGE_EXTS if e in raw.files), None)
+                if ext is None:
+                    raise Rejected("missing_image", "members: " + ",".join(sorted(raw.files)))
+            except Rejected as rej:
+                reject(raw.key, rej.reason, rej.detail, url)
+                continue
+            yield (idx, raw, meta, url, ext), raw.files[ext]
 
     stream = open_shard(ref.url)  # a spec the user typed: the one place a pipe: command runs
     if spool is not None:
         stream = SpooledShard(stream, spool)
     shard_url = str(spool or ref.url)
     try:
-        for idx, raw in enumerate(iter_samples(stream)):
-            n_read += 1
-            url = None
-            try:
-                meta = _decode_meta(raw.files)
-                url = meta.get("url") if isinstance(meta.get("url"), str) else None
-                ext = next((e for e in IMAGE_EXTS if e in raw.files), None)
-                if ext is None:
-                    raise Rejected("missing_image", "members: " + ",".join(sorted(raw.files)))
+        with DecodeSandbox(config) as sandbox:  # each decode bounded in CPU time and memory
+            for (idx, raw, meta, url, ext), info in sandbox.validate_all(candidates(stream)):
+                if isinstance(info, Rejected):
+                    reject(raw.key, info.reason, info.detail, url)
+                    continue
+                n_read += 1
                 data = raw.files[ext]
-                info = validate_image(data, config)
-            except Rejected as rej:
-                reject(raw.key, rej.reason, rej.detail, url)
-                continue
-            rows.append(
-                {
-                    "sample_id": make_sample_id(ref.name, raw.key),
-                    "shard": ref.name,
-                    "key": raw.key,
-                    "idx": idx,
-                    "shard_url": shard_url,
-                    "url": url,
-                    "caption": _caption(meta, raw.files),
-                    "sha256": hashlib.sha256(data).hexdigest(),
-                    "width": info.width,
-                    "height": info.height,
-                    "format": info.format,
-                    "ext": ext,
-                    "mode": info.mode,
-                    "bytes": len(data),
-                    "meta": raw.files["json"].decode("utf-8") if "json" in raw.files else None,
-                }
-            )
+                rows.append(
+                    {
+                        "sample_id": make_sample_id(ref.name, raw.key),
+                        "shard": ref.name,
+                        "key": raw.key,
+                        "idx": idx,
+                        "shard_url": shard_url,
+                        "url": url,
+                        "caption": _caption(meta, raw.files),
+                        "sha256": hashlib.sha256(data).hexdigest(),
+                        "width": info.width,
+                        "height": info.height,
+                        "format": info.format,
+                        "ext": ext,
+                        "mode": info.mode,
+                        "bytes": len(data),
+                        "meta": raw.files["json"].decode("utf-8") if "json" in raw.files else None,
+                    }
+                )
     except TruncatedShard as cut:
         reject(cut.partial_key, "truncated_tar", f"shard ends early after {n_read} samples: {cut}")
     finally:
@@ -196,7 +216,7 @@ def ingest(
     work = functools.partial(ingest_shard, str(ws.root), config=config)
     for ref, result in map_shards(work, refs, workers=workers, desc="ingest", progress=progress):
         if isinstance(result, BaseException):
-            msg = str(result) if isinstance(result, ShardReadError) else f"{result.__class__.__name__}: {result}"
+            msg = str(result) if isinstance(result, (ShardReadError, WorkerDied)) else f"{result.__class__.__name__}: {result}"
             summary.failed[ref.url] = msg
         else:
             summary.shards.append(result)

@@ -14,6 +14,8 @@ Two ways in, after who wrote the URL (DESIGN.md, Security model):
 from __future__ import annotations
 
 import glob
+import hashlib
+import lzma
 import os
 import re
 import stat
@@ -23,7 +25,7 @@ import zlib
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Callable, Iterator
 
 import braceexpand
 import fsspec
@@ -31,7 +33,8 @@ from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext
 
 from .errors import ShardNotFound, ShardReadError, UnsafeShardURL
-from .workspace import atomic_path
+from .validate import ValidationConfig
+from .workspace import atomic_path, check_name
 
 _TAR_SUFFIX = re.compile(r"\.(tar|tar\.gz|tgz)$")
 
@@ -58,13 +61,17 @@ class TruncatedShard(Exception):
 
 
 def shard_name(url: str, source: str | None = None) -> str:
-    """The file stem: `.../00012.tar?sig=x` -> `00012`; for `pipe:` commands, the last tar named in it."""
+    """The file stem: `.../00012.tar?sig=x` -> `00012`; for `pipe:` commands, the last tar named in it.
+    It names the shard's artifacts (`samples/<name>.parquet`), so it must pass `check_name`, as must
+    `source`: `..`, `/abs`, `a/b` and the like are refused (UnsafeName), never turned into paths."""
     if url.startswith("pipe:"):
         tokens = url[len("pipe:"):].split()
         tars = [t for t in tokens if _TAR_SUFFIX.search(t.split("?")[0])]
         url = tars[-1] if tars else (tokens[-1] if tokens else "pipe")
     stem = _TAR_SUFFIX.sub("", url.split("?")[0].rstrip("/").split("/")[-1])
-    return f"{source}-{stem}" if source else stem
+    if source is not None:
+        check_name(source, "source")
+    return check_name(f"{source}-{stem}" if source is not None else stem, "shard name")
 
 
 def _is_url(spec: str) -> bool:
@@ -81,6 +88,19 @@ def _fingerprint(url: str) -> str:
     info = fs.info(path)
     stamp = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or info.get("created")
     return f"{info.get('size')}:{stamp}"
+
+
+def _not_a_regular_file(path: str) -> str | None:
+    """What a local path is when it is not a regular file (None when it is, or is gone)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None  # reported as missing by the caller's own stat
+    if stat.S_ISREG(mode):
+        return None
+    kinds = {stat.S_ISFIFO: "a FIFO", stat.S_ISCHR: "a character device", stat.S_ISBLK: "a block device",
+             stat.S_ISSOCK: "a socket", stat.S_ISDIR: "a directory"}
+    return next((name for test, name in kinds.items() if test(mode)), "not a file")
 
 
 def expand_shards(specs: list[str], source: str | None = None) -> tuple[list[ShardRef], list[str]]:
@@ -103,9 +123,13 @@ def expand_shards(specs: list[str], source: str | None = None) -> tuple[list[Sha
             elif glob.has_magic(one):
                 urls = sorted(glob.glob(one))
             else:
-                urls = [one] if os.path.isfile(one) else []
+                urls = [one] if os.path.exists(one) else []
             for url in urls:
                 url = url if _is_url(url) else str(Path(url).resolve())
+                odd = None if _is_url(url) else _not_a_regular_file(url)
+                if odd:  # a FIFO would block the reader forever, a device never end: refused unopened
+                    absent.append(f"{url} (not a regular file: {odd})")
+                    continue
                 try:
                     fp = _fingerprint(url)
                 except OSError as exc:  # FileNotFoundError for URLs too
@@ -215,28 +239,136 @@ class SpooledShard:
         self._stack.close()  # atomic_path renames the copy into place
 
 
-def iter_samples(stream: BinaryIO) -> Iterator[RawSample]:
+OnReject = Callable[[str, str, str], None]  # (key, reason, detail)
+_HEADER_EXTENSION = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE,
+                     tarfile.SOLARIS_XHDTYPE)
+MAX_HEADER_EXTENSION = 1024 * 1024  # a long name or pax record block; tarfile reads one whole
+_KINDS = {tarfile.DIRTYPE: "a directory", tarfile.SYMTYPE: "a symbolic link", tarfile.LNKTYPE: "a hard link",
+          tarfile.CHRTYPE: "a character device", tarfile.BLKTYPE: "a block device", tarfile.FIFOTYPE: "a FIFO"}
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """tarfile reads a long-name or pax header whole, before any member is seen: bound it first."""
+
+    def _proc_member(self, tarfile_):
+        if self.type in _HEADER_EXTENSION and self.size > MAX_HEADER_EXTENSION:
+            raise tarfile.HeaderError(f"a header extension of {self.size} bytes (more than {MAX_HEADER_EXTENSION})")
+        return super()._proc_member(tarfile_)
+
+
+def printable(name: str, limit: int = 300) -> str:
+    """A member name as text that is safe to store and print: escapes for bytes that are not
+    UTF-8 and for control characters, cut at `limit`."""
+    text = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _key_problem(key: str | None, ext: str | None, config: ValidationConfig) -> str | None:
+    if key is None:
+        return "no key: the name has no extension, or starts with a dot"
+    if not ext:
+        return "an empty extension"
+    if len(key) > config.max_key_length:
+        return f"a key of {len(key)} characters (more than {config.max_key_length})"
+    if os.path.basename(key).startswith("__"):
+        return "a key starting with '__' (reserved by WebDataset)"
+    if printable(key + "." + ext, limit=10**6) != key + "." + ext:
+        return "a name that is not printable UTF-8"
+    return None
+
+
+@dataclass
+class _Open:
+    """The sample being read: its members so far, and why it is refused (None: not refused)."""
+
+    key: str
+    files: dict[str, bytes]
+    exts: set[str]
+    refusal: tuple[str, str] | None = None
+
+
+def iter_samples(stream: BinaryIO, config: ValidationConfig | None = None,
+                 on_reject: OnReject | None = None) -> Iterator[RawSample]:
     """Group tar members into samples by key (img2dataset / WebDataset convention).
 
-    Raises TruncatedShard after the last complete sample if the tar is cut off or corrupt.
+    Every member ends in a yielded sample or in one `on_reject(key, reason, detail)` call:
+    - a member that is not a regular file (`not_a_file`) or has no usable key (`bad_key`) is
+      reported under its own name;
+    - a sample with a member over its size limit (`too_large`, judged on the size the header
+      declares: the bytes are skipped, never read) or too many members (`too_many_members`);
+    - a key seen before in this shard (`duplicate_key`: the first sample wins). A member whose key
+      and extension repeat those of the open sample starts such a second sample.
+    Raises TruncatedShard after the last complete sample if the tar is cut off or corrupt. Memory
+    is bounded by the config's member limits, whatever the members declare.
     """
-    key: str | None = None
-    files: dict[str, bytes] = {}
+    config = config or ValidationConfig()
+    report = on_reject or (lambda key, reason, detail: None)
+    seen: set[bytes] = set()  # digests of the keys so far: 8 bytes each, whatever a key's length
+    cur: _Open | None = None
+
+    def close(sample: _Open) -> RawSample | None:
+        if sample.refusal is not None:
+            report(sample.key, *sample.refusal)
+            return None
+        return RawSample(sample.key, sample.files)
+
     try:
-        tar = tarfile.open(fileobj=stream, mode="r|*")
-        for info in tar:
-            if not info.isreg():
-                continue
-            member_key, ext = base_plus_ext(info.name)
-            if member_key is None or os.path.basename(member_key).startswith("__"):
-                continue
-            if member_key != key:
-                if key is not None:
-                    yield RawSample(key, files)
-                key, files = member_key, {}
-            files[ext.lower()] = tar.extractfile(info).read()
+        tar = tarfile.open(fileobj=stream, mode="r|*", tarinfo=_BoundedTarInfo)
+        for n, info in enumerate(tar):
             tar.members = []  # stream mode keeps every header otherwise
-    except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
-        raise TruncatedShard(key, f"{exc.__class__.__name__}: {exc}") from exc
-    if key is not None:
-        yield RawSample(key, files)
+            if n >= config.max_members_per_shard:
+                if cur is not None and (done := close(cur)) is not None:
+                    yield done
+                report(printable(info.name), "too_many_members",
+                       f"the shard has more than {config.max_members_per_shard} members; the rest is not read")
+                return
+            name = printable(info.name)
+            if not info.isreg():
+                report(name, "not_a_file", f"member {name} is {_KINDS.get(info.type, f'of type {info.type!r}')}")
+                continue
+            key, ext = base_plus_ext(info.name)
+            problem = _key_problem(key, ext, config)
+            if problem:
+                report(name, "bad_key", f"member {name}: {problem}")
+                continue
+            ext = ext.lower()
+            if cur is None or key != cur.key or ext in cur.exts:
+                if cur is not None and (done := close(cur)) is not None:
+                    yield done
+                cur = _Open(key, {}, set())
+                digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
+                if digest in seen:
+                    cur.refusal = ("duplicate_key", f"member {name}: the key appeared earlier in the shard; "
+                                                    "the first sample with it is kept")
+                seen.add(digest)
+            cur.exts.add(ext)
+            limit = config.member_limit(ext)
+            if cur.refusal is None and len(cur.exts) > config.max_members_per_sample:
+                cur.refusal = ("too_many_members", f"more than {config.max_members_per_sample} members")
+            if cur.refusal is None and info.size > limit:
+                cur.refusal = ("too_large", f"member {name} declares {info.size} bytes (the limit for .{ext} is {limit})")
+            if cur.refusal is None:
+                data = tar.extractfile(info).read(info.size)  # at most `limit` bytes
+                if len(data) != info.size:
+                    raise tarfile.ReadError("unexpected end of data")
+                cur.files[ext] = data
+            else:
+                cur.files.clear()  # a refused sample's bytes are never needed; tarfile skips the rest
+        _check_no_trailing_data(tar)
+    except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError, ValueError) as exc:
+        refused = f" (the sample was refused already: {cur.refusal[0]})" if cur and cur.refusal else ""
+        raise TruncatedShard(cur.key if cur else None, f"{exc.__class__.__name__}: {exc}{refused}") from exc
+    if cur is not None and (done := close(cur)) is not None:
+        yield done
+
+
+def _check_no_trailing_data(tar: tarfile.TarFile) -> None:
+    """tarfile ends quietly at an invalid header past the first member: the end of an archive
+    must be zeros, so anything else after it is a shard cut short by corruption."""
+    while True:
+        block = tar.fileobj.read(64 * 1024)
+        if not block:
+            return
+        if block.count(0) != len(block):
+            raise tarfile.ReadError(f"an invalid tar header at offset {tar.offset}: the rest of the shard is unreadable")

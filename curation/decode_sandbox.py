@@ -1,0 +1,204 @@
+"""Decoding untrusted images in a child process, under a CPU-time and memory budget.
+
+PIL decodes in C, where no Python timeout reaches. The child sets RLIMIT_CPU to its CPU time so
+far plus the budget before each image, so the kernel stops a decode that overruns (SIGXCPU), and
+RLIMIT_AS bounds its memory. The parent also keeps a wall-clock deadline, in case the child is
+starved or stopped. A child that dies costs one image (`decode_budget`, or `corrupt_image` for a
+crashed decoder) and is replaced for the next. The child exits with its parent (PR_SET_PDEATHSIG,
+and EOF on its input), writes no file (RLIMIT_FSIZE 0) and dumps no core.
+"""
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import struct
+import subprocess
+import sys
+import time
+from collections import deque
+from pathlib import Path
+from typing import Iterable, Iterator, TypeVar
+
+from .parallel import die_with_parent
+from .validate import ImageInfo, Rejected, ValidationConfig, validate_image
+
+_ROOT = str(Path(__file__).resolve().parents[1])
+_LEN = struct.Struct(">Q")
+T = TypeVar("T")
+WALL_FACTOR = 4  # the wall-clock deadline, as a multiple of the CPU budget (plus a start-up allowance)
+
+
+class DecodeSandbox:
+    """`validate_all` is `validate_image` over many images, run in a child process under budget.
+
+    Up to `window` images (and `window_bytes`) are in flight, so the child decodes while the
+    caller reads the tar, hashes and builds rows; results come back in order."""
+
+    def __init__(self, config: ValidationConfig, window: int = 16, window_bytes: int = 64 * 1024 * 1024):
+        self.config, self.window, self.window_bytes = config, window, window_bytes
+        self._proc: subprocess.Popen | None = None
+        self._dead = False  # a write failed: the next read finds out why
+        self.restarts = 0
+
+    def __enter__(self) -> "DecodeSandbox":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def validate(self, data: bytes) -> ImageInfo:
+        for _, result in self.validate_all([(None, data)]):
+            if isinstance(result, Rejected):
+                raise result
+            return result
+        raise AssertionError("unreachable")
+
+    def validate_all(self, items: Iterable[tuple[T, bytes]]) -> Iterator[tuple[T, ImageInfo | Rejected]]:
+        """(tag, ImageInfo or Rejected) for each (tag, image bytes), in order. An exception from
+        `items` (a tar cut off) is raised after the results of everything read before it."""
+        queue: deque[list] = deque()  # [tag, data, result or None], sent to the current child
+        source, error = iter(items), None
+        while True:
+            while source is not None and len(queue) < self.window and \
+                    sum(len(e[1]) for e in queue) < self.window_bytes:
+                try:
+                    tag, data = next(source)
+                except StopIteration:
+                    source = None
+                    break
+                except Exception as exc:  # noqa: BLE001 - raised below, after the images in flight
+                    source, error = None, exc
+                    break
+                if len(data) > self.config.max_image_bytes:  # cheap refusals need no child
+                    queue.append([tag, b"", Rejected("too_large", f"{len(data)} bytes > {self.config.max_image_bytes}")])
+                    continue
+                queue.append([tag, data, None])
+                self._send(data)
+            if not queue:
+                break
+            tag, data, result = queue.popleft()
+            yield tag, result if result is not None else self._receive(queue)
+        if error is not None:
+            raise error
+
+    def close(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        try:
+            proc.stdin.close()  # EOF: the child's loop ends
+            proc.wait(timeout=5)
+        except (OSError, subprocess.TimeoutExpired):
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+
+    def _send(self, data: bytes) -> None:
+        if self._proc is None:
+            code = f"import sys; sys.path.insert(0, {_ROOT!r}); from curation.decode_sandbox import serve; serve()"
+            self._proc = subprocess.Popen([sys.executable, "-I", "-c", code, json.dumps(self.config.as_dict())],
+                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+            self._dead = False
+        if self._dead:
+            return
+        try:
+            self._proc.stdin.write(_LEN.pack(len(data)))
+            self._proc.stdin.write(data)
+            self._proc.stdin.flush()
+        except OSError:  # the child died on an earlier image: reading its reply says which
+            self._dead = True
+
+    def _receive(self, queue: deque) -> ImageInfo | Rejected:
+        deadline = time.monotonic() + WALL_FACTOR * self.config.decode_cpu_seconds + 5
+        try:
+            reply = json.loads(_read(self._proc.stdout.fileno(), deadline))
+        except (OSError, EOFError, TimeoutError, ValueError) as exc:
+            rejected = self._died(exc)
+            for entry in queue:  # what the dead child had not answered goes to a fresh one
+                if entry[2] is None:
+                    self._send(entry[1])
+            return rejected
+        if "reason" in reply:
+            return Rejected(str(reply["reason"]), str(reply.get("detail", "")))
+        return ImageInfo(int(reply["width"]), int(reply["height"]), str(reply["format"]), str(reply["mode"]))
+
+    def _died(self, exc: BaseException) -> Rejected:
+        """The child died or overran on this image: kill it, say why; the next send starts afresh."""
+        proc, self._proc = self._proc, None
+        self.restarts += 1
+        if proc.poll() is None:
+            proc.kill()
+        status = proc.wait()
+        for pipe in (proc.stdin, proc.stdout):
+            try:
+                pipe.close()
+            except OSError:
+                pass
+        budget = self.config.decode_cpu_seconds
+        if isinstance(exc, TimeoutError):
+            return Rejected("decode_budget", f"decoding took more than {WALL_FACTOR * budget + 5} s of wall time")
+        if status == -signal.SIGXCPU:
+            return Rejected("decode_budget", f"decoding took more than {budget} s of CPU time")
+        if status == -signal.SIGKILL:  # the kernel's last word on RLIMIT_CPU, or an OOM kill
+            return Rejected("decode_budget", "the decode process was killed (CPU or memory budget)")
+        return Rejected("corrupt_image", f"the decoder crashed (exit status {status})")
+
+
+def _read(fd: int, deadline: float) -> bytes:
+    """One length-prefixed reply, or TimeoutError at the deadline, EOFError if the child died."""
+    head = _read_exact(fd, 8, deadline)
+    (n,) = _LEN.unpack(head)
+    if n > 1 << 20:
+        raise ValueError("reply too long")
+    return _read_exact(fd, n, deadline)
+
+
+def _read_exact(fd: int, n: int, deadline: float) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            raise TimeoutError
+        chunk = os.read(fd, n - len(buf))
+        if not chunk:
+            raise EOFError
+        buf += chunk
+    return bytes(buf)
+
+
+# --- the child ----------------------------------------------------------------------------------
+
+def serve() -> None:
+    """The child's loop: read an image, validate it under budget, write the result as JSON."""
+    import resource
+
+    die_with_parent()
+    fields = json.loads(sys.argv[1])
+    config = ValidationConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+    resource.setrlimit(resource.RLIMIT_AS, (config.decode_memory_bytes, config.decode_memory_bytes))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
+    _, cpu_hard = resource.getrlimit(resource.RLIMIT_CPU)
+    src = os.fdopen(os.dup(0), "rb")
+    out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # nothing a library prints can corrupt the replies
+    while True:
+        head = src.read(8)
+        if len(head) < 8:
+            return
+        data = src.read(_LEN.unpack(head)[0])
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        soft = int(usage.ru_utime + usage.ru_stime) + config.decode_cpu_seconds + 1
+        if cpu_hard != resource.RLIM_INFINITY:
+            soft = min(soft, cpu_hard)
+        resource.setrlimit(resource.RLIMIT_CPU, (soft, cpu_hard))
+        try:
+            info = validate_image(data, config)
+            reply = {"width": info.width, "height": info.height, "format": info.format, "mode": info.mode}
+        except Rejected as rej:
+            reply = {"reason": rej.reason, "detail": rej.detail}
+        body = json.dumps(reply).encode()
+        out.write(_LEN.pack(len(body)) + body)
+        out.flush()
