@@ -19,6 +19,7 @@ from PIL import Image
 from torchvision import transforms
 
 from .errors import WebdistillError
+from .workspace import Workspace, check_name
 
 MODEL_CONFIGS = Path(__file__).parent / "model_configs"  # our own open_clip configs (the demo's tiny CLIP)
 
@@ -34,16 +35,9 @@ def _file_fingerprint(path: str | Path) -> str:
 
 def spec_fingerprint(spec: str) -> str:
     """A model spec plus the files it names: retraining a teacher in place changes it."""
-    files = [Path(spec)] if os.path.isfile(spec) else []
-    if spec.endswith(".json") and files:
-        import json
+    from distill.spec import spec_files
 
-        weights = json.loads(files[0].read_text()).get("weights")
-        if weights:
-            files.append(files[0].parent / weights)
-    elif "@" in spec:
-        files.append(Path(spec.split("@", 1)[1]))
-    return spec + "|" + "|".join(_file_fingerprint(f) for f in files if f.is_file())
+    return spec + "|" + "|".join(_file_fingerprint(f) for f in spec_files(spec) if f.is_file())
 
 
 def _uint8_chw(im: Image.Image) -> torch.Tensor:
@@ -174,15 +168,15 @@ class TeacherEmbedder(Embedder):
     """Penultimate features of the teacher: `embed(x)` if the model has it, else the input of its
     last Linear layer."""
 
-    def __init__(self, teacher_spec: str, device: str, precision: str):
+    def __init__(self, teacher_spec: str, device: str, precision: str, trust_model_code: bool = False):
         from distill.spec import ModelSpecError, load_model
 
         try:
-            loaded = load_model(teacher_spec)
+            loaded = load_model(teacher_spec, trust_model_code)
         except ModelSpecError as exc:
             raise EmbedderError(str(exc)) from exc
         self.model = loaded.module.to(device)
-        if not loaded.scripted:
+        if loaded.eager:  # a compiled graph (.pt2, TorchScript) keeps the layout it was exported with
             self.memory_format = torch.channels_last
             self.model.to(memory_format=torch.channels_last)
         self.preprocess = Geometry(loaded.input_size, SquareResize(loaded.input_size))
@@ -216,34 +210,43 @@ class TeacherEmbedder(Embedder):
 
 
 def make_embedder(name: str, pretrained: str | None = None, teacher: str | None = None,
-                  device: str | None = None, precision: str = "fp32") -> Embedder:
-    """`open_clip:<model>` or `teacher` (with `teacher` = a model spec)."""
+                  device: str | None = None, precision: str = "fp32", trust_model_code: bool = False) -> Embedder:
+    """`open_clip:<model>` or `teacher` (with `teacher` = a model spec; TorchScript or a factory outside
+    the allowlist only with `trust_model_code`)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("open_clip:"):
         return OpenClipEmbedder(name.split(":", 1)[1], pretrained, device, precision)
     if name == "teacher":
         if not teacher:
             raise EmbedderError("the teacher embedder needs --teacher SPEC")
-        return TeacherEmbedder(teacher, device, precision)
+        return TeacherEmbedder(teacher, device, precision, trust_model_code)
     raise EmbedderError(f"unknown embedder {name!r}: use open_clip:<model name> or teacher")
 
 
 def embedder_dir_name(name: str) -> str:
-    """`open_clip:ViT-S-32` and `open_clip-ViT-S-32` both name the artifacts of that embedder."""
-    return name.replace(":", "-", 1)
+    """`open_clip:ViT-S-32` and `open_clip-ViT-S-32` both name the artifacts of that embedder; a name
+    that is not one plain folder name (`../x`, `open_clip:a/b`) is refused (UnsafeName)."""
+    return check_name(name.replace(":", "-", 1) if isinstance(name, str) else name, "embedder")
 
 
-def embedder_from_workspace(ws_root: Path, name: str, device: str | None = None) -> Embedder:
-    """Rebuild the embedder that wrote a workspace's embeddings, from the args stored with them."""
+def embedder_from_workspace(ws_root: Path, name: str, device: str | None = None,
+                            trust_model_code: bool = False) -> Embedder:
+    """Rebuild the embedder that wrote a workspace's embeddings, from the args stored with them (a
+    workspace from elsewhere names the model: its code runs only with `trust_model_code`)."""
     import pyarrow.parquet as pq
 
-    folder = Path(ws_root) / "embeddings" / embedder_dir_name(name)
+    folder = Workspace(ws_root).owned("embeddings", embedder_dir_name(name))
     first = next(iter(sorted(folder.glob("*.parquet"))), None)
     if first is None:
         raise EmbedderError(f"no embeddings for {name!r}; run `webdistill embed` first")
     import json
 
-    meta = json.loads((pq.read_schema(first).metadata or {}).get(b"args", b"null"))
-    if not meta:
+    try:
+        meta = json.loads((pq.read_schema(first).metadata or {}).get(b"args", b"null"))
+    except ValueError:
+        meta = None
+    if not isinstance(meta, dict) or not isinstance(meta.get("name"), str) or not all(
+            isinstance(meta.get(k), (str, type(None))) for k in ("pretrained", "teacher", "precision")):
         raise EmbedderError(f"embeddings for {name!r} do not record how they were made; embed again")
-    return make_embedder(meta["name"], meta.get("pretrained"), meta.get("teacher"), device, meta.get("precision", "fp32"))
+    return make_embedder(meta["name"], meta.get("pretrained"), meta.get("teacher"), device, meta.get("precision") or "fp32",
+                         trust_model_code)

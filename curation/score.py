@@ -60,6 +60,7 @@ class ScoreConfig:
     reference_max: int = 50_000  # at most this many (the most confident) for the kNN reference
     knn_k: int = 10
     device: str = "cpu"
+    trust_model_code: bool = False  # TorchScript / factories outside the allowlist may run (not part of any hash)
 
     def pass1_part(self) -> dict:
         keys = ("odin", "odin_temperature", "odin_epsilon", "energy_temperature", "kd3_alpha")
@@ -84,9 +85,9 @@ class ScoreSummary:
     unscored: list[str] = field(default_factory=list)
 
 
-def _load(spec: str, role: str, device: str) -> LoadedModel:
+def _load(spec: str, role: str, device: str, trust_model_code: bool) -> LoadedModel:
     try:
-        loaded = load_model(spec)
+        loaded = load_model(spec, trust_model_code)
     except ModelSpecError as exc:
         raise ScoreError(f"{role}: {exc}") from exc
     loaded.module.to(device).eval()
@@ -109,8 +110,9 @@ class BatchScorer:
 
     def __init__(self, config: ScoreConfig):
         self.config = config
-        self.teacher = _load(config.teacher, "teacher", config.device)
-        self.student = _load(config.student, "student", config.device) if config.student else None
+        self.teacher = _load(config.teacher, "teacher", config.device, config.trust_model_code)
+        self.student = (_load(config.student, "student", config.device, config.trust_model_code)
+                        if config.student else None)
         self.device = torch.device(config.device)
         self.preprocess = Geometry(self.teacher.input_size, SquareResize(self.teacher.input_size))
         self.has_bn = bool(sf.bn_modules(self.teacher.module))
@@ -158,9 +160,7 @@ class BatchScorer:
 
 
 def _run_dir(ws: Workspace, name: str) -> Path:
-    if not name or "/" in name or name.startswith("."):
-        raise ScoreError(f"bad scoring run name {name!r}: use letters, digits, '-' and '_'")
-    return ws.root / "scores" / name
+    return ws.owned("scores", name, what="scoring run name")
 
 
 def _pass1_table(job: ShardJob, out: dict[str, np.ndarray], ok: np.ndarray) -> pa.Table:

@@ -6,6 +6,8 @@ curated shards with provenance `synthetic`.
     synthetic/<name>/manifest.json           the selection manifest fields (name, total, shards with
                                              count and sha256, counts per class, teacher geometry) plus
                                              provenance, config, pass rate and the inputs' hash
+    synthetic/.tmp-<name>-*, .lock-<name>    the set while it is written, swapped into place in one
+                                             atomic step (`shard_writer.staging`, `swap_into_place`)
 
 Our reading of the method (the paper's exact procedure is not available here, so this is an
 interpretation of DESIGN.md's summary, not a reproduction):
@@ -34,9 +36,7 @@ import hashlib
 import io
 import json
 import math
-import shutil
 import time
-import uuid
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -59,9 +59,8 @@ from .catalog import candidate_sources
 from .embed import ShardJob, load_images, shard_jobs
 from .embedders import Geometry, SquareResize, spec_fingerprint
 from .errors import WebdistillError
-from .select import NAME_RE
-from .shard_writer import ShardSink, logits_npy, read_manifest, swap_into_place
-from .workspace import Workspace, config_hash
+from .shard_writer import ShardSink, logits_npy, read_manifest, staging, swap_into_place
+from .workspace import Workspace, check_name, config_hash
 
 SYNTH_VERSION = 1
 SEARCHES = ("gradient", "evolution")
@@ -98,14 +97,18 @@ class SynthConfig:
     batch_size: int = 256  # decoding and search batch
     workers: int = 1  # pool decoding workers
     device: str = "cpu"
+    trust_model_code: bool = False  # TorchScript / factories outside the allowlist may run (not hashed)
 
     @property
     def candidates(self) -> int:
         return self.candidates_per_class if self.candidates_per_class is not None else -(-3 * self.per_class // 2)
 
     def check(self) -> None:
-        if not NAME_RE.match(self.name or ""):
-            raise SynthError(f"bad synthetic set name {self.name!r}: use letters, digits, '.', '-' and '_'")
+        check_name(self.name, "synthetic set name")
+        if self.score_run is not None:
+            check_name(self.score_run, "scoring run name")
+        if not (math.isfinite(self.weight) and self.weight > 0):
+            raise SynthError(f"weight must be a finite number > 0, got {self.weight}")
         if self.image_size < 8 or self.image_size % 8:
             raise SynthError(f"image_size must be a multiple of 8 (the decoder upsamples 3 times), "
                              f"got {self.image_size}")
@@ -331,9 +334,7 @@ def _score_files(ws: Workspace, config: SynthConfig) -> tuple[str, list[Path]]:
     if run is None:
         raise SynthError("no scored pool: run `webdistill score --teacher SPEC` first (synthesis learns from "
                          "the teacher's pseudo-labels)")
-    if not NAME_RE.match(run):
-        raise SynthError(f"bad scoring run name {run!r}: use letters, digits, '.', '-' and '_'")
-    files = sorted((ws.root / "scores" / run).glob("*.parquet"))
+    files = sorted(ws.owned("scores", run, what="scoring run name").glob("*.parquet"))
     if not files:
         raise SynthError(f"no scored pool: scoring run {run!r} has no finished scores in {ws.root / 'scores'}")
     return run, files
@@ -383,9 +384,9 @@ def load_pool(ws: Workspace, files: list[Path], config: SynthConfig,
 
 # --- the stage ---
 
-def _load_teacher(spec: str, device: str) -> LoadedModel:
+def _load_teacher(spec: str, device: str, trust_model_code: bool) -> LoadedModel:
     try:
-        loaded = load_model(spec)
+        loaded = load_model(spec, trust_model_code)
     except ModelSpecError as exc:
         raise SynthError(f"teacher: {exc}") from exc
     loaded.module.to(device).eval().requires_grad_(False)  # the search needs gradients w.r.t. the latents only
@@ -408,7 +409,7 @@ def _sample(name: str, digest: str, label: int, index: int, seed: int, image: to
 def _inputs_hash(config: SynthConfig, run: str, files: list[Path]) -> str:
     """Config (less the worker count) + teacher files + the scoring run's per-shard stamps."""
     stamps = [(f.name, pq.read_schema(f).metadata.get(b"stamp", b"").decode()) for f in files]
-    settings = {k: v for k, v in asdict(config).items() if k != "workers"}
+    settings = {k: v for k, v in asdict(config).items() if k not in ("workers", "trust_model_code")}
     return config_hash({"config": settings, "teacher": spec_fingerprint(config.teacher), "score_run": run,
                         "stamps": stamps, "version": SYNTH_VERSION})
 
@@ -418,14 +419,14 @@ def synthesize(ws: Workspace, config: SynthConfig, progress: bool = True) -> Syn
     images and write them as shards + manifest under synthetic/<name>/ (atomically; a rerun with
     the same config and inputs rewrites nothing)."""
     config.check()
-    teacher = _load_teacher(config.teacher, config.device)
+    teacher = _load_teacher(config.teacher, config.device, config.trust_model_code)
     run, files = _score_files(ws, config)
     num_classes = pq.read_schema(files[0]).field("teacher_logits").type.list_size
     probe = teacher_logits(teacher, torch.zeros(1, 3, config.image_size, config.image_size, dtype=torch.uint8),
                            config.device)
     if probe.shape[1] != num_classes:
         raise SynthError(f"the teacher has {probe.shape[1]} classes, scoring run {run!r} has {num_classes}")
-    final = ws.root / "synthetic" / config.name
+    final = ws.owned("synthetic", config.name)
     digest = _inputs_hash(config, run, files)
     previous = read_manifest(final)
     if previous.get("synth_hash") == digest:
@@ -448,10 +449,7 @@ def synthesize(ws: Workspace, config: SynthConfig, progress: bool = True) -> Syn
         raise SynthError(f"no synthesized image reached conf_threshold {config.conf_threshold} "
                          f"(of {len(targets)} candidates): lower it, or search longer")
 
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".tmp-{config.name}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with staging(final) as tmp:
         sink = ShardSink(tmp, config.name, config.shard_size)
         for i in kept:
             label = int(targets[i])
@@ -471,8 +469,6 @@ def synthesize(ws: Workspace, config: SynthConfig, progress: bool = True) -> Syn
             "config": asdict(config), "synth_hash": digest,
             "created_at": datetime.now(timezone.utc).isoformat(),
         }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, allow_nan=False))
         swap_into_place(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return SynthResult(config.name, len(kept), final, manifest)

@@ -37,7 +37,8 @@ OPTIMIZERS = ("sgd", "adamw")
 TEACHER_MODES = ("stored", "live")
 LR_SCHEDULES = ("cosine", "constant")
 # Keys that do not change what is trained: a rerun may change them and still resume its checkpoint.
-RUNTIME_KEYS = ("out", "eval", "eval_batch_size", "checkpoint_every", "log_every", "progress", "threads", "name")
+RUNTIME_KEYS = ("out", "eval", "eval_batch_size", "checkpoint_every", "log_every", "progress", "threads", "name",
+                "trust_model_code")
 
 
 @dataclass
@@ -72,6 +73,7 @@ class DistillConfig:
     progress: bool = True               # tqdm bar on rank 0
     name: str | None = None             # run name in summary.json; default: the out folder's name
     init_from: str | None = None        # start from these weights: a previous run's student.pt (rounds)
+    trust_model_code: bool = False      # let the teacher/student specs run code (TorchScript, any module:factory)
 
     @property
     def out_dir(self) -> Path:
@@ -162,6 +164,8 @@ def _resolve_paths(cfg: DistillConfig, base: Path) -> None:
         return str((base / Path(p).expanduser()).resolve()) if not Path(p).expanduser().is_absolute() else p
 
     cfg.out = resolve(cfg.out)
+    if Path(cfg.out).is_symlink():  # the job writes (and a changed run deletes) there: only what the config says
+        raise ConfigError(f"config key 'out': {cfg.out} is a symlink; give the folder itself")
     selection = Path(resolve(cfg.selection))
     cfg.selection = str(selection / "manifest.json" if selection.is_dir() else selection)
     if not Path(cfg.selection).is_file():

@@ -2,13 +2,12 @@
 
 It is saved the way a user's teacher would be: a state_dict (loaded with
 `weights_only=True`) beside a JSON spec naming its `module:factory` and preprocessing,
-plus a TorchScript export. Its accuracy is measured on the held-out MNIST test shard.
+plus a torch.export program (teacher.pt2, whose sidecar is that spec). Its accuracy is measured on the held-out MNIST test shard.
 """
 from __future__ import annotations
 
 import json
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ import webdataset as wds
 from torch import nn
 from torchvision.transforms import v2
 
+from .model_files import save_exported_program
 from .models import mnist_teacher
 from .preprocess import image_to_tensor
 
@@ -82,13 +82,11 @@ def train_demo_teacher(demo_dir: str | Path, epochs: int = 20, seed: int = 0, lo
     model.eval()
     acc = evaluate_on_shards(model, str(demo_dir / "eval" / "mnist-test.tar"))
     torch.save(model.state_dict(), out / "teacher.pt")
-    with warnings.catch_warnings():  # TorchScript is deprecated upstream but is a spec format users have
-        warnings.simplefilter("ignore", FutureWarning)
-        torch.jit.trace(model, torch.zeros(1, 3, INPUT_SIZE, INPUT_SIZE)).save(str(out / "teacher.torchscript.pt"))
+    save_exported_program(model, torch.zeros(2, 3, INPUT_SIZE, INPUT_SIZE), out / "teacher.pt2")
     spec = {
         "factory": FACTORY,
         "weights": "teacher.pt",
-        "torchscript": "teacher.torchscript.pt",
+        "program": "teacher.pt2",
         "input_size": INPUT_SIZE,
         "mean": list(MEAN),
         "std": list(STD),

@@ -13,7 +13,10 @@
   the epoch's data stream is fast-forwarded past the consumed batches (no compute) and the RNGs are
   restored, so the loss trajectory is the one of an uninterrupted run.
 - Writes metrics.jsonl, evaluates on the optional labelled eval set after every epoch, and exports
-  the student (state_dict, TorchScript + JSON sidecar) and summary.json.
+  the student: student.pt (state_dict), student.json (a spec that rebuilds it from the registry and
+  loads student.pt with weights_only: safe to load, feature API kept; summary.json's `checkpoint`),
+  student.pt2 (a torch.export program: portable, logits only) and summary.json. Model code from a
+  spec (TorchScript, a module:factory outside the allowlist) runs only with `trust_model_code`.
 """
 from __future__ import annotations
 
@@ -27,7 +30,6 @@ import signal
 import sys
 import threading
 import time
-import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -43,6 +45,7 @@ from .config import ConfigError, DistillConfig, load_config
 from .data import (DataError, EpochPlan, EpochStream, Manifest, Preprocess, check_shards, derive_seed,
                    epoch_batches, eval_batches, load_manifest)
 from .losses import Distiller, LogitDistiller, LossConfigError, build_distiller
+from .model_files import save_exported_program
 from .spec import ModelSpecError, load_model
 from .students import StudentError, build_student
 
@@ -194,15 +197,15 @@ def resolve_preprocess(cfg: DistillConfig, manifest: Manifest, teacher_spec: str
         if teacher_spec is None:
             raise ConfigError("config keys 'input_size'/'mean'/'std' are needed: neither the manifest nor a "
                               "'teacher' spec gives them")
-        loaded = load_model(teacher_spec)
+        loaded = load_model(teacher_spec, cfg.trust_model_code)
         size, mean, std = size or loaded.input_size, mean or loaded.mean, std or loaded.std
     return Preprocess(int(size), tuple(float(m) for m in mean), tuple(float(s) for s in std))
 
 
-def load_live_teacher(spec: str | None, prep: Preprocess, num_classes: int) -> nn.Module:
+def load_live_teacher(spec: str | None, prep: Preprocess, num_classes: int, trust_model_code: bool = False) -> nn.Module:
     if spec is None:
         raise ConfigError("teacher_mode: live needs a 'teacher' spec (none in the config or the manifest)")
-    teacher = load_model(spec).module
+    teacher = load_model(spec, trust_model_code).module
     with torch.no_grad():
         out = teacher.eval()(torch.zeros(2, 3, prep.size, prep.size))
     if out.ndim != 2 or out.shape[1] != num_classes:
@@ -250,21 +253,46 @@ def evaluate(model: nn.Module, shards, prep: Preprocess, batch_size: int, device
     return correct / total, total
 
 
-def export_student(distiller: Distiller, out: Path, prep: Preprocess, classes: list[str],
-                   extra: dict) -> Path:
-    """student.pt (state_dict), student.torchscript.pt and its sidecar student.torchscript.json."""
+def student_spec(distiller: Distiller, student: str, num_classes: int) -> dict:
+    """What student.json needs to rebuild the deployable student from the registry."""
+    from .losses.kd3 import KD3Student
+
+    spec = {"factory": student, "num_classes": num_classes, "weights": "student.pt"}
+    deployable = distiller.deployable()
+    if isinstance(deployable, KD3Student):  # backbone + projector + the teacher's pool and classifier
+        spec["kd3"] = {"teacher_channels": deployable.classifier.in_features,
+                       "factor": int(distiller.params["factor"])}
+    return spec
+
+
+def export_student(distiller: Distiller, out: Path, prep: Preprocess, classes: list[str], extra: dict,
+                   student: str, num_classes: int, trust_model_code: bool = False) -> Path | None:
+    """student.pt (state_dict), student.json (spec + preprocessing) and student.pt2 (torch.export).
+    Returns the checkpoint to record: student.json when it loads back to the same outputs (it keeps
+    the feature API), else student.pt2, else None. An export that fails costs a warning, not the run."""
     model = copy.deepcopy(distiller.deployable()).cpu().eval()
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     atomic_write(out / "student.pt", lambda tmp: torch.save(state, tmp))
-    example = torch.zeros(1, 3, prep.size, prep.size)
-    with warnings.catch_warnings():  # TorchScript is deprecated upstream but is a spec format users have
-        warnings.simplefilter("ignore")
-        traced = torch.jit.trace(model, example)
-    ts = out / "student.torchscript.pt"
-    atomic_write(ts, lambda tmp: traced.save(str(tmp)))
-    sidecar = {"input_size": prep.size, "mean": list(prep.mean), "std": list(prep.std), "classes": classes, **extra}
-    atomic_write(out / "student.torchscript.json", lambda tmp: tmp.write_text(json.dumps(sidecar, indent=2)))
-    return ts
+    spec = student_spec(distiller, student, num_classes) | {
+        "input_size": prep.size, "mean": list(prep.mean), "std": list(prep.std), "classes": classes, **extra}
+    atomic_write(out / "student.json", lambda tmp: tmp.write_text(json.dumps(spec, indent=2)))
+    example = torch.randn(2, 3, prep.size, prep.size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(example)
+    checkpoint = None
+    try:
+        save_exported_program(model, example, out / "student.pt2")
+        checkpoint = out / "student.pt2"
+    except Exception as exc:  # noqa: BLE001 - torch.export cannot trace every model
+        print(f"distill: warning: student.pt2 not written: {one_line(exc)}", file=sys.stderr)
+    try:
+        with torch.no_grad():
+            rebuilt = load_model(str(out / "student.json"), trust_model_code).module(example)
+        if torch.allclose(rebuilt, want, atol=1e-5, rtol=1e-4):
+            checkpoint = out / "student.json"
+    except ModelSpecError as exc:
+        print(f"distill: warning: student.json does not rebuild the student: {one_line(exc)}", file=sys.stderr)
+    return checkpoint
 
 
 # -- the job ------------------------------------------------------------------------------------
@@ -309,9 +337,10 @@ class Job:
                               f"({per_rank}): lower it, or set 'samples_per_epoch'")
         self.total_steps = cfg.epochs * self.steps
         num_classes = self.manifest.num_classes
-        teacher = None if self.stored else load_live_teacher(self.teacher_spec, self.prep, num_classes)
+        teacher = None if self.stored else load_live_teacher(self.teacher_spec, self.prep, num_classes,
+                                                             cfg.trust_model_code)
         torch.manual_seed(cfg.seed)  # the same initial student on every rank
-        student = build_student(cfg.student, num_classes)
+        student = build_student(cfg.student, num_classes, cfg.trust_model_code)
         self.distiller = build_distiller(cfg.loss, student, teacher, num_classes).to(world.device)
         if cfg.init_from:  # a new round continues from the previous round's student
             load_initial_weights(self.distiller.deployable(), cfg.init_from)
@@ -483,7 +512,7 @@ class Job:
             "name": cfg.run_name, "selection": cfg.selection, "selection_name": self.manifest.name,
             "student": cfg.student, "loss": cfg.loss["method"], "loss_config": cfg.loss,
             "teacher": self.teacher_spec, "teacher_mode": cfg.teacher_mode, "eval": cfg.eval,
-            "eval_accuracy": self.eval_accuracy, "checkpoint": str(self.out / "student.torchscript.pt"),
+            "eval_accuracy": self.eval_accuracy, "checkpoint": str(self.out / "student.json"),
             "state_dict": str(self.out / "student.pt"), "epochs": cfg.epochs, "steps": self.global_step,
             "steps_per_epoch": self.steps, "batch_size": cfg.batch_size,
             "samples_per_epoch": self.steps * cfg.batch_size, "num_classes": self.manifest.num_classes,
@@ -491,8 +520,10 @@ class Job:
             "world_size": self.d.world, "resumed_from_step": resumed_at or None,
         }
         if self.d.main:
-            export_student(self.distiller, self.out, self.prep, self.manifest.classes,
-                           {"student": cfg.student, "loss": cfg.loss["method"], "selection": cfg.selection})
+            checkpoint = export_student(self.distiller, self.out, self.prep, self.manifest.classes,
+                                        {"student": cfg.student, "loss": cfg.loss["method"], "selection": cfg.selection},
+                                        cfg.student, self.manifest.num_classes, cfg.trust_model_code)
+            summary["checkpoint"] = str(checkpoint) if checkpoint else None
             atomic_write(self.out / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))
         return summary
 

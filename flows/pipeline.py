@@ -13,6 +13,7 @@
     select: {policy: "dedup | kd3 | balance:k=2000;by=msp"}
     distill: {student: tiny_cnn, loss: {method: kd}, epochs: 5, nproc: 2, eval: eval/test.tar}
     rounds: 2
+    trust_model_code: false              # true: model files may run code (TorchScript, any module:factory)
     schedules: {crawl: "0 2 * * *", curation: "0 3 * * *", distill: "0 5 * * 0"}   # webdistill serve
 
 Round 1 scores with the teacher alone, selects, and distils. Each later round re-scores the pool
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,14 +33,15 @@ import yaml
 from prefect import flow, get_run_logger, task
 
 from curation import catalog
-from curation.errors import WebdistillError
-from curation.workspace import resolve_workspace
+from curation.errors import UnsafeName, WebdistillError
+from curation.workspace import check_name, remove_tree, resolve_workspace
 
 from .runners import task_runner
 from .stages import embed_flow, index_flow, ingest_flow, score_flow, select_flow, synthesize_flow
 
 SECTIONS = ("crawl", "ingest", "embed", "index", "knn_scores", "score", "select", "synthesize", "distill")
-TOP_KEYS = {"workspace", "runner", "workers", "max_failure_fraction", "rounds", "schedules", "name", *SECTIONS}
+TOP_KEYS = {"workspace", "runner", "workers", "max_failure_fraction", "rounds", "schedules", "name", "trust_model_code",
+            *SECTIONS}
 
 
 class PipelineConfigError(WebdistillError):
@@ -58,6 +59,7 @@ class PipelineConfig:
     name: str = "pipeline"
     schedules: dict = field(default_factory=dict)
     sections: dict = field(default_factory=dict)
+    trust_model_code: bool = False  # the user's word that the config's model files may run code
 
     def path(self, p: str | None) -> str | None:
         """A path from the config, made absolute against the config's folder. URLs, `pipe:` commands
@@ -88,11 +90,19 @@ def load_pipeline_config(path: str | Path) -> PipelineConfig:
     cfg = PipelineConfig(workspace="", base=str(path.resolve().parent), runner=raw.get("runner", "local"),
                          workers=int(raw.get("workers", 2)), max_failure_fraction=float(raw.get("max_failure_fraction", 0.1)),
                          rounds=int(raw.get("rounds", 1)), name=str(raw.get("name", path.stem)),
-                         schedules=dict(raw.get("schedules") or {}),
+                         schedules=dict(raw.get("schedules") or {}), trust_model_code=raw.get("trust_model_code", False),
                          sections={k: raw[k] for k in SECTIONS if k in raw})
     cfg.workspace = cfg.path(raw.get("workspace", "workspace"))
     if cfg.rounds < 1:
         raise PipelineConfigError(f"{path}: rounds must be >= 1")
+    if not isinstance(cfg.trust_model_code, bool):
+        raise PipelineConfigError(f"{path}: trust_model_code must be true or false")
+    # every round's scoring run, synthetic set, selection and student is a folder named <name>-round<r>
+    try:
+        check_name(cfg.name, "pipeline name")
+        check_name(f"{cfg.name}-round{cfg.rounds}", "pipeline round name")
+    except UnsafeName as exc:
+        raise PipelineConfigError(f"{path}: {exc} (set `name:` in the config)") from None
     if cfg.rounds > 1 and "distill" not in raw:
         raise PipelineConfigError(f"{path}: rounds > 1 need a 'distill' section (a student to re-score with)")
     return cfg
@@ -100,17 +110,21 @@ def load_pipeline_config(path: str | Path) -> PipelineConfig:
 
 def run_distillation(ws_root: str, name: str, selection: str, options: dict, init_from: str | None = None,
                      stream=None) -> dict:
-    """Write the job's config under students/<name>/, run it under torchrun, record the student."""
+    """Write the job's config under students/<name>/, run it under torchrun, record the student.
+    Both names pass `Workspace.owned`: the job writes, and a changed run deletes, only under students/."""
     from curation.workspace import Workspace
     from distill.launch import launch
 
     options = dict(options)
     ws = Workspace(ws_root)
-    out = ws.root / "students" / name
+    out = ws.owned("students", name, what="student run name")
+    manifest = ws.owned("selections", selection, what="selection name") / "manifest.json"
+    if not manifest.is_file():
+        raise WebdistillError(f"no selection {selection!r} in {manifest.parent.parent} (see: webdistill sql "
+                              "\"SELECT name, size FROM selections\")")
     out.mkdir(parents=True, exist_ok=True)
     nproc = int(options.pop("nproc", 1))
-    job = {"selection": str(ws.root / "selections" / selection / "manifest.json"), "out": str(out), "name": name,
-           "progress": False, **options}
+    job = {"selection": str(manifest), "out": str(out), "name": name, "progress": False, **options}
     if init_from:
         job["init_from"] = init_from
     config_path = out / "job.json"
@@ -119,7 +133,7 @@ def run_distillation(ws_root: str, name: str, selection: str, options: dict, ini
     if config_path.exists() and (json.loads(config_path.read_text()) != job
                                  or not stamp.exists() or stamp.read_text() != digest):
         # a new selection or config under this run name (a re-run round): train it from scratch
-        shutil.rmtree(out)
+        remove_tree(out, ws.root / "students")
         out.mkdir(parents=True)
     config_path.write_text(json.dumps(job, indent=2))
     stamp.write_text(digest)
@@ -142,21 +156,23 @@ def _abs_paths(cfg: PipelineConfig, section: dict, keys: tuple[str, ...]) -> dic
 
 
 @flow(name="pipeline")
-def pipeline_flow(config_path: str) -> dict:
-    """Every stage of the config, with its rounds."""
-    return run_stages(config_path, with_distill=True)
+def pipeline_flow(config_path: str, trust_model_code: bool = False) -> dict:
+    """Every stage of the config, with its rounds. Model code may run if the config or
+    `trust_model_code` (the CLI's --trust-model-code) says so."""
+    return run_stages(config_path, with_distill=True, trust_model_code=trust_model_code)
 
 
 @flow(name="curation")
-def curation_flow(config_path: str) -> dict:
+def curation_flow(config_path: str, trust_model_code: bool = False) -> dict:
     """The curation stages of the config (crawl to select), one round, no distillation."""
-    return run_stages(config_path, with_distill=False)
+    return run_stages(config_path, with_distill=False, trust_model_code=trust_model_code)
 
 
-def run_stages(config_path: str, with_distill: bool) -> dict:
+def run_stages(config_path: str, with_distill: bool, trust_model_code: bool = False) -> dict:
     from curation.remote import is_remote, synced
 
     cfg = load_pipeline_config(config_path)
+    cfg.trust_model_code = cfg.trust_model_code or trust_model_code
     if is_remote(cfg.workspace):  # mirror it locally for the stages, sync it back at the end
         with synced(cfg.workspace) as local:
             cfg.workspace = str(local)
@@ -177,7 +193,7 @@ def _run_config(cfg: PipelineConfig, with_distill: bool) -> dict:
     log = get_run_logger()
     ws, s = cfg.workspace, cfg.sections
     runner = task_runner(cfg.runner, cfg.workers)
-    frac = cfg.max_failure_fraction
+    frac, trust = cfg.max_failure_fraction, cfg.trust_model_code
     out: dict = {"workspace": ws, "rounds": [], "timings": timings}
 
     if "crawl" in s:
@@ -192,24 +208,28 @@ def _run_config(cfg: PipelineConfig, with_distill: bool) -> dict:
                           ws, shards, **{k: v for k, v in ingest.items() if k != "shards"}, max_failure_fraction=frac)
     if "embed" in s:
         e = _abs_paths(cfg, s["embed"], ("pretrained", "teacher"))
-        out["embed"] = timed("embed", embed_flow.with_options(task_runner=runner), ws, **e, max_failure_fraction=frac)
+        out["embed"] = timed("embed", embed_flow.with_options(task_runner=runner), ws, **e, max_failure_fraction=frac,
+                             trust_model_code=trust)
         out["index"] = timed("index", index_flow, ws, e.get("embedder", "open_clip:ViT-S-32"), s.get("index") or {},
-                             s.get("knn_scores") or [], cfg.workers)
+                             s.get("knn_scores") or [], cfg.workers, trust)
     score_opts = dict(s["score"])
     teacher = cfg.path(score_opts.pop("teacher"))
     select_opts = dict(s["select"])
     user_synthetic = list(select_opts.pop("synthetic", None) or [])
     distill_opts = _abs_paths(cfg, dict(s.get("distill") or {}), ("eval", "teacher")) if with_distill else {}
+    if distill_opts and trust:
+        distill_opts["trust_model_code"] = True
     student_ckpt = init_from = None
     for r in range(1, (cfg.rounds if with_distill else 1) + 1):
         name = f"{cfg.name}-round{r}"
         log.info("round %d: score, select%s", r, ", distill" if distill_opts else "")
         scored = timed(f"score r{r}", score_flow.with_options(task_runner=runner),
                        ws, teacher=teacher, student=student_ckpt, name=name, options=score_opts.get("options"),
-                       max_failure_fraction=frac)
+                       max_failure_fraction=frac, trust_model_code=trust)
         synthetic, made = list(user_synthetic), None
         if "synthesize" in s:  # confident synthetic images, mixed into this round's selection
-            made = timed(f"synthesize r{r}", synthesize_flow, ws, teacher=teacher, name=name, options=s["synthesize"])
+            made = timed(f"synthesize r{r}", synthesize_flow, ws, teacher=teacher, name=name, options=s["synthesize"],
+                         trust_model_code=trust)
             synthetic.append(made["name"])
         chosen = timed(f"select r{r}", select_flow, ws, name=name, synthetic=synthetic, **select_opts)
         round_out = {"round": r, "score": scored, "selection": chosen, "synthetic": made}

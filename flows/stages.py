@@ -96,11 +96,12 @@ def ingest_flow(workspace: str, shards: list[str], source: str | None = None, ma
 # --- embed ----------------------------------------------------------------------------------
 
 @_shard_task("embed-shards")()
-def embed_task(ws_root: str, embedder_args: dict, shards: list[str], batch_size: int, workers: int) -> dict:
+def embed_task(ws_root: str, embedder_args: dict, shards: list[str], batch_size: int, workers: int,
+               trust_model_code: bool = False) -> dict:
     from curation.embed import embed
     from curation.embedders import make_embedder
 
-    embedder = make_embedder(**embedder_args)
+    embedder = make_embedder(**embedder_args, trust_model_code=trust_model_code)
     s = embed(Workspace(ws_root), embedder, batch_size=batch_size, workers=workers, progress=False, only=shards)
     if s.failed_images:
         raise WebdistillError(f"{s.failed_images} image(s) could not be read again")
@@ -110,7 +111,7 @@ def embed_task(ws_root: str, embedder_args: dict, shards: list[str], batch_size:
 @flow(name="embed")
 def embed_flow(workspace: str, embedder: str = "open_clip:ViT-S-32", pretrained: str | None = None,
                teacher: str | None = None, precision: str = "fp32", batch_size: int = 256, workers: int = 2,
-               shards_per_task: int = 8, max_failure_fraction: float = 0.1) -> dict:
+               shards_per_task: int = 8, max_failure_fraction: float = 0.1, trust_model_code: bool = False) -> dict:
     """Shards are embedded in groups (one model load per group, decode workers inside)."""
     from curation.embed import shard_jobs
 
@@ -118,7 +119,7 @@ def embed_flow(workspace: str, embedder: str = "open_clip:ViT-S-32", pretrained:
     started = datetime.now(timezone.utc)
     args = {"name": embedder, "pretrained": pretrained, "teacher": teacher, "precision": precision}
     groups = _chunks([j.shard for j in shard_jobs(ws)], shards_per_task)
-    futures = embed_task.map(str(ws.root), [args] * len(groups), groups, batch_size, workers)
+    futures = embed_task.map(str(ws.root), [args] * len(groups), groups, batch_size, workers, trust_model_code)
     results, failed = gather(futures, [",".join(g) for g in groups], "embed", max_failure_fraction)
     summary = {"embedded": sum(len(r["embedded"]) for r in results), "skipped": sum(len(r["skipped"]) for r in results),
                "samples": sum(r["samples"] for r in results), "seconds": sum(r["seconds"] for r in results),
@@ -130,7 +131,8 @@ def embed_flow(workspace: str, embedder: str = "open_clip:ViT-S-32", pretrained:
 # --- index, near-duplicates, k-means, kNN scores ---------------------------------------------
 
 @task(name="index")
-def index_task(ws_root: str, embedder: str, config: dict, knn_scores: list[dict], workers: int = 2) -> dict:
+def index_task(ws_root: str, embedder: str, config: dict, knn_scores: list[dict], workers: int = 2,
+               trust_model_code: bool = False) -> dict:
     from curation.embedders import embedder_dir_name, embedder_from_workspace
     from curation.index import IndexConfig, build_index, kmeans_clusters, knn_score, near_duplicates
 
@@ -140,7 +142,8 @@ def index_task(ws_root: str, embedder: str, config: dict, knn_scores: list[dict]
            "kmeans_k": kmeans_clusters(ws, name, cfg)["k"], "knn": {}}
     for ref in knn_scores:  # {"name": ..., "prompts": [...]} or {"name": ..., "sql": "..."}
         if "prompts" in ref:
-            vectors = embedder_from_workspace(ws.root, name).encode_text(ref["prompts"]).numpy()
+            embedder_model = embedder_from_workspace(ws.root, name, trust_model_code=trust_model_code)
+            vectors = embedder_model.encode_text(ref["prompts"]).numpy()
             what = f"prompts: {ref['prompts']}"
         else:
             from curation.index import vectors_of
@@ -153,10 +156,10 @@ def index_task(ws_root: str, embedder: str, config: dict, knn_scores: list[dict]
 
 @flow(name="index")
 def index_flow(workspace: str, embedder: str = "open_clip:ViT-S-32", config: dict | None = None,
-               knn_scores: list[dict] | None = None, workers: int = 2) -> dict:
+               knn_scores: list[dict] | None = None, workers: int = 2, trust_model_code: bool = False) -> dict:
     ws = resolve_workspace(workspace)
     started = datetime.now(timezone.utc)
-    out = index_task(str(ws.root), embedder, config or {}, knn_scores or [], workers)
+    out = index_task(str(ws.root), embedder, config or {}, knn_scores or [], workers, trust_model_code)
     _record(ws, "index", started, {"embedder": embedder, **(config or {})},
             {"kind": out["index"]["kind"], "dup_clusters": out["dups"].get("clusters"), "kmeans_k": out["kmeans_k"]})
     return out
@@ -173,13 +176,15 @@ def score_task(ws_root: str, config: dict, shards: list[str]):
 
 @flow(name="score")
 def score_flow(workspace: str, teacher: str, student: str | None = None, name: str = "default",
-               options: dict | None = None, shards_per_task: int = 8, max_failure_fraction: float = 0.1) -> dict:
+               options: dict | None = None, shards_per_task: int = 8, max_failure_fraction: float = 0.1,
+               trust_model_code: bool = False) -> dict:
     from curation.embed import shard_jobs
     from curation.score import ScoreConfig, ScoreSummary, finish
 
     ws = resolve_workspace(workspace)
     started = datetime.now(timezone.utc)
-    config = {"teacher": teacher, "student": student, "name": name, **(options or {})}
+    config = {"teacher": teacher, "student": student, "name": name, **(options or {}),
+              "trust_model_code": trust_model_code}
     groups = _chunks([j.shard for j in shard_jobs(ws)], shards_per_task)
     futures = score_task.map(str(ws.root), [config] * len(groups), groups)
     results, failed = gather(futures, [",".join(g) for g in groups], "score", max_failure_fraction)
@@ -216,7 +221,8 @@ def select_flow(workspace: str, name: str, sql: str | None = None, policy: str |
 # --- synthesize -----------------------------------------------------------------------------
 
 @flow(name="synthesize")
-def synthesize_flow(workspace: str, teacher: str, name: str, options: dict | None = None) -> dict:
+def synthesize_flow(workspace: str, teacher: str, name: str, options: dict | None = None,
+                    trust_model_code: bool = False) -> dict:
     """Nguyen et al.: confident synthetic images per class, from a cVAE of the scored pool."""
     import torch
 
@@ -224,7 +230,7 @@ def synthesize_flow(workspace: str, teacher: str, name: str, options: dict | Non
 
     ws = resolve_workspace(workspace)
     started = datetime.now(timezone.utc)
-    config = SynthConfig(teacher=teacher, name=name, **(options or {}))
+    config = SynthConfig(teacher=teacher, name=name, **{**(options or {}), "trust_model_code": trust_model_code})
     torch.set_num_threads(1)  # small models: one thread beats two fighting the decode worker
     result = task(name="synthesize", retries=1)(synthesize)(ws, config, progress=False)
     out = {"name": name, "size": result.size, "unchanged": result.unchanged,

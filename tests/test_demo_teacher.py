@@ -4,6 +4,7 @@ import torch
 
 from distill.demo_teacher import INPUT_SIZE, evaluate_on_shards, train_demo_teacher
 from distill.models import mnist_teacher
+from distill.spec import load_model
 
 
 def test_demo_teacher_trains_saves_and_reloads_safely(small_crawl):
@@ -18,8 +19,10 @@ def test_demo_teacher_trains_saves_and_reloads_safely(small_crawl):
     model.eval()
     assert evaluate_on_shards(model, str(small_crawl / "eval" / "mnist-test.tar")) == spec["test_accuracy"]
 
-    scripted = torch.jit.load(str(teacher_dir / spec["torchscript"]))
+    # the torch.export program loads through the checked, untrusted path with the spec as its sidecar
+    exported = load_model(str(teacher_dir / spec["program"]))
+    assert exported.kind == "pt2" and exported.input_size == INPUT_SIZE and exported.classes == spec["classes"]
     x = torch.randn(4, 3, INPUT_SIZE, INPUT_SIZE)
     with torch.inference_mode():
-        assert torch.allclose(scripted(x), model(x), atol=1e-5)
+        assert torch.allclose(exported.module(x), model(x), atol=1e-5)
     assert model.embed(x).shape == (4, model.feature_dim)

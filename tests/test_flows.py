@@ -19,6 +19,7 @@ def write_config(tmp_path, small_crawl, teacher, **overrides) -> str:
     config = {
         "name": "t",
         "workspace": str(tmp_path / "ws"),
+        "trust_model_code": True,  # the embedder is the tests' own module:factory
         "ingest": {"shards": [str(small_crawl / "crawl")]},
         "embed": {"embedder": "teacher", "teacher": TEACHER_EMBEDDER, "workers": 0, "shards_per_task": 1},
         "index": {"kmeans_k": 4, "dup_threshold": 0.97},

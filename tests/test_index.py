@@ -19,11 +19,12 @@ from curation.embedders import EmbedderError, make_embedder
 from curation.index import (BadIndexConfig, IndexConfig, build_index, kmeans_clusters, knn_score, leader_clusters,
                             near_duplicates, search, top_k_per_sample, vectors_of)
 from curation.ingest import ingest
+from curation.select import SelectConfig, select
 from curation.workspace import Workspace
 
-from .conftest import run_cli, write_tar
+from .conftest import encode, noise_image, run_cli, write_tar
 
-SPEC = "tests.models_for_tests:thumbnail"  # a real module:factory teacher spec, fast and meaningful
+SPEC = "tests.models_for_tests:thumbnail"  # a real module:factory teacher spec, fast and meaningful (ours: trusted)
 EMB = "teacher"
 
 
@@ -66,7 +67,7 @@ def dup_crawl(tmp_path_factory):
                 sink.write(samples[i])
     ws = Workspace(root / "ws")
     ingest(ws, [str(root)], workers=1, progress=False)
-    embed(ws, make_embedder("teacher", teacher=SPEC), batch_size=64, workers=1, progress=False)
+    embed(ws, make_embedder("teacher", teacher=SPEC, trust_model_code=True), batch_size=64, workers=1, progress=False)
     catalog.refresh(ws)
     return ws, family
 
@@ -242,7 +243,7 @@ def test_artifacts_open_with_plain_faiss_numpy_and_pyarrow(dup_crawl):
 
 def test_reruns_are_idempotent(dup_crawl):
     ws, _ = dup_crawl
-    again = embed(ws, make_embedder("teacher", teacher=SPEC), progress=False)
+    again = embed(ws, make_embedder("teacher", teacher=SPEC, trust_model_code=True), progress=False)
     assert again.embedded == [] and len(again.skipped) == 3
     config = IndexConfig(dup_threshold=0.9)
     build_index(ws, EMB, config)
@@ -284,12 +285,16 @@ def test_knn_and_knn_score_from_the_command_line(dup_crawl, tmp_path):
     target.mkdir()
     _field(7).save(target / "seven.png")
     (target / "notes.txt").write_text("not an image")
+    # the workspace's embedder is the tests' own module:factory: loading it again needs the user's trust
+    untrusted = run_cli("knn", "-w", str(ws.root), "--embedder", "teacher", "--image", str(target / "seven.png"))
+    assert untrusted.returncode == 2 and "--trust-model-code" in untrusted.stderr, untrusted.stderr
     res = run_cli("knn", "-w", str(ws.root), "--embedder", "teacher", "--image", str(target / "seven.png"), "-k", "2",
-                  "--format", "json")
+                  "--format", "json", "--trust-model-code")
     assert res.returncode == 0, res.stderr
     rows = json.loads(res.stdout)
     assert [family[r["key"]] for r in rows][0] == 7 and rows[0]["similarity"] > 0.9
-    res = run_cli("knn-score", "-w", str(ws.root), "--embedder", "teacher", "--name", "sevens", "--images", str(target))
+    res = run_cli("knn-score", "-w", str(ws.root), "--embedder", "teacher", "--name", "sevens", "--images", str(target),
+                  "--trust-model-code")
     assert res.returncode == 0 and "skipping" in res.stderr, res.stderr
     res = run_cli("knn-score", "-w", str(ws.root), "--embedder", "teacher", "--name", "first",
                   "--sql", "SELECT sample_id FROM samples WHERE key = '0000'")
@@ -328,3 +333,83 @@ def test_open_clip_embedder_loads_a_user_checkpoint(dup_crawl, tmp_path):
         make_embedder("open_clip:no-such-model")
     with pytest.raises(EmbedderError):
         make_embedder("clip-retrieval")
+
+
+# ---------------------------------------------------------------- a pool of look-alikes
+
+def _look_alike_workspace(root):
+    """3,000 vectors (dim 64): 90% in one tight cluster (every pair at cosine ~0.98), 5% exact copies,
+    and 5 planted near-copies among the spread ones. Written in the real layout by the benchmark's helper."""
+    from bench.dedup_blowup import tight_pool, write_workspace
+
+    x, source = tight_pool(3000, 64, share=0.9, copies=0.05, seed=3)
+    spread = np.setdiff1d(np.arange(2700, 3000), np.concatenate([source[source != np.arange(3000)],
+                                                                 np.flatnonzero(source != np.arange(3000))]))
+    originals, near = spread[:5], spread[5:10]
+    noise = np.random.default_rng(4).standard_normal((5, 64)).astype(np.float32) * 0.01 / 8
+    x[near] = x[originals] + noise
+    x[near] /= np.linalg.norm(x[near], axis=1, keepdims=True)
+    write_workspace(root, x, source, shard_size=1000)
+    return Workspace(root), source, originals, near
+
+
+def test_a_pool_of_look_alikes_costs_the_cap_not_the_square(tmp_path):
+    ws, source, originals, near = _look_alike_workspace(tmp_path / "ws")
+    images, tight = len(np.unique(source)), source < 2700  # rows 0..2699 are the tight cluster
+    ids = np.concatenate([pq.read_table(f).column("sample_id").to_numpy(zero_copy_only=False)
+                          for f in sorted((ws.root / "samples").glob("*.parquet"))])
+    want = None
+    for config in (IndexConfig(verify="none", dup_max_neighbors=8),
+                   IndexConfig(verify="none", dup_max_neighbors=8, ivf_threshold=1000, nlist=16, nprobe=16)):
+        assert build_index(ws, "bench", config)["kind"] == ("flat" if config.ivf_threshold > 3000 else "ivf")
+        summary = near_duplicates(ws, "bench", config)
+        # 2,700 alike rows are 3.6M pairs above the threshold; at most 8 per distinct image are looked at
+        assert summary["images"] == images
+        assert 0 < summary["embedding_pairs"] <= summary["pairs_examined"] <= images * 8
+        dups = pq.read_table(ws.root / "dups" / "bench.parquet").to_pandas().set_index("sample_id").loc[ids]
+        cluster = dups["cluster_id"].to_numpy()
+        # the images that hit the cap are exactly the tight cluster's, and the summary counts them
+        assert dups["candidates_capped"].to_numpy().tolist() == tight.tolist()
+        assert summary["capped_images"] == len(np.unique(source[tight]))
+        assert len(set(cluster[tight])) == 1  # the look-alikes still form one cluster
+        for a, b in zip(originals, near):  # planted near-copies pair up, apart from everything else
+            assert cluster[a] == cluster[b] and (cluster == cluster[a]).sum() == 2
+        assert (cluster == cluster[source]).all()  # identical bytes share a cluster
+        assert want is None or (cluster == want).all()  # the IVF path finds the same clusters
+        want = cluster
+
+
+def test_the_pixel_check_keeps_its_clusters_when_every_pair_is_a_candidate(dup_crawl):
+    ws, family = dup_crawl
+    config = IndexConfig(dup_threshold=-1.0, dup_max_neighbors=8)  # every pair is above the threshold
+    build_index(ws, EMB, config)
+    summary = near_duplicates(ws, EMB, config)
+    assert summary["capped_images"] == summary["images"] == 320  # 340 samples, 20 exact copies
+    assert summary["pairs_examined"] <= 320 * 8 and summary["candidates_from_embedding"] <= 320 * 8
+    catalog.refresh(ws)
+    precision, recall = pair_precision_recall(_clusters(ws), family)
+    assert precision > 0.95 and recall > 0.95, (precision, recall)
+    capped = catalog.query(ws, "SELECT count(*) FILTER (WHERE candidates_capped) AS n FROM dups").column("n")[0].as_py()
+    assert capped == 340
+
+
+def test_dedup_without_an_index_keeps_one_sample_per_sha256(tmp_path):
+    images = [encode(noise_image(seed), "PNG") for seed in range(4)]
+    with_copies = [{"__key__": f"k{i}", "png": images[i % 4]} for i in range(7)]  # k4, k5, k6 copy k0, k1, k2
+    for name, samples in (("copies", with_copies), ("distinct", with_copies[:4])):
+        ws = Workspace(tmp_path / name)
+        ingest(ws, [str(write_tar(tmp_path / f"{name}-shards" / "00000.tar", samples))], workers=1, progress=False)
+        catalog.refresh(ws)
+        if name == "copies":  # as a user would, from the command line: one line says what dedup did
+            res = run_cli("select", "-w", str(ws.root), "--name", "one-each", "--policy", "dedup")
+            assert res.returncode == 0, res.stderr
+            assert "note: dedup: no near-duplicate clusters" in res.stderr and "one sample per sha256" in res.stderr
+            manifest = json.loads((ws.root / "selections" / "one-each" / "manifest.json").read_text())
+        else:
+            manifest = select(ws, SelectConfig(name="one-each", policy="dedup")).manifest
+        assert manifest["total"] == 4 and any("one sample per sha256" in note for note in manifest["notes"])
+        rows = catalog.query(ws, "SELECT sample_id, sha256 FROM samples").to_pandas()
+        assert len(rows) == len(samples)
+        lowest = set(rows.sort_values("sample_id").groupby("sha256")["sample_id"].first())
+        tars = [str(t) for t in sorted((ws.root / "selections" / "one-each").glob("*.tar"))]
+        assert {s["__key__"] for s in wds.WebDataset(tars, shardshuffle=False)} == lowest

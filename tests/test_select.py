@@ -23,7 +23,7 @@ from distill.spec import load_model
 
 from .conftest import run_cli
 
-TEACHER = "tests.models_for_tests:thumbnail"
+TEACHER = "tests.models_for_tests:thumbnail"  # the tests' own module: trusted
 STUDENT = "distill.models:tiny_student"
 
 
@@ -31,13 +31,13 @@ STUDENT = "distill.models:tiny_student"
 def scored(small_crawl, tmp_path_factory):
     ws = Workspace(tmp_path_factory.mktemp("ws"))
     ingest(ws, [str(small_crawl / "crawl")], workers=1, progress=False)
-    embedder = make_embedder("teacher", teacher=TEACHER)
+    embedder = make_embedder("teacher", teacher=TEACHER, trust_model_code=True)
     embed(ws, embedder, batch_size=128, workers=0, progress=False)
     config = IndexConfig(dup_threshold=0.97, kmeans_k=6)
     build_index(ws, "teacher", config)
     near_duplicates(ws, "teacher", config)
     kmeans_clusters(ws, "teacher", config)
-    summary = score(ws, ScoreConfig(teacher=TEACHER, student=STUDENT, name="r1", batch_size=128, workers=0,
+    summary = score(ws, ScoreConfig(teacher=TEACHER, student=STUDENT, name="r1", batch_size=128, workers=0, trust_model_code=True,
                                     reference_confidence=0.2), progress=False)
     catalog.refresh(ws)
     return ws, summary
@@ -61,7 +61,7 @@ def test_scores_cover_every_sample_and_are_documented(scored):
 
 def test_score_rerun_skips_every_shard(scored):
     ws, _ = scored
-    again = score(ws, ScoreConfig(teacher=TEACHER, student=STUDENT, name="r1", batch_size=128, workers=0,
+    again = score(ws, ScoreConfig(teacher=TEACHER, student=STUDENT, name="r1", batch_size=128, workers=0, trust_model_code=True,
                                   reference_confidence=0.2), progress=False)
     assert again.scored == [] and len(again.skipped) == 3 and not again.finalized
 
@@ -94,8 +94,8 @@ def test_curated_shards_read_back_with_plain_webdataset(scored):
 
     truth = {r["sample_id"]: r for r in catalog.query(ws, "SELECT sample_id, sha256, cluster_id, teacher_label "
                                                             "FROM candidates").to_pylist()}
-    teacher = load_model(TEACHER)
-    scorer = BatchScorer(ScoreConfig(teacher=TEACHER, odin=False))
+    teacher = load_model(TEACHER, trust_model_code=True)
+    scorer = BatchScorer(ScoreConfig(teacher=TEACHER, odin=False, trust_model_code=True))
     from PIL import Image
     for s in samples:
         meta = json.loads(s["json"])
@@ -148,5 +148,119 @@ def test_bad_selections_give_one_line_and_write_nothing(scored, args, message):
 
 def test_bad_teacher_spec_is_one_line(scored):
     ws, _ = scored
-    proc = run_cli("score", "-w", str(ws.root), "--teacher", "no_such_module:factory")
+    proc = run_cli("score", "-w", str(ws.root), "--teacher", "no_such_module:factory", "--trust-model-code")
     assert proc.returncode == 2 and "cannot import" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------- parameters
+
+def _no_selection_written(ws, name):
+    selections = ws.root / "selections"
+    return not (selections / name).exists() and not list(selections.glob(f".tmp-{name}-*"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--policy", "topk:k=5;by=msp", "--limit", "-1"], "limit must be an integer >= 1, got -1"),
+    (["--policy", "topk:k=5;by=msp", "--limit", "0"], "limit must be an integer >= 1, got 0"),
+    (["--policy", "topk:k=5;by=msp", "--shard-size", "0"], "shard-size must be an integer >= 1, got 0"),
+    (["--policy", "topk:k=5;by=msp", "--shard-size", "-3"], "shard-size must be an integer >= 1, got -3"),
+    (["--policy", "topk:k=5;by=msp", "--seed", "-1"], "seed must be an integer >= 0, got -1"),
+    (["--policy", "topk:k=-1;by=msp"], "must be a positive integer"),
+    (["--policy", "softmax:k=5;by=msp;tau=0"], "must be a finite number > 0"),
+    (["--policy", "softmax:k=5;by=msp;tau=nan"], "must be a number"),
+    (["--policy", "softmax:k=5;by=msp;tau=inf"], "must be a finite number > 0"),
+    (["--policy", "balance:per_class=0"], "must be a positive integer"),
+    (["--policy", "diversity:max_per_cluster=-2"], "must be a positive integer"),
+    (["--policy", "threshold:by=msp;min=nan"], "must be a number"),
+    (["--policy", "kd3:tau=0"], "must be in (0, 1]"),
+    (["--sql", "SELECT sample_id, 'NaN'::DOUBLE AS weight FROM candidates"], "not a finite number > 0"),
+    (["--sql", "SELECT sample_id, -1e308::DOUBLE AS weight FROM candidates"], "not a finite number > 0"),
+    (["--sql", "SELECT sample_id, 'inf'::DOUBLE AS weight FROM candidates"], "not a finite number > 0"),
+    (["--sql", "SELECT sample_id, -1.0 AS weight FROM candidates", "--policy", "dedup"], "not a finite number > 0"),
+    (["--sql", "SELECT sample_id, 1e308 AS weight FROM candidates"], "add up to more than a float holds"),
+])
+def test_bad_select_parameters_give_one_line_and_write_nothing(scored, capsys, args, message):
+    from flows.cli import main
+
+    ws, _ = scored
+    assert main(["select", "-w", str(ws.root), "--name", "badparam", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert _no_selection_written(ws, "badparam")
+
+
+def test_null_weights_count_as_one_and_the_manifest_is_strict_json(scored):
+    ws, _ = scored
+    result = select(ws, SelectConfig(name="nullw", sql="SELECT sample_id, NULL::DOUBLE AS weight FROM candidates",
+                                     limit=7))
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    manifest = json.loads((result.path / "manifest.json").read_text(), parse_constant=refuse)
+    assert manifest["total"] == 7 and manifest["weight_sum"] == 7.0
+    for sample in _read_selection(result.path)[1]:
+        assert json.loads(sample["json"], parse_constant=refuse)["weight"] == 1.0
+
+
+# ---------------------------------------------------------------- the swap
+
+def _selection_is_whole(folder) -> str | None:
+    """None when `folder` holds a complete selection (manifest, every shard with its sha256), else why not."""
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        return f"no readable manifest: {exc}"
+    for shard in manifest["shards"]:
+        path = folder / shard["path"]
+        if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != shard["sha256"]:
+            return f"{shard['path']} missing or changed"
+    return None if sum(s["count"] for s in manifest["shards"]) == manifest["total"] else "counts disagree"
+
+
+KILLER = r"""
+import json, os, random, signal, sys, time
+from curation.select import SelectConfig, select
+from curation.workspace import Workspace
+from tests.test_select import _selection_is_whole
+
+ws, rounds = Workspace(sys.argv[1]), int(sys.argv[2])
+configs = [SelectConfig(name="killed", policy=f"topk:k={k};by=msp", shard_size=3) for k in (30, 21)]
+
+def run(config):
+    pid = os.fork()
+    if pid == 0:
+        select(ws, config)
+        os._exit(0)
+    return pid
+
+start = time.perf_counter()
+os.waitpid(run(configs[0]), 0)  # a first selection, uninterrupted: what every kill must leave intact
+took = time.perf_counter() - start
+rng, report = random.Random(0), []
+for i in range(rounds):
+    pid = run(configs[(i + 1) % 2])
+    time.sleep(rng.uniform(0.2, 1.1) * took)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    temps = sorted(p.name for p in (ws.root / "selections").glob(".*-killed-*"))
+    report.append({"whole": _selection_is_whole(ws.root / "selections" / "killed"), "temps": temps})
+print(json.dumps(report))
+"""
+
+
+def test_select_killed_at_random_times_leaves_a_whole_selection_and_the_next_run_cleans_up(scored):
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    ws, _ = scored
+    proc = subprocess.run([sys.executable, "-c", KILLER, str(ws.root), "8"], capture_output=True, text=True,
+                          cwd=ROOT, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert [r["whole"] for r in report] == [None] * len(report), report  # old or new, never none, never a mix
+    result = select(ws, SelectConfig(name="killed", policy="topk:k=12;by=msp", shard_size=3))
+    assert result.size == 12 and _selection_is_whole(result.path) is None
+    assert sorted(p.name for p in (ws.root / "selections").glob(".*-killed-*")) == []

@@ -89,7 +89,7 @@ def teacher_spec(tmp_path_factory) -> str:
 def config(teacher: str, **kw) -> SynthConfig:
     base = dict(teacher=teacher, name="syn", image_size=SIZE, latent_dim=4, vae_epochs=5, vae_samples=400,
                 vae_batch_size=16, vae_lr=5e-3, search_steps=20, search_lr=0.5, per_class=6, conf_threshold=0.9,
-                candidates_per_class=12, shard_size=10, batch_size=64, workers=0)
+                candidates_per_class=12, shard_size=10, batch_size=64, workers=0, trust_model_code=True)
     return SynthConfig(**(base | kw))
 
 
@@ -126,7 +126,7 @@ def test_cvae_training_lowers_reconstruction_loss(teacher_spec):
 @pytest.mark.parametrize("search", ["gradient", "evolution"])
 def test_latent_search_raises_the_targets_confidence(teacher_spec, search):
     x, y = pool_tensors()
-    teacher = load_model(teacher_spec)
+    teacher = load_model(teacher_spec, trust_model_code=True)
     cvae = train_cvae(x, y, 4, config(teacher_spec))
     labels = torch.arange(4).repeat_interleave(10)
     eps0 = initial_offsets(list(range(len(labels))), 4)
@@ -142,7 +142,7 @@ def test_latent_search_raises_the_targets_confidence(teacher_spec, search):
 
 def test_search_keeps_latents_in_the_prior_ball(teacher_spec):
     x, y = pool_tensors()
-    teacher = load_model(teacher_spec)
+    teacher = load_model(teacher_spec, trust_model_code=True)
     cvae = train_cvae(x, y, 4, config(teacher_spec))
     labels = torch.arange(4).repeat_interleave(5)
     eps0 = 3 * initial_offsets(list(range(len(labels))), 4)  # far from the prior's mean
@@ -187,7 +187,7 @@ def scored_ws(tmp_path_factory, teacher_spec) -> Workspace:
         write_tar(root / "crawl" / f"{shard:05d}.tar", samples)
     ws = Workspace(root / "ws")
     ingest(ws, [str(root / "crawl")], workers=1, progress=False)
-    score(ws, ScoreConfig(teacher=teacher_spec, name="s0", batch_size=64, workers=0, odin=False), progress=False)
+    score(ws, ScoreConfig(teacher=teacher_spec, name="s0", batch_size=64, workers=0, odin=False, trust_model_code=True), progress=False)
     return ws
 
 
@@ -213,7 +213,7 @@ def test_shards_hold_confident_balanced_samples_the_teacher_agrees_with(synthesi
     assert manifest["provenance"] == "synthetic" and manifest["num_classes"] == 4
     assert (manifest["classes"], manifest["input_size"], manifest["mean"]) == (["tl", "tr", "bl", "br"], 32, [0.5] * 3)
 
-    teacher = load_model(teacher_spec)
+    teacher = load_model(teacher_spec, trust_model_code=True)
     labels = []
     for s in samples:
         meta = json.loads(s["json"])

@@ -226,7 +226,6 @@ def run_in_process(config: Path) -> dict:
     return json.loads((Path(load_config(config).out) / "summary.json").read_text())
 
 
-@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
 def test_stored_and_live_teacher_runs_export_a_loadable_student(data):
     root = data["root"] / "runs"
     stored = run_in_process(job_config(data, root / "stored", epochs=1, workers=0))
@@ -239,14 +238,19 @@ def test_stored_and_live_teacher_runs_export_a_loadable_student(data):
     assert main([str(job_config(data, root / "stored", epochs=1, workers=0, lr=0.1))]) == 2  # not its checkpoint
     assert live["loss"] == "kd3" and live["eval_accuracy"] is not None
     x = as_input(colour_images(8, seed=9)[0])
-    # kd: the TorchScript export == the tiny_cnn student with student.pt
+    # kd: the checkpoint is student.json (registry + weights_only, features kept) == tiny_cnn with
+    # student.pt, and student.pt2 (torch.export, read with the checked loader) gives the same logits
+    assert Path(stored["checkpoint"]).name == "student.json"
     loaded = load_model(stored["checkpoint"])
-    assert loaded.scripted and loaded.input_size == 32 and loaded.mean == (0.5, 0.5, 0.5)
-    assert loaded.classes == [f"hue{c}" for c in range(N_CLASSES)]
+    assert loaded.kind == "module" and loaded.input_size == 32 and loaded.mean == (0.5, 0.5, 0.5)
+    assert loaded.classes == [f"hue{c}" for c in range(N_CLASSES)] and hasattr(loaded.module, "embed")
+    exported = load_model(str(root / "stored" / "student.pt2"))
+    assert exported.kind == "pt2" and exported.classes == loaded.classes and exported.input_size == 32
     student = build_student("tiny_cnn", N_CLASSES)
     student.load_state_dict(torch.load(root / "stored" / "student.pt", weights_only=True))
     with torch.no_grad():
         torch.testing.assert_close(loaded.module(x), student.eval()(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(exported.module(x), student.eval()(x), atol=1e-5, rtol=1e-5)
     # kd3: the deployable (backbone + projector + the teacher's classifier) exports and reloads the same way
     teacher = load_model(data["teacher"]).module
     distiller = build_distiller({"method": "kd3", "weights": {"ntxent": 0.0}}, build_student("tiny_cnn", N_CLASSES),
@@ -255,6 +259,9 @@ def test_stored_and_live_teacher_runs_export_a_loadable_student(data):
     deployable.load_state_dict(torch.load(root / "live" / "student.pt", weights_only=True))
     with torch.no_grad():
         torch.testing.assert_close(load_model(live["checkpoint"]).module(x), deployable.eval()(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(load_model(str(root / "live" / "student.pt2")).module(x), deployable(x),
+                                   atol=1e-5, rtol=1e-5)
+    assert Path(live["checkpoint"]).name == "student.json"  # KD^3's deployable rebuilds from the registry too
 
 
 def test_sigterm_checkpoints_and_the_rerun_continues_the_same_trajectory(data):
