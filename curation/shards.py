@@ -192,12 +192,10 @@ def stored_url_refusal(url: object) -> str | None:
         url = url[len("file://"):]
     if not os.path.isabs(url):
         return "it is neither an absolute local path nor a storage URL"
-    try:
-        mode = os.stat(url).st_mode
-    except OSError:
-        return None  # missing: opening it says so, as for any vanished shard
     # a FIFO, a device or /proc/self/fd/0 would block or never end: only a plain file is a shard
-    return None if stat.S_ISREG(mode) else "it is not a regular file"
+    # (a missing one is reported when it is opened, as for any vanished shard)
+    odd = _not_a_regular_file(url)
+    return f"it is {odd}, not a regular file" if odd else None
 
 
 def open_stored_shard(url: object) -> BinaryIO:
