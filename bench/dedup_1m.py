@@ -21,7 +21,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from curation.index import IndexConfig, _make_index, similar_pairs  # noqa: E402
+from curation.index import IndexConfig, make_index, similar_pairs  # noqa: E402
 
 
 def make_vectors(n: int, dim: int, n_dups: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -51,15 +51,15 @@ def main() -> None:
     x, planted = make_vectors(args.n, args.dim, args.dups, args.seed)
     config = IndexConfig(ivf_threshold=1, dup_threshold=args.threshold, nprobe=args.nprobe, seed=args.seed)
     start = time.perf_counter()
-    index, kind = _make_index(x, config)
+    index, kind = make_index(x, config)
     index.add(x)
     build_s = time.perf_counter() - start
     faiss.extract_index_ivf(index).nprobe = args.nprobe
     start = time.perf_counter()
-    i, j = similar_pairs(index, x, args.threshold)
+    pairs = similar_pairs(index, x, args.threshold, config.dup_max_neighbors)
     query_s = time.perf_counter() - start
 
-    found = set(zip(i.tolist(), j.tolist()))
+    found = set(zip(pairs.i.tolist(), pairs.j.tolist()))
     planted_found = sum((min(a, b), max(a, b)) in found for a, b in planted)
     # exact search on a subset of queries: every pair above the threshold it finds, did IVF find it?
     rng = np.random.default_rng(args.seed + 1)
@@ -73,7 +73,7 @@ def main() -> None:
         "n": args.n, "dim": args.dim, "index": kind, "nlist": faiss.extract_index_ivf(index).nlist,
         "nprobe": args.nprobe, "threshold": args.threshold, "threads": faiss.omp_get_max_threads(),
         "build_seconds": round(build_s, 2), "query_seconds": round(query_s, 2),
-        "pairs_found": len(found), "planted_pairs": len(planted),
+        "pairs_found": len(found), "planted_pairs": len(planted), "capped_vectors": len(pairs.capped),
         "recall_planted": round(planted_found / len(planted), 4),
         "exact_pairs_in_subset": len(exact_pairs),
         "recall_vs_exact_subset": round(sum(p in found for p in exact_pairs) / max(len(exact_pairs), 1), 4),

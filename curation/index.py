@@ -5,7 +5,9 @@
     index/<embedder>/meta.json     kind (flat | ivf | ivfpq), size, dim, the stamp of its inputs
     dups/<embedder>.parquet        near-duplicate clusters: one representative per cluster
                                    (candidate pairs from the embedding and from thumbnails,
-                                   verified on the pixels: see curation/dup_verify.py)
+                                   verified on the pixels: see curation/dup_verify.py), and
+                                   `candidates_capped` where an image had more look-alikes than
+                                   `dup_max_neighbors`
     clusters/<embedder>.parquet    k-means cluster of every sample, for diversity-aware selection
     knn_scores/<name>.parquet      kNN similarity to a reference set (higher = closer)
 
@@ -23,18 +25,20 @@ from pathlib import Path
 import faiss
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from . import dup_verify
 from .errors import WebdistillError
-from .workspace import Workspace, atomic_path, config_hash, read_parquet_metadata, write_parquet_atomic
+from .schemas import SAMPLES
+from .workspace import Workspace, atomic_path, check_name, config_hash, read_parquet_metadata, write_parquet_atomic
 
 INDEX_VERSION = 1
 
 
-DUPS_VERSION = 2
+DUPS_VERSION = 3
 VERIFY_MODES = ("pixels", "none")
 
 
@@ -54,6 +58,9 @@ class IndexConfig:
     nprobe: int = 32
     train_size: int = 200_000
     dup_threshold: float = 0.95  # cosine similarity at or above which two samples are near-duplicate candidates
+    # per image, at most this many embedding neighbours at or above dup_threshold are candidates: a pool
+    # of look-alikes then costs n * dup_max_neighbors pairs, not n^2 (images that hit the cap are counted)
+    dup_max_neighbors: int = 32
     # "pixels": a candidate pair joins a cluster only if one image is a crop/resize/re-encode of the other
     # on the pixels (curation/dup_verify.py); "none": the embedding alone decides, as in DUPS_VERSION 1
     verify: str = "pixels"
@@ -66,6 +73,8 @@ class IndexConfig:
     def __post_init__(self) -> None:
         if self.verify not in VERIFY_MODES:
             raise BadIndexConfig(f"verify must be one of {', '.join(VERIFY_MODES)}, not {self.verify!r}")
+        if self.dup_max_neighbors < 1:
+            raise BadIndexConfig(f"dup_max_neighbors must be at least 1, not {self.dup_max_neighbors}")
         if self.dup_neighbours < 1:
             raise BadIndexConfig(f"dup_neighbours must be at least 1, not {self.dup_neighbours}")
         if not self.dup_max_residual > 0:
@@ -77,7 +86,7 @@ class IndexConfig:
         return {k: getattr(self, k) for k in ("ivf_threshold", "nlist", "pq_m", "train_size", "seed")}
 
     def dups_part(self) -> dict:
-        keys = ["dup_threshold", "nprobe", "verify"]
+        keys = ["dup_threshold", "dup_max_neighbors", "nprobe", "verify"]
         if self.verify == "pixels":
             keys += ["dup_neighbours", "dup_max_residual", "dup_max_crop",  # and the thumbnail index's settings:
                      "ivf_threshold", "nlist", "train_size", "seed"]
@@ -97,24 +106,33 @@ class Vectors:
 
 def load_vectors(ws: Workspace, embedder: str) -> Vectors:
     """Every shard's vectors for one embedder, in (shard, row) order."""
-    folder = ws.root / "embeddings" / embedder
+    folder = ws.owned("embeddings", embedder, what="embedder")
     id_maps = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
     if not id_maps:
         raise IndexMissing(f"no embeddings for {embedder!r} in {ws.root}; run `webdistill embed` first")
-    xs, ids, stamps = [], [], []
+    stored, ids, stamps = [], [], []
     for m in id_maps:
-        xs.append(np.load(m.with_suffix(".npy")).astype(np.float32))
+        stored.append(np.load(m.with_suffix(".npy"), mmap_mode="r"))  # float16 on disk, read once below
         ids.append(pq.read_table(m, columns=["sample_id"]).column("sample_id").to_numpy(zero_copy_only=False))
         stamps.append([m.stem, read_parquet_metadata(m).get("stamp")])
-    return Vectors(np.ascontiguousarray(np.concatenate(xs)), np.concatenate(ids), config_hash({"shards": stamps}))
+    if len({a.shape[1:] for a in stored}) != 1 or stored[0].ndim != 2:
+        raise IndexMissing(f"the {embedder!r} embeddings of {ws.root} have mixed shapes; run `webdistill embed` again")
+    # one float32 array filled shard by shard: peak memory is the pool once, not twice
+    x = np.empty((sum(len(a) for a in stored), stored[0].shape[1]), np.float32)
+    start = 0
+    for a in stored:
+        x[start : start + len(a)] = a
+        start += len(a)
+    return Vectors(x, np.concatenate(ids), config_hash({"shards": stamps}))
 
 
 def _paths(ws: Workspace, embedder: str) -> dict[str, Path]:
-    d = ws.root / "index" / embedder
+    d = ws.owned("index", embedder, what="embedder")
     return {"index": d / "index.faiss", "ids": d / "ids.parquet", "meta": d / "meta.json"}
 
 
-def _make_index(x: np.ndarray, config: IndexConfig) -> tuple[faiss.Index, str]:
+def make_index(x: np.ndarray, config: IndexConfig) -> tuple[faiss.Index, str]:
+    """An empty index for vectors like x, trained if it is IVF: (index, kind)."""
     n, d = x.shape
     if n < config.ivf_threshold:
         return faiss.IndexFlatIP(d), "flat"
@@ -142,7 +160,7 @@ def build_index(ws: Workspace, embedder: str, config: IndexConfig = IndexConfig(
         if meta.get("stamp") == stamp:
             return meta | {"skipped": True}
     start = time.perf_counter()
-    index, kind = _make_index(vec.x, config)
+    index, kind = make_index(vec.x, config)
     index.add(vec.x)
     with atomic_path(paths["index"]) as tmp:
         faiss.write_index(index, str(tmp))
@@ -167,28 +185,95 @@ def open_index(ws: Workspace, embedder: str, nprobe: int = 32) -> tuple[faiss.In
     return index, ids, json.loads(paths["meta"].read_text())
 
 
-def similar_pairs(index: faiss.Index, x: np.ndarray, threshold: float, chunk: int = 16_384) -> tuple[np.ndarray, np.ndarray]:
-    """All pairs (i < j) with cosine similarity >= threshold. The index proposes candidates
-    (approximately, for IVF/PQ); the exact dot product on the stored vectors decides."""
-    rows, cols = [], []
-    probe = threshold - 0.05 if not isinstance(index, faiss.IndexFlat) else threshold  # PQ distances are rough
-    for start in range(0, len(x), chunk):
-        q = x[start : start + chunk]
-        lims, _, found = index.range_search(q, probe)
-        qi = np.repeat(np.arange(start, start + len(q)), np.diff(lims).astype(np.int64))
-        keep = found > qi
-        qi, found = qi[keep], found[keep]
-        exact = np.einsum("ij,ij->i", x[qi], x[found])
-        ok = exact >= threshold
-        rows.append(qi[ok])
-        cols.append(found[ok])
-    return np.concatenate(rows), np.concatenate(cols)
+@dataclass
+class NeighbourPairs:
+    """Pairs (i < j, positions in the index) at or above a cosine threshold, each once."""
+    i: np.ndarray
+    j: np.ndarray
+    sim: np.ndarray  # float32: the exact cosine of each pair
+    capped: np.ndarray  # positions whose every one of their max_neighbors slots was above the threshold
+    examined: int  # neighbour slots checked: at most (positions) * max_neighbors
 
 
-def _samples_table(ws: Workspace) -> pa.Table:
+def similar_pairs(index: faiss.Index, x: np.ndarray, threshold: float, max_neighbors: int = 32,
+                  rows: np.ndarray | None = None, chunk: int = 4096) -> NeighbourPairs:
+    """Each indexed vector's at most `max_neighbors` nearest others at cosine >= threshold.
+
+    `rows`: the rows of x the index holds, in its order (None: all of x). The index proposes each
+    vector's nearest (approximately, for IVF/PQ); the exact dot product on x decides. Memory grows
+    with the index size times max_neighbors, never with the number of pairs above the threshold:
+    a vector whose every slot was taken is in `capped`, as it may have more look-alikes."""
+    rows = np.arange(len(x)) if rows is None else np.asarray(rows, np.int64)
+    n, d = len(rows), x.shape[1]
+    k = min(max_neighbors + 1, n)  # + 1: a vector finds itself
+    block = max(1, (64 << 20) // (4 * k * d))  # rows whose k neighbour vectors are gathered at once: 64 MiB
+    codes, sims, capped, examined = [np.zeros(0, np.int64)], [np.zeros(0, np.float32)], [np.zeros(0, np.int64)], 0
+    for start in range(0, n, chunk):
+        q = np.arange(start, min(start + chunk, n))
+        _, found = index.search(x[rows[q]], k)
+        valid = found >= 0
+        exact = np.empty(found.shape, np.float32)
+        for b in range(0, len(q), block):
+            near = x[rows[np.where(valid[b : b + block], found[b : b + block], q[b : b + block, None])]]
+            exact[b : b + block] = np.matmul(near, x[rows[q[b : b + block]], :, None])[..., 0]
+        capped.append(q[(valid & (exact >= threshold)).all(axis=1)])
+        other = valid & (found != q[:, None])
+        other &= np.cumsum(other, axis=1) <= max_neighbors  # itself not among the k (ties): still at most the cap
+        examined += int(other.sum())
+        keep = other & (exact >= threshold)
+        a, b = np.broadcast_to(q[:, None], found.shape)[keep], found[keep]
+        codes.append(np.minimum(a, b) * n + np.maximum(a, b))
+        sims.append(exact[keep])
+    code, first = np.unique(np.concatenate(codes), return_index=True)
+    return NeighbourPairs(code // n, code % n, np.concatenate(sims)[first], np.concatenate(capped), examined)
+
+
+def _aligned_samples(ws: Workspace, ids: np.ndarray, columns: list[str]) -> pa.Table:
+    """The samples table's columns for each index row, in index order (nulls where a sample is unknown);
+    kept in Arrow, so a million rows cost tens of MB, not Python dicts."""
     files = sorted((ws.root / "samples").glob("*.parquet"))
-    columns = ["sample_id", "sha256", "width", "height", "shard_url", "key", "ext"]
-    return pa.concat_tables([pq.read_table(f, columns=columns) for f in files])
+    tables = [pq.read_table(f, columns=["sample_id", *columns]) for f in files]
+    table = pa.concat_tables(tables) if tables else SAMPLES.empty_table().select(["sample_id", *columns])
+    return table.take(pc.index_in(pa.array(ids, pa.string()), value_set=table["sample_id"]))
+
+
+@dataclass
+class _Images:
+    """Index rows grouped by identical bytes (sha256): near-duplicate work is per image."""
+    of_row: np.ndarray  # (rows,) the image of each row
+    rep_row: np.ndarray  # (images,) each image's row with the smallest sample_id
+    id_rank: np.ndarray  # (rows,) the rank of each row's sample_id
+
+
+def _distinct_images(ids: np.ndarray, sha256: pa.ChunkedArray) -> _Images:
+    id_rank = np.empty(len(ids), np.int64)
+    id_rank[np.argsort(ids, kind="stable")] = np.arange(len(ids))
+    codes = pc.fill_null(sha256.combine_chunks().dictionary_encode().indices, -1).to_numpy(zero_copy_only=False)
+    codes = codes.astype(np.int64)
+    unknown = codes < 0  # a row without a sample (or a sha256) is an image of its own
+    codes[unknown] = codes.max(initial=-1) + 1 + np.arange(unknown.sum())
+    order = np.lexsort((id_rank, codes))
+    return _Images(codes, order[np.r_[True, np.diff(codes[order]) != 0]], id_rank)
+
+
+def _image_pairs(index: faiss.Index, x: np.ndarray, images: _Images,
+                 config: IndexConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+    """Embedding candidates between distinct images: (i < j, cosine, capped images, slots examined),
+    at most `dup_max_neighbors` per image. Copies of one image would fill each other's neighbour
+    slots, so where there are copies the index is refilled with one vector per image first."""
+    n_images = len(images.rep_row)
+    if n_images < len(x):
+        index.reset()  # the file on disk is untouched; this copy only serves the search below
+        for start in range(0, n_images, 65_536):
+            index.add(x[images.rep_row[start : start + 65_536]])
+        rows, image_of_slot = images.rep_row, np.arange(n_images)
+    else:
+        rows, image_of_slot = None, images.of_row
+    found = similar_pairs(index, x, config.dup_threshold, config.dup_max_neighbors, rows=rows)
+    a, b = image_of_slot[found.i], image_of_slot[found.j]
+    capped = np.zeros(n_images, bool)
+    capped[image_of_slot[found.capped]] = True
+    return np.minimum(a, b), np.maximum(a, b), found.sim, capped, found.examined
 
 
 def _unique_pairs(i: np.ndarray, j: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -208,20 +293,23 @@ def top_k_per_sample(i: np.ndarray, j: np.ndarray, score: np.ndarray, k: int) ->
     return (rank[: len(i)] < k) | (rank[len(i) :] < k)
 
 
-def _thumbnail_pairs(thumbs: np.ndarray, config: IndexConfig, dims: int = 64) -> tuple[np.ndarray, np.ndarray]:
+def _thumbnail_pairs(thumbs: np.ndarray, config: IndexConfig, dims: int = 64,
+                     chunk: int = 8192) -> tuple[np.ndarray, np.ndarray]:
     """Each image and its `dup_neighbours` nearest images by blurred thumbnail, whole or centre
     (a crop's whole matches its original's centre), through the same FAISS path as the index."""
-    whole, centre = dup_verify.descriptors(thumbs)
-    n = len(whole)
+    n = len(thumbs)
     if n < 2:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     # an uncentred SVD basis keeps inner products (so cosine search still means something) in fewer dims
-    sample = whole[np.random.default_rng(config.seed).choice(n, min(n, 20_000), replace=False)]
+    sample = dup_verify.descriptors(thumbs[np.random.default_rng(config.seed).choice(n, min(n, 20_000), replace=False)])[0]
     basis = np.linalg.svd(sample, full_matrices=False)[2][:dims].T
-    whole, centre = (np.ascontiguousarray(v @ basis, dtype=np.float32) for v in (whole, centre))
+    whole, centre = (np.empty((n, basis.shape[1]), np.float32) for _ in range(2))
+    for start in range(0, n, chunk):  # descriptors are float: a chunk at a time, only the projections stay
+        w, c = dup_verify.descriptors(thumbs[start : start + chunk])
+        whole[start : start + chunk], centre[start : start + chunk] = w @ basis, c @ basis
     faiss.normalize_L2(whole)
     faiss.normalize_L2(centre)
-    index, _ = _make_index(whole, replace(config, pq_m=0))  # 64 floats a row: no need to compress
+    index, _ = make_index(whole, replace(config, pq_m=0))  # 64 floats a row: no need to compress
     index.add(whole)
     if isinstance(index, faiss.IndexIVF):
         index.nprobe = config.nprobe
@@ -250,93 +338,82 @@ def leader_clusters(n: int, i: np.ndarray, j: np.ndarray, order: np.ndarray) -> 
     return leader
 
 
-def _pixel_labels(x: np.ndarray, samples: dict[str, dict], ids: np.ndarray, i: np.ndarray, j: np.ndarray,
-                  config: IndexConfig, workers: int) -> tuple[np.ndarray, dict]:
-    """Cluster label of every index row, from candidate pairs verified on the pixels.
+def _pixel_labels(ei: np.ndarray, ej: np.ndarray, sim: np.ndarray, samples: pa.Table, images: _Images,
+                  area: np.ndarray, config: IndexConfig, workers: int) -> tuple[np.ndarray, dict]:
+    """The leader of every image, from candidate pairs verified on the pixels.
 
-    Work is per distinct image (sha256): identical bytes are one node, so they always share a
-    cluster, each image is decoded once, and no neighbour slot is spent on a copy. Candidates: each
-    image's `dup_neighbours` most similar embedding pairs (cosine >= dup_threshold) and nearest
-    thumbnails. Clusters are stars around the largest image (see leader_clusters)."""
+    Identical bytes are one image, so they always share a cluster, each image is decoded once, and
+    no neighbour slot is spent on a copy. Candidates: each image's `dup_neighbours` most similar
+    embedding pairs (cosine >= dup_threshold) and nearest thumbnails. Clusters are stars around the
+    largest image (see leader_clusters). Pairs are verified a chunk at a time (dup_verify)."""
     started = time.perf_counter()
-    digest = np.array([samples.get(sid, {}).get("sha256") or sid for sid in ids], dtype=object)
-    image_of = np.unique(digest, return_inverse=True)[1]
-    by_id = np.argsort(ids)
-    rep_row = by_id[np.unique(image_of[by_id], return_index=True)[1]]  # each image's smallest sample_id
-    n_images = len(rep_row)
-    keep = top_k_per_sample(i, j, np.einsum("ij,ij->i", x[i], x[j]), config.dup_neighbours)
-    ei, ej = _unique_pairs(image_of[i[keep]], image_of[j[keep]], n_images)
-    located = [samples.get(ids[r]) for r in rep_row]
-    thumbs, ok = dup_verify.load_thumbnails([(s["shard_url"], s["key"], s["ext"]) if s else None for s in located],
-                                            workers=workers)
+    n_images, rep = len(images.rep_row), images.rep_row
+    keep = top_k_per_sample(ei, ej, sim, config.dup_neighbours)
+    ei, ej = ei[keep], ej[keep]
+    located = samples.select(["shard_url", "key", "ext"]).take(rep).to_pylist()
+    thumbs, ok = dup_verify.load_thumbnails([(s["shard_url"], s["key"], s["ext"]) if s["shard_url"] else None
+                                             for s in located], workers=workers)
+    del located
     read_done = time.perf_counter()
     readable = np.flatnonzero(ok)  # images that could not be read again are never verified
     ti, tj = _thumbnail_pairs(thumbs[readable], config)
     ci, cj = _unique_pairs(np.concatenate([ei, readable[ti]]), np.concatenate([ej, readable[tj]]), n_images)
     search_done = time.perf_counter()
     verified = dup_verify.verify_pairs(thumbs, ok, ci, cj, config.dup_max_residual, config.dup_max_crop)
-    area = np.array([(s["width"] or 0) * (s["height"] or 0) if s else 0 for s in located])
-    leader = leader_clusters(n_images, ci[verified], cj[verified], np.lexsort((ids[rep_row], -area)))
+    leader = leader_clusters(n_images, ci[verified], cj[verified], np.lexsort((images.id_rank[rep], -area[rep])))
     stats = {"pairs": int(verified.sum()), "candidates": int(len(ci)), "candidates_from_embedding": int(len(ei)),
              "unreadable": int((~ok).sum()), "read_seconds": round(read_done - started, 3),
              "thumbnail_search_seconds": round(search_done - read_done, 3),
              "verify_seconds": round(time.perf_counter() - search_done, 3)}
-    return leader[image_of], stats
-
-
-def _component_labels(samples: dict[str, dict], ids: np.ndarray, i: np.ndarray,
-                      j: np.ndarray) -> tuple[np.ndarray, dict]:
-    """Connected components of the embedding pairs plus identical bytes (verify="none")."""
-    by_hash: dict[str, list[int]] = {}
-    for r, sid in enumerate(ids):
-        if sid in samples:
-            by_hash.setdefault(samples[sid]["sha256"], []).append(r)
-    same = [(g[0], other) for g in by_hash.values() if len(g) > 1 for other in g[1:]]
-    if same:
-        si, sj = np.array(same).T
-        i, j = np.concatenate([i, si]), np.concatenate([j, sj])
-    graph = coo_matrix((np.ones(len(i), np.int8), (i, j)), shape=(len(ids), len(ids)))
-    return connected_components(graph, directed=False)[1], {"pairs": int(len(i))}
+    return leader, stats
 
 
 def near_duplicates(ws: Workspace, embedder: str, config: IndexConfig = IndexConfig(), workers: int = 1) -> dict:
     """Near-duplicate clusters, one row per sample; identical bytes always share a cluster.
 
+    Candidates: each distinct image's at most `dup_max_neighbors` nearest images at cosine >=
+    dup_threshold, so memory grows with the pool, never with the pairs above the threshold.
     verify="pixels": candidate pairs (embedding and thumbnails) confirmed on the pixels, clustered
     around the largest image; `workers` processes read the shards. verify="none": connected
-    components of the embedding pairs at cosine >= dup_threshold."""
+    components of the embedding pairs."""
     index, ids, meta = open_index(ws, embedder, config.nprobe)
-    out = ws.root / "dups" / f"{embedder}.parquet"
+    out = ws.owned("dups", f"{embedder}.parquet", what="embedder")
     stamp = config_hash({"index": meta["stamp"], "dups": config.dups_part(), "version": DUPS_VERSION})
     if read_parquet_metadata(out).get("stamp") == stamp:
         return {"skipped": True, **read_parquet_metadata(out).get("summary", {})}
     start = time.perf_counter()
-    vec = load_vectors(ws, embedder)
-    samples = {s["sample_id"]: s for s in _samples_table(ws).to_pylist()}
-    i, j = similar_pairs(index, vec.x, config.dup_threshold)
+    x = load_vectors(ws, embedder).x
+    if index.ntotal != len(x) or len(ids) != len(x):
+        raise IndexMissing(f"the {embedder!r} index is older than its embeddings; run `webdistill index` again")
+    columns = ["sha256", "width", "height"] + (["shard_url", "key", "ext"] if config.verify == "pixels" else [])
+    samples = _aligned_samples(ws, ids, columns)
+    images = _distinct_images(ids, samples["sha256"])
+    ei, ej, sim, capped, examined = _image_pairs(index, x, images, config)
+    del index, x  # the pixel check below needs neither
+    area = (pc.fill_null(samples["width"], 0).to_numpy().astype(np.int64)
+            * pc.fill_null(samples["height"], 0).to_numpy().astype(np.int64))
     if config.verify == "pixels":
-        raw_labels, stats = _pixel_labels(vec.x, samples, ids, i, j, config, workers)
+        image_label, stats = _pixel_labels(ei, ej, sim, samples, images, area, config, workers)
     else:
-        raw_labels, stats = _component_labels(samples, ids, i, j)
-    labels = np.unique(raw_labels, return_inverse=True)[1]
-    n, n_clusters = len(ids), len(np.unique(labels))
+        graph = coo_matrix((np.ones(len(ei), np.int8), (ei, ej)), shape=(len(images.rep_row),) * 2)
+        image_label, stats = connected_components(graph, directed=False)[1], {"pairs": int(len(ei))}
+    labels = np.unique(image_label[images.of_row], return_inverse=True)[1]
+    n, n_clusters = len(ids), int(labels.max(initial=-1)) + 1
     # representative: the largest image, then the smallest sample_id: deterministic across runs
-    area = {sid: (s["width"] or 0) * (s["height"] or 0) for sid, s in samples.items()}
-    order = sorted(range(n), key=lambda r: (labels[r], -area.get(ids[r], 0), ids[r]))
-    rep_of_label: dict[int, str] = {}
-    for r in order:
-        rep_of_label.setdefault(int(labels[r]), ids[r])
-    sizes = np.bincount(labels)
+    order = np.lexsort((images.id_rank, -area, labels))
+    rep_of_row = order[np.r_[True, np.diff(labels[order]) != 0]][labels]
     table = pa.table({
-        "embedder": [embedder] * n,
-        "sample_id": ids,
-        "cluster_id": [rep_of_label[int(l)] for l in labels],
-        "cluster_size": sizes[labels].astype(np.int32),
-        "is_representative": [rep_of_label[int(labels[r])] == ids[r] for r in range(n)],
+        "embedder": pa.array([embedder] * n, pa.string()),
+        "sample_id": pa.array(ids, pa.string()),
+        "cluster_id": pa.array(ids[rep_of_row], pa.string()),
+        "cluster_size": np.bincount(labels)[labels].astype(np.int32),
+        "is_representative": rep_of_row == np.arange(n),
+        "candidates_capped": capped[images.of_row],
     })
     summary = {"samples": n, "clusters": n_clusters, "duplicates": n - n_clusters, "threshold": config.dup_threshold,
-               "verify": config.verify, "embedding_pairs": int(len(i)), **stats,
-               "seconds": round(time.perf_counter() - start, 3)}
+               "verify": config.verify, "images": int(len(images.rep_row)), "embedding_pairs": int(len(ei)),
+               "pairs_examined": examined, "max_neighbors": config.dup_max_neighbors,
+               "capped_images": int(capped.sum()), **stats, "seconds": round(time.perf_counter() - start, 3)}
     write_parquet_atomic(table, out, {"stamp": stamp, "summary": summary})
     return {"skipped": False, **summary}
 
@@ -344,7 +421,7 @@ def near_duplicates(ws: Workspace, embedder: str, config: IndexConfig = IndexCon
 def kmeans_clusters(ws: Workspace, embedder: str, config: IndexConfig = IndexConfig()) -> dict:
     """Spherical k-means over the embedder's vectors; every sample gets its cluster."""
     vec = load_vectors(ws, embedder)
-    out = ws.root / "clusters" / f"{embedder}.parquet"
+    out = ws.owned("clusters", f"{embedder}.parquet", what="embedder")
     k = int(min(config.kmeans_k, max(1, len(vec.x) // 39)))  # faiss wants >= 39 points per centroid
     stamp = config_hash({"vectors": vec.stamp, "k": k, "seed": config.seed})
     if read_parquet_metadata(out).get("stamp") == stamp:
@@ -365,6 +442,7 @@ def kmeans_clusters(ws: Workspace, embedder: str, config: IndexConfig = IndexCon
 def search(ws: Workspace, embedder: str, queries: np.ndarray, k: int = 10, nprobe: int = 32) -> list[list[tuple[str, float]]]:
     """The k nearest samples of each query vector: [(sample_id, cosine similarity), ...] per query."""
     index, ids, _ = open_index(ws, embedder, nprobe)
+    k = max(1, min(k, index.ntotal))  # faiss allocates queries x k: never more than the index holds
     sims, rows = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
     return [[(ids[r], float(s)) for r, s in zip(rr, ss) if r >= 0] for rr, ss in zip(rows, sims)]
 
@@ -382,19 +460,23 @@ def vectors_of(ws: Workspace, embedder: str, sample_ids: list[str]) -> np.ndarra
 def knn_score(ws: Workspace, embedder: str, name: str, reference: np.ndarray, k: int = 5,
               description: str = "") -> dict:
     """Mean cosine similarity of every sample to its k nearest reference vectors (higher = closer)."""
+    out = ws.owned("knn_scores", check_name(name, "knn score name") + ".parquet", what="knn score name")
     if len(reference) == 0:
         raise IndexMissing("the reference set is empty")
     vec = load_vectors(ws, embedder)
-    ref = np.ascontiguousarray(reference, dtype=np.float32)
+    ref = np.array(reference, dtype=np.float32)  # a copy: the caller's array is not normalised in place
     ref /= np.linalg.norm(ref, axis=1, keepdims=True).clip(1e-12)
     index = faiss.IndexFlatIP(ref.shape[1])
     index.add(ref)
-    kk = min(k, len(ref))
-    sims, _ = index.search(vec.x, kk)
-    score = sims.mean(axis=1).astype(np.float32)
+    kk = max(1, min(k, len(ref)))
+    score = np.empty(len(vec.x), np.float32)
+    chunk = max(1, (64 << 20) // (12 * kk))  # queries x kk distances and labels: 64 MiB at a time, whatever k
+    for start in range(0, len(vec.x), chunk):
+        sims, _ = index.search(vec.x[start : start + chunk], kk)
+        score[start : start + chunk] = sims.mean(axis=1)
     table = pa.table({"name": [name] * len(score), "embedder": [embedder] * len(score),
                       "sample_id": vec.sample_ids, "knn_sim": score})
-    write_parquet_atomic(table, ws.root / "knn_scores" / f"{name}.parquet",
+    write_parquet_atomic(table, out,
                          {"k": kk, "reference_size": int(len(ref)), "description": description})
     return {"name": name, "samples": int(len(score)), "reference": int(len(ref)), "k": kk,
             "mean": float(score.mean())}

@@ -18,7 +18,10 @@ Steps (DESIGN.md, "Select"):
   A null score never passes either.
 - `dedup[:by=EXPR]`: one sample per near-duplicate cluster (`cluster_id`): the cluster's
   representative if it is still in the frame, else the best by `by`, else the first by sample_id.
-  Rows with a null `cluster_id` are kept.
+  Without clusters (no `webdistill index` yet, or samples ingested after it), exact duplicates
+  stand in: a row without a `cluster_id` joins the cluster of an indexed row with the same
+  `sha256`, else one sample per `sha256` is kept; `apply_policies` notes it. Rows with neither
+  are kept.
 - `balance:k=N` (total, split evenly over the classes present; a class with fewer samples than its
   share gives the rest to the others, so quotas differ by at most one) or `balance:per_class=N`;
   classes from `teacher_label` (`label=kd3_label` for another column); within a class the best by
@@ -153,6 +156,7 @@ class _Policy:
     params: dict[str, _Param]
     apply: Callable  # (frame, params, rng) -> (kept positions, weight factors or None)
     check: Callable[[dict], str | None] = lambda params: None  # a problem across parameters
+    note: Callable[[pd.DataFrame], str | None] = lambda frame: None  # what the user should know about a run
 
 
 def _policy_error(kind: str, problem: str) -> PolicyError:
@@ -306,8 +310,32 @@ def _threshold(frame, params, rng):
     return np.flatnonzero(keep), None
 
 
+def _dedup_groups(frame: pd.DataFrame) -> tuple[np.ndarray, str | None]:
+    """Each row's dedup group (None: kept alone), and a note where identical bytes stood in for clusters."""
+    has_clusters = "cluster_id" in frame.columns and (frame["cluster_id"].notna().any() or not len(frame))
+    if "sha256" not in frame.columns:
+        if not has_clusters:
+            _require(frame, "cluster_id", "dedup")  # raises: no clusters, and no hashes to fall back on
+        return frame["cluster_id"].to_numpy(dtype=object), None
+    groups = (frame["cluster_id"] if has_clusters else pd.Series(None, index=frame.index)).astype(object)
+    missing = groups.isna().to_numpy() & frame["sha256"].notna().to_numpy()
+    if not missing.any():
+        return groups.to_numpy(dtype=object), None
+    # identical bytes always share a cluster: an unclustered row joins the cluster of an identical clustered one
+    clustered = groups.notna().to_numpy()
+    known = dict(zip(frame["sha256"].to_numpy()[clustered], groups.to_numpy()[clustered]))
+    hashes = frame["sha256"].to_numpy(dtype=object)[missing]
+    groups = np.array(groups, dtype=object)  # a copy: pandas may hand out a read-only view
+    groups[missing] = [known.get(h, "sha256:" + h) for h in hashes]
+    if not has_clusters:
+        return groups, ("dedup: no near-duplicate clusters (run `webdistill index` to find them): "
+                        "kept one sample per sha256, exact duplicates only")
+    return groups, (f"dedup: {int(missing.sum())} candidate(s) have no near-duplicate cluster (ingested after "
+                    "`webdistill index`?): for them, exact duplicates only (by sha256)")
+
+
 def _dedup(frame, params, rng):
-    clusters = _require(frame, "cluster_id", "dedup").to_numpy(dtype=object)
+    clusters, _ = _dedup_groups(frame)
     prefer = None
     if "is_representative" in frame.columns:
         prefer = frame["is_representative"].astype("boolean").fillna(False).to_numpy(dtype=bool)
@@ -388,7 +416,7 @@ POLICIES: dict[str, _Policy] = {
     "topk": _Policy({"k": _Param(_positive_int, required=True), "by": _BY}, _topk),
     "threshold": _Policy({"by": _BY, "min": _Param(_float), "max": _Param(_float)}, _threshold,
                          _one_of(("min", "max"), exactly=False)),
-    "dedup": _Policy({"by": _OPTIONAL_BY}, _dedup),
+    "dedup": _Policy({"by": _OPTIONAL_BY}, _dedup, note=lambda frame: _dedup_groups(frame)[1]),
     "balance": _Policy({"k": _Param(_positive_int), "per_class": _Param(_positive_int),
                         "label": _Param(_column_name, default="teacher_label"), "by": _OPTIONAL_BY},
                        _balance, _one_of(("k", "per_class"), exactly=True)),
@@ -416,8 +444,10 @@ def _sorted_candidates(df: pd.DataFrame) -> pd.DataFrame:
     return frame.assign(weight=np.asarray(weight, dtype=np.float64))
 
 
-def apply_policies(df: pd.DataFrame, steps: list[PolicyStep], seed: int = 0) -> pd.DataFrame:
-    """The rows the steps keep, in sample_id order, with a float `weight` column."""
+def apply_policies(df: pd.DataFrame, steps: list[PolicyStep], seed: int = 0,
+                   notes: list[str] | None = None) -> pd.DataFrame:
+    """The rows the steps keep, in sample_id order, with a float `weight` column. A step that
+    had to fall back on something (dedup without clusters) appends a line to `notes`."""
     frame = _sorted_candidates(df)
     for index, step in enumerate(steps):
         policy = POLICIES.get(step.kind)
@@ -426,6 +456,9 @@ def apply_policies(df: pd.DataFrame, steps: list[PolicyStep], seed: int = 0) -> 
         # one random stream per step: a step's draws do not shift when another step changes
         rng = np.random.default_rng([seed, index])
         positions, factors = policy.apply(frame, step.params, rng)
+        note = policy.note(frame) if notes is not None else None
+        if note:
+            notes.append(note)
         positions = np.asarray(positions, dtype=np.int64)
         weight = frame["weight"].to_numpy()[positions] * (1.0 if factors is None else factors)
         keep_order = np.argsort(positions, kind="stable")

@@ -50,7 +50,8 @@ EMBEDDINGS = pa.schema([("embedder", pa.string()), ("shard", pa.string()), ("row
                         ("sample_id", pa.string()), ("ok", pa.bool_())])
 
 DUPS = pa.schema([("embedder", pa.string()), ("sample_id", pa.string()), ("cluster_id", pa.string()),
-                  ("cluster_size", pa.int32()), ("is_representative", pa.bool_())])
+                  ("cluster_size", pa.int32()), ("is_representative", pa.bool_()),
+                  ("candidates_capped", pa.bool_())])  # the image had more look-alikes than dup_max_neighbors
 
 CLUSTERS = pa.schema([("embedder", pa.string()), ("sample_id", pa.string()), ("cluster", pa.int32()),
                       ("centroid_sim", pa.float32())])

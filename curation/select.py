@@ -5,7 +5,8 @@ them as curated WebDataset shards any reader opens.
                                               extension, `json` (ids, caption, scores, weight),
                                               `logits.npy` (the teacher's float16 logits), `cls`
     selections/<name>/manifest.json           name, total, shards (path, count, sha256), counts per
-                                              class, the query / policy, teacher and sources
+                                              class, the query / policy (`notes`: what it fell
+                                              back on), teacher and sources
 
 The selection is written into a hidden folder and renamed into place, so a crash leaves the old
 selection or the new one, never a mix. A rerun that picks the same samples rewrites nothing.
@@ -86,8 +87,9 @@ def candidate_frame(ws: Workspace, config: SelectConfig, steps: list[policies.Po
         raise SelectError(f"cannot evaluate the selection: {exc}") from exc
 
 
-def choose(ws: Workspace, config: SelectConfig) -> pd.DataFrame:
-    """The selected rows (with a `weight` column), without writing anything."""
+def choose(ws: Workspace, config: SelectConfig, notes: list[str] | None = None) -> pd.DataFrame:
+    """The selected rows (with a `weight` column), without writing anything. What a policy had to
+    fall back on (dedup without clusters) is appended to `notes`."""
     if not NAME_RE.match(config.name or ""):
         raise SelectError(f"bad selection name {config.name!r}: use letters, digits, '.', '-' and '_'")
     if not config.sql and not config.policy:
@@ -96,7 +98,7 @@ def choose(ws: Workspace, config: SelectConfig) -> pd.DataFrame:
     frame = candidate_frame(ws, config, steps)
     if "weight" not in frame.columns:
         frame["weight"] = 1.0
-    chosen = policies.apply_policies(frame, steps, seed=config.seed) if steps else frame.sort_values("sample_id")
+    chosen = policies.apply_policies(frame, steps, seed=config.seed, notes=notes) if steps else frame.sort_values("sample_id")
     if config.limit is not None:
         chosen = chosen.head(config.limit)
     if chosen.empty:
@@ -161,7 +163,8 @@ def _selection_hash(ws: Workspace, chosen: pd.DataFrame, config: SelectConfig, s
 
 def select(ws: Workspace, config: SelectConfig) -> SelectResult:
     """Choose, write the curated shards and manifest atomically, record the selection."""
-    chosen = choose(ws, config)
+    notes: list[str] = []
+    chosen = choose(ws, config, notes)
     sources = catalog.candidate_sources(ws)
     run = read_run(ws, sources["score_run"]) if sources["score_run"] else {}
     final = ws.root / "selections" / config.name
@@ -194,7 +197,7 @@ def select(ws: Workspace, config: SelectConfig) -> SelectResult:
             "has_logits": bool(kept["teacher_logits"].notna().all()) if "teacher_logits" in kept else False,
             "counts_per_class": {str(k): int(v) for k, v in counts.sort_index().items()},
             "weight_sum": float(kept["weight"].sum()) + sum(m["weight_sum"] for m in synthetic), "lost": lost,
-            "synthetic": {m["name"]: m["total"] for m in synthetic},
+            "synthetic": {m["name"]: m["total"] for m in synthetic}, "notes": notes,
             "sources": _source_fingerprints(ws, sorted(kept["shard"].unique())),
             "candidates": sources, "selection_hash": digest,
             "created_at": datetime.now(timezone.utc).isoformat(),

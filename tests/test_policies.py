@@ -141,6 +141,36 @@ def test_dedup_refuses_candidates_without_near_duplicate_clusters():
         select(dup_frame().assign(cluster_id=None), "dedup")
 
 
+def test_dedup_falls_back_on_sha256_without_clusters_and_says_so():
+    hashes = ["h1", "h2", "h1", "h3", "h2", None]
+    for no_clusters in (dup_frame().iloc[:6].drop(columns=["cluster_id"]), dup_frame().iloc[:6].assign(cluster_id=None)):
+        df = no_clusters.drop(columns=["is_representative"]).assign(sha256=hashes)
+        notes = []
+        kept = apply_policies(df, parse_policy("dedup"), notes=notes)
+        # one per sha256, the first by sample_id (a1 of h1, a2 of h2, b1 of h3); no hash: kept
+        assert ids(kept) == ["a1", "a2", "b1", "c1"]
+        assert len(notes) == 1 and "one sample per sha256" in notes[0]
+        assert ids(apply_policies(df, parse_policy("dedup:by=msp"))) == ["a1", "b1", "b2", "c1"]
+    distinct = dup_frame().drop(columns=["cluster_id"]).assign(sha256=[f"h{i}" for i in range(9)])
+    notes = []
+    assert len(apply_policies(distinct, parse_policy("dedup"), notes=notes)) == 9 and len(notes) == 1
+
+
+def test_dedup_puts_samples_ingested_after_the_index_with_their_identical_bytes():
+    df = dup_frame().assign(sha256=["h1", "h1", "h2", "h3", "h3", "h4", "h4", "h5", "h6"])
+    df = pd.concat([df, pd.DataFrame({"sample_id": ["n1", "n2", "n3"], "cluster_id": [None] * 3,
+                                      "sha256": ["h3", "h9", "h9"], "msp": [0.99, 0.1, 0.2]})])
+    notes = []
+    kept = apply_policies(df, parse_policy("dedup:by=msp"), notes=notes)
+    # n1 has b1's bytes: it joins cluster b2, whose representative wins despite n1's msp; n2 and n3
+    # are one image (the better by msp stays); x and y have bytes of their own
+    assert ids(kept) == ["a2", "b2", "c1", "n3", "x", "y"]
+    assert len(notes) == 1 and notes[0].startswith("dedup: 5 candidate(s) have no near-duplicate cluster")
+    notes = []
+    apply_policies(dup_frame().query("cluster_id.notna()").assign(sha256="h"), parse_policy("dedup"), notes=notes)
+    assert notes == []  # every row clustered: the clusters decide, nothing to say
+
+
 # ---------------------------------------------------------------- balance
 
 def test_balance_splits_evenly_and_a_short_class_gives_its_share_away():
