@@ -390,8 +390,6 @@ def cmd_select(args: argparse.Namespace) -> int:
           f"per class: {m['counts_per_class']}")
     for note in m.get("notes") or ():
         print(f"select {config.name}: note: {note}", file=sys.stderr)
-    for note in m.get("notes") or ():
-        print(f"select {config.name}: note: {note}", file=sys.stderr)
     if m.get("lost"):
         print(f"webdistill: error: {len(m['lost'])} chosen image(s) changed or vanished since ingest and were left out",
               file=sys.stderr)
@@ -584,9 +582,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nlist", type=int, default=None, help="IVF lists (default: about 4*sqrt(n))")
     p.add_argument("--pq-m", type=int, default=0, help="> 0: IVF-PQ with this many sub-quantizers")
     p.add_argument("--dup-threshold", type=float, default=0.95, help="cosine similarity of near-duplicates")
-    p.add_argument("--dup-max-neighbors", type=int, default=32,
-                   help="per image, at most this many nearest look-alikes are near-duplicate candidates; memory "
-                   "and time grow with images x this (default: %(default)s)")
     p.add_argument("--dup-max-neighbors", type=int, default=32,
                    help="per image, at most this many nearest look-alikes are near-duplicate candidates; memory "
                    "and time grow with images x this (default: %(default)s)")
