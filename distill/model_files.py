@@ -103,8 +103,8 @@ def check_zip(data: bytes, what: str) -> zipfile.ZipFile:
         elif info.compress_type == zipfile.ZIP_DEFLATED:
             deflated += info.file_size
         else:
-            raise ModelSpecError(f"{what}: zip member {info.filename[:100]!r} uses a compression torch never "
-                                 "writes; refused (zip bomb guard)")
+            raise ModelSpecError(f"{what}: zip member {info.filename[:100]!r} declares a compression or sizes "
+                                 "torch never writes; refused (zip bomb guard)")
         if info.header_offset + info.compress_size > len(data):
             raise ModelSpecError(f"{what}: zip member {info.filename[:100]!r} lies outside the file: truncated "
                                  "or corrupt")
@@ -132,7 +132,10 @@ def archive_kind(zf: zipfile.ZipFile) -> str:
 def load_state_dict(path: str | Path) -> dict:
     """A state_dict from disk, refusing any pickle that carries code."""
     data = read_model_file(path, "weights file")
-    check_zip(data, f"weights file {path}")
+    kind = archive_kind(check_zip(data, f"weights file {path}"))
+    if kind != "state_dict":  # torch.load would hand a TorchScript archive to torch.jit.load
+        raise ModelSpecError(f"weights file {path} is a {'TorchScript' if kind == 'torchscript' else kind} archive, "
+                             "not a state_dict")
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -195,7 +198,8 @@ _SYMBOL = re.compile(r"[a-z]{1,3}\d{1,7}")
 
 
 def _refuse(path, why: str) -> ModelSpecError:
-    return ModelSpecError(f"exported program {path} refused: {why} (a .pt2 may hold only plain tensors, aten operators and shape arithmetic)")
+    return ModelSpecError(f"exported program {path} refused: {why} (a .pt2 may hold only plain tensors, "
+                          "aten operators and shape arithmetic)")
 
 
 def _check_expr(expr: str, path) -> None:
@@ -370,15 +374,30 @@ def save_exported_program(model: nn.Module, example: torch.Tensor, path: Path) -
     tmp.replace(path)
 
 
+class ExportedModule(nn.Module):
+    """A torch.export program as a module. It runs in the mode it was exported in (the project exports
+    in eval mode) and its module refuses train()/eval(): here they only set the flag."""
+
+    def __init__(self, program: nn.Module):
+        super().__init__()
+        self.program = program
+
+    def train(self, mode: bool = True) -> "ExportedModule":
+        self.training = mode
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.program(x)
+
+
 def load_exported_program(data: bytes, path) -> nn.Module:
     """The module of a torch.export archive (the file's bytes), once checked."""
     check_exported_program(data, path)
     try:
-        program = torch.export.load(io.BytesIO(data))
-        module = program.module()
+        module = torch.export.load(io.BytesIO(data)).module()
     except Exception as exc:  # noqa: BLE001 - a checked but malformed program fails in many ways
         raise ModelSpecError(f"cannot load exported program {path}: "
                              f"{(str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]}") from exc
     if not isinstance(module, nn.Module):
         raise ModelSpecError(f"exported program {path} does not give a module")
-    return module
+    return ExportedModule(module).eval()

@@ -178,11 +178,7 @@ def _from_file(path: Path, spec: str, trust_model_code: bool) -> LoadedModel:
         raise ModelSpecError(f"{path} holds weights only: use a .json spec or ARCH@{path} "
                              "(e.g. torchvision:resnet18@weights.pt)")
     module = load_exported_program(data, path) if kind == "pt2" else load_torchscript(data, path)
-    try:
-        module.eval()
-    except (NotImplementedError, RuntimeError):  # some exported modules keep the mode they were exported in
-        pass
-    return LoadedModel(module, spec, kind=kind, **_sidecar(path))
+    return LoadedModel(module.eval(), spec, kind=kind, **_sidecar(path))
 
 
 def load_model(spec: str, trust_model_code: bool = False) -> LoadedModel:
