@@ -8,17 +8,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Iterator
 
 import duckdb
 import pyarrow as pa
 
 from . import schemas
-from .workspace import Workspace
+from .errors import CatalogBusy, CatalogCorrupt, WebdistillError, storage_error
+from .workspace import Workspace, storage_errors, temporary_name
 
 
 @dataclass(frozen=True)
@@ -57,17 +61,93 @@ TABLES = {
         checkpoint VARCHAR, created_at TIMESTAMPTZ, summary JSON)""",
 }
 
+# What DuckDB says of a file that is not a database, or of a damaged one.
+_CORRUPT = ("not a valid duckdb database", "corrupt", "checksum", "invalidated", "serialization error",
+            "failed to read database header", "unexpected end of file", "could not read enough bytes")
+
+
+def catalog_error(ws: Workspace, exc: BaseException) -> WebdistillError | None:
+    """A DuckDB error of the catalog as a typed error: StorageError when it could not be written (disk
+    full, permissions), CatalogCorrupt when the file is damaged; None for anything else."""
+    storage = storage_error(exc, ws.catalog_path, writing=True)
+    if storage is not None:
+        return storage
+    text = str(exc).lower()
+    if any(marker in text for marker in _CORRUPT):
+        return CatalogCorrupt(f"{ws.catalog_path} is corrupt ({str(exc).strip().splitlines()[0]})")
+    return None
+
+
+def _locked(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return "could not set lock" in text or "conflicting lock" in text
+
+
+def _create(ws: Workspace) -> None:
+    """A new catalog appears whole or not at all: DuckDB writes its first blocks under a temporary
+    name, which is then linked into place unless another process got there first. (A catalog that
+    DuckDB began in place and a full disk or a kill cut short is a file no one can open again.)"""
+    tmp = temporary_name(ws.catalog_path)
+    try:
+        with storage_errors(ws.catalog_path), _catalog_errors(ws):
+            ws.root.mkdir(parents=True, exist_ok=True)
+            con = duckdb.connect(str(tmp))
+            try:
+                for ddl in TABLES.values():
+                    con.execute(ddl)
+            finally:
+                con.close()
+            try:
+                os.link(tmp, ws.catalog_path)
+            except FileExistsError:
+                pass  # another stage created it meanwhile: use theirs
+    finally:
+        tmp.unlink(missing_ok=True)
+        tmp.with_name(tmp.name + ".wal").unlink(missing_ok=True)
+
+
 def _connect_rw(ws: Workspace, timeout_s: float = 60.0) -> duckdb.DuckDBPyConnection:
     """A write connection; waits while another process holds the catalog's lock."""
-    ws.root.mkdir(parents=True, exist_ok=True)
+    if not ws.catalog_path.exists():
+        _create(ws)
     deadline = time.monotonic() + timeout_s
     while True:
         try:
             return duckdb.connect(str(ws.catalog_path))
-        except duckdb.IOException as exc:
-            if "lock" not in str(exc).lower() or time.monotonic() > deadline:
+        except duckdb.Error as exc:
+            if _locked(exc) and time.monotonic() < deadline:
+                time.sleep(0.2)
+                continue
+            typed = catalog_error(ws, exc)
+            if typed is None and _locked(exc):
+                typed = CatalogBusy(f"{ws.catalog_path} stayed locked by another process for {timeout_s:.0f} s: "
+                                    "try again when it has finished")
+            if typed is None:
                 raise
-            time.sleep(0.2)
+            raise typed from exc
+
+
+@contextmanager
+def _catalog_errors(ws: Workspace) -> Iterator[None]:
+    """DuckDB errors of the catalog that `catalog_error` can name come out typed."""
+    try:
+        yield
+    except duckdb.Error as exc:
+        typed = catalog_error(ws, exc)
+        if typed is None:
+            raise
+        raise typed from exc
+
+
+@contextmanager
+def _writing(ws: Workspace) -> Iterator[duckdb.DuckDBPyConnection]:
+    """A write connection whose DuckDB errors (a full disk, a damaged file) come out typed."""
+    con = _connect_rw(ws)
+    try:
+        with _catalog_errors(ws):
+            yield con
+    finally:
+        con.close()
 
 
 def _duckdb_types(schema: pa.Schema) -> list[tuple[str, str]]:
@@ -84,9 +164,10 @@ def _view_sql(ws: Workspace, name: str, spec: ViewSpec) -> str:
 
 
 def refresh(ws: Workspace) -> None:
-    """(Re)create every view and bookkeeping table. Idempotent."""
-    con = _connect_rw(ws)
-    try:
+    """(Re)create every view and bookkeeping table, and bring the selections and students tables in
+    line with the manifests and summaries on disk (a stage killed between writing its folder and its
+    row, or a rebuilt catalog). Idempotent."""
+    with _writing(ws) as con:
         for ddl in TABLES.values():
             con.execute(ddl)
         for name, spec in VIEWS.items():
@@ -96,8 +177,22 @@ def refresh(ws: Workspace) -> None:
         con.execute(_candidates_sql(sources))
         con.executemany("INSERT OR REPLACE INTO catalog_info VALUES (?, ?)",
                         [("workspace", str(ws.root))] + [(f"candidates.{k}", json.dumps(v)) for k, v in sources.items()])
-    finally:
-        con.close()
+        _restore_records(ws, con)
+
+
+def rebuild(ws: Workspace) -> Path | None:
+    """Set the catalog aside (catalog.duckdb.<UTC time>.bak, with its WAL) and build a new one from
+    the artifacts. Lost: the `runs` log. Returns where the old file went (None if there was none)."""
+    aside = None
+    with storage_errors(ws.catalog_path):
+        if ws.catalog_path.exists():
+            aside = ws.catalog_path.with_name(f"catalog.duckdb.{datetime.now(timezone.utc):%Y%m%dT%H%M%S%f}.bak")
+            wal = ws.catalog_path.with_name(ws.catalog_path.name + ".wal")
+            if wal.exists():
+                os.replace(wal, aside.with_name(aside.name + ".wal"))
+            os.replace(ws.catalog_path, aside)
+    refresh(ws)
+    return aside
 
 
 def _newest(paths) -> Path | None:
@@ -135,41 +230,85 @@ def _candidates_sql(src: dict) -> str:
 
 def record_run(ws: Workspace, stage: str, started_at: datetime, params: dict, summary: dict) -> str:
     run_id = uuid.uuid4().hex[:12]
-    con = _connect_rw(ws)
-    try:
+    with _writing(ws) as con:
         con.execute(TABLES["runs"])
         con.execute(
             "INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?)",
             [run_id, stage, started_at, datetime.now(timezone.utc), json.dumps(params, default=str), json.dumps(summary, default=str)],
         )
-    finally:
-        con.close()
     return run_id
 
 
-def _upsert(ws: Workspace, table: str, row: list) -> None:
-    con = _connect_rw(ws)
-    try:
-        con.execute(TABLES[table])
-        con.execute(f"INSERT OR REPLACE INTO {table} VALUES ({', '.join('?' * len(row))})", row)
-    finally:
-        con.close()
+def _upsert(con: duckdb.DuckDBPyConnection, table: str, row: list) -> None:
+    con.execute(TABLES[table])
+    con.execute(f"INSERT OR REPLACE INTO {table} VALUES ({', '.join('?' * len(row))})", row)
+
+
+def _selection_row(manifest: dict, path: Path, digest: str, created_at: datetime) -> list:
+    config = {k: manifest.get(k) for k in ("limit", "seed", "score_run", "teacher", "counts_per_class")}
+    return [path.name, manifest["total"], manifest.get("query"), manifest.get("policy"), manifest.get("score_run"),
+            str(path), digest, created_at, json.dumps(config)]
+
+
+def _student_row(summary: dict, created_at: datetime) -> list:
+    return [summary["name"], summary.get("selection"), summary.get("loss"), summary.get("teacher_mode"),
+            summary.get("eval_accuracy"), summary.get("checkpoint"), created_at, json.dumps(summary, default=str)]
 
 
 def record_selection(ws: Workspace, manifest: dict, path: Path) -> None:
     digest = hashlib.sha256((path / "manifest.json").read_bytes()).hexdigest()
-    config = {k: manifest.get(k) for k in ("limit", "seed", "score_run", "teacher", "counts_per_class")}
-    _upsert(ws, "selections", [manifest["name"], manifest["total"], manifest.get("query"), manifest.get("policy"),
-                               manifest.get("score_run"), str(path), digest, datetime.now(timezone.utc),
-                               json.dumps(config)])
+    with _writing(ws) as con:
+        _upsert(con, "selections", _selection_row(manifest | {"name": path.name}, path, digest,
+                                                  datetime.now(timezone.utc)))
 
 
 def record_student(ws: Workspace, summary: dict) -> None:
     """A distillation run's summary.json, as a row of `students`."""
-    _upsert(ws, "students", [summary["name"], summary.get("selection"), summary.get("loss"),
-                             summary.get("teacher_mode"), summary.get("eval_accuracy"), summary.get("checkpoint"),
-                             datetime.now(timezone.utc), json.dumps(summary, default=str)])
+    with _writing(ws) as con:
+        _upsert(con, "students", _student_row(summary, datetime.now(timezone.utc)))
+
+
+_RECORD_MAX_BYTES = 16 * 2**20  # a manifest or summary bigger than this is not one webdistill wrote
+
+
+def _stored_documents(ws: Workspace, kind: str, filename: str) -> Iterator[tuple[Path, bytes, dict, datetime]]:
+    """(folder, bytes, parsed JSON, mtime) of each <kind>/<name>/<filename> whose name is valid."""
+    root = ws.root / kind
+    for path in sorted(root.glob(f"*/{filename}")) if root.is_dir() else ():
+        try:
+            folder = ws.owned(kind, path.parent.name)
+            if path.is_symlink() or not path.is_file() or path.stat().st_size > _RECORD_MAX_BYTES:
+                continue
+            raw = path.read_bytes()
+            doc = json.loads(raw)
+        except (WebdistillError, OSError, ValueError):
+            continue  # a temporary folder, a stray file, an unreadable document: not a record
+        if isinstance(doc, dict):
+            yield folder, raw, doc, datetime.fromtimestamp(path.stat().st_mtime, timezone.utc)
+
+
+def _restore_records(ws: Workspace, con: duckdb.DuckDBPyConnection) -> None:
+    """Rows of selections and students for folders the tables miss (or describe as they were before)."""
+    known = dict(con.execute("SELECT name, manifest_sha256 FROM selections").fetchall())
+    for folder, raw, manifest, mtime in _stored_documents(ws, "selections", "manifest.json"):
+        digest = hashlib.sha256(raw).hexdigest()
+        if known.get(folder.name) != digest:
+            _try_upsert(con, "selections", lambda: _selection_row(manifest, folder, digest, mtime))
+    students = {name for (name,) in con.execute("SELECT name FROM students").fetchall()}
+    for folder, _, summary, mtime in _stored_documents(ws, "students", "summary.json"):
+        if folder.name not in students:
+            # recorded with the selection's name (the summary holds its manifest's path)
+            name = summary.get("selection_name", summary.get("selection"))
+            _try_upsert(con, "students", lambda: _student_row(summary | {"name": folder.name, "selection": name}, mtime))
+
+
+def _try_upsert(con: duckdb.DuckDBPyConnection, table: str, make_row) -> None:
+    """Insert a row made from a stored document; one that does not fit the table is left out."""
+    try:
+        _upsert(con, table, make_row())
+    except (KeyError, TypeError, ValueError, duckdb.ConversionException, duckdb.InvalidInputException):
+        pass
 
 
 # The read-only SQL surface lives in user_sql; these names stay here for callers.
-from .user_sql import Limits, check_read_only, connect_readonly, query  # noqa: E402,F401
+from .user_sql import USER_LIMITS, Limits, check_read_only, connect_readonly, query  # noqa: E402,F401

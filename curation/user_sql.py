@@ -1,12 +1,12 @@
 """The read-only SQL surface users query (`webdistill sql`, `select --sql`, `knn-score --sql`).
 
-Three layers, each enough on its own for writes:
+Three layers:
 - `runnable` lets through only what DuckDB's own parser proves is one read: a SELECT whose syntax
   tree holds no data-modifying part and no table function outside a read-only list, or EXPLAIN
   [ANALYZE] of exactly such a SELECT. The text that runs is rebuilt from what was checked.
 - `connect_readonly` opens the catalog read-only, inside the workspace (`allowed_directories`,
-  no external access, no Python replacement scans), with memory and thread limits, and then
-  locks the configuration.
+  no external access, no Python replacement scans), with memory and thread limits, then locks the
+  configuration; the catalog's own views and macros must pass the `runnable` check too.
 - `stream` bounds every query: a time limit (`con.interrupt()`), rows and Arrow bytes of output
   (read in batches, never materialised past the limit), and temp space: each query spills to a
   fresh folder in the system temp directory, removed after it whatever happens.
@@ -56,7 +56,7 @@ class Limits:
         for name in ("timeout_s", "max_rows", "max_bytes", "max_temp_bytes", "max_memory_bytes"):
             value = getattr(self, name)
             if value is not None and not value > 0:
-                raise SQLError(f"{name.replace('_', '-')} must be > 0, got {value!r}")
+                raise SQLError(f"{name.removesuffix('_s').replace('_', '-')} must be > 0, got {value!r}")
 
 
 USER_LIMITS = Limits(timeout_s=60.0, max_rows=100_000, max_bytes=256 * 2**20)
@@ -86,12 +86,16 @@ def _one_statement(sql: str) -> tuple[str, duckdb.StatementType]:
         raise SQLRefused(f"read-only SQL: a statement that cannot be checked ({first_line(exc)})") from exc
 
 
+_parser: duckdb.DuckDBPyConnection | None = None
+_parser_lock = threading.Lock()
+
+
 def _syntax_tree(sql: str) -> dict:
-    con = duckdb.connect()  # a private in-memory parser: nothing of the workspace is reachable from it
-    try:
-        tree = json.loads(con.execute("SELECT json_serialize_sql(?)", [sql]).fetchone()[0])
-    finally:
-        con.close()
+    global _parser
+    with _parser_lock:  # one private in-memory parser: nothing of any workspace is reachable from it
+        if _parser is None:
+            _parser = duckdb.connect(config={"enable_external_access": False})
+        tree = json.loads(_parser.execute("SELECT json_serialize_sql(?)", [sql]).fetchone()[0])
     if tree.get("error"):
         raise SQLRefused(f"read-only SQL: the statement cannot be checked ({tree.get('error_message')})")
     return tree
@@ -192,6 +196,33 @@ def runnable(sql: str) -> str:
     return rebuilt
 
 
+def _view_body(create_view: str) -> str:
+    """The query of a stored `CREATE VIEW name (cols) AS <query>;`."""
+    depth = 0
+    for start, text, kind in _tokens(create_view):
+        depth += (text == "(") - (text == ")")
+        if depth == 0 and kind == duckdb.token_type.keyword and text.upper() == "AS":
+            return create_view[start + len(text):]
+    raise SQLRefused("a view without a query")
+
+
+def _check_catalog(con: duckdb.DuckDBPyConnection) -> None:
+    """A catalog from elsewhere may hold its own views and macros, which run inside any query that
+    names them: each must pass the check user SQL passes."""
+    views = con.execute("SELECT view_name, sql FROM duckdb_views() WHERE NOT internal").fetchall()
+    macros = con.execute("SELECT function_name, function_type, macro_definition FROM duckdb_functions() "
+                         "WHERE NOT internal").fetchall()
+    objects = [(f"view {name!r}", sql, True) for name, sql in views]
+    objects += [(f"{kind} {name!r}", body if kind == "table_macro" else f"SELECT {body}", False)
+                for name, kind, body in macros]
+    for what, sql, is_view in objects:
+        try:
+            _plain_select(_view_body(sql) if is_view else sql)
+        except (SQLRefused, SQLError) as exc:
+            raise SQLRefused(f"catalog.duckdb's {what} does not only read ({exc}): "
+                             "it is not a catalog webdistill wrote") from exc
+
+
 def check_read_only(sql: str) -> None:
     """Refuse anything but one SELECT that only reads, or EXPLAIN of one, before it reaches the database."""
     runnable(sql)
@@ -252,7 +283,8 @@ def connect_readonly(ws: Workspace, temp_dir: Path | None = None,
     try:
         for setting in settings:
             con.execute(setting)
-    except duckdb.Error:
+        _check_catalog(con)
+    except BaseException:
         con.close()
         raise
     return con

@@ -21,7 +21,7 @@ for _var, _value in (("HF_HUB_OFFLINE", "1"), ("PREFECT_SERVER_ANALYTICS_ENABLED
     os.environ.setdefault(_var, _value)
 
 from curation import catalog  # noqa: E402
-from curation.errors import WebdistillError  # noqa: E402
+from curation.errors import WebdistillError, storage_error  # noqa: E402
 from curation.workspace import resolve_workspace  # noqa: E402
 
 
@@ -134,9 +134,9 @@ def cmd_sql(args: argparse.Namespace) -> int:
 
     ws = resolve_workspace(args.workspace)
     sql = _sql_text(args)
-    table_rows = args.max_rows or 40
+    table_rows = 40 if args.max_rows is None else args.max_rows
     limits = user_sql.Limits(timeout_s=args.timeout, max_bytes=args.max_bytes, max_temp_bytes=args.max_temp_bytes,
-                             max_rows=args.max_rows or user_sql.USER_LIMITS.max_rows)
+                             max_rows=user_sql.USER_LIMITS.max_rows if args.max_rows is None else args.max_rows)
     if args.format != "table":
         _print_table(user_sql.query(ws, sql, limits), args)
         return 0
@@ -144,6 +144,17 @@ def cmd_sql(args: argparse.Namespace) -> int:
     _print_table(table, args)
     if total > table.num_rows:
         print(f"{total} rows in all; the first {table.num_rows} shown (--max-rows)")
+    return 0
+
+
+def cmd_refresh(args: argparse.Namespace) -> int:
+    ws = resolve_workspace(args.workspace)
+    aside = catalog.rebuild(ws) if args.rebuild else catalog.refresh(ws)
+    counts = catalog.query(ws, "SELECT (SELECT count(*) FROM samples) AS samples, (SELECT count(*) FROM selections) "
+                               "AS selections, (SELECT count(*) FROM students) AS students").to_pylist()[0]
+    print(f"refresh: catalog {ws.catalog_path} " + ("rebuilt" if args.rebuild else "refreshed")
+          + f" from the artifacts: {counts['samples']} samples, {counts['selections']} selection(s), "
+          f"{counts['students']} student(s)" + (f"; the old catalog is at {aside}" if aside else ""))
     return 0
 
 
@@ -543,13 +554,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-rows", type=int, default=None,
                    help="rows shown by --format table (default: 40); the most rows csv/json output, past it the "
                    "query is refused (default: 100000)")
-    p.add_argument("--max-bytes", type=int, default=256 * 2**20,
-                   help="the most bytes (Arrow) of output, past it the query is refused (default: 256 MiB)")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds before the query is stopped (default: %(default)s)")
-    p.add_argument("--max-temp-bytes", type=int, default=4 * 2**30,
-                   help="temp space the query may spill to, removed after it (default: 4 GiB)")
+    p.add_argument("--max-bytes", type=int, default=catalog.USER_LIMITS.max_bytes,
+                   help="the most bytes (Arrow) of output, past it the query is refused (default: %(default)s)")
+    p.add_argument("--timeout", type=float, default=catalog.USER_LIMITS.timeout_s,
+                   help="seconds before the query is stopped (default: %(default)s)")
+    p.add_argument("--max-temp-bytes", type=int, default=catalog.USER_LIMITS.max_temp_bytes,
+                   help="temp space the query may spill to, removed after it (default: %(default)s)")
     p.add_argument("--max-width", type=int, default=None, help="width of --format table (default: terminal)")
     p.set_defaults(func=cmd_sql)
+
+    p = sub.add_parser("refresh", parents=[ws], help="rebuild the catalog's views and tables from the artifacts",
+                       description="Recreate catalog.duckdb's views over the workspace's artifacts (as every stage "
+                       "does when it ends), and the rows of selections and students from their manifests and "
+                       "summaries. With --rebuild, a damaged catalog is first set aside as "
+                       "catalog.duckdb.<time>.bak and a new one is built; only the log of past runs is lost.")
+    p.add_argument("--rebuild", action="store_true", help="set the catalog aside and build a new one")
+    p.set_defaults(func=cmd_refresh)
 
     p = sub.add_parser("embed", parents=[ws], help="embed every ingested image (open_clip or the teacher's features)",
                        description="Write one L2-normalised float16 .npy per shard, with its id map, under "
@@ -778,6 +798,10 @@ def main(argv: list[str] | None = None) -> int:
         print("webdistill: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - last resort: still one line unless asked for more
+        storage = storage_error(exc)  # a full disk or a folder it may not write, whichever stage hit it
+        if storage is not None:
+            print(f"webdistill: error: {storage}", file=sys.stderr)
+            return 2
         if isinstance(exc, _distill_user_errors()):
             message = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
             print(f"webdistill: error: {message}", file=sys.stderr)

@@ -177,3 +177,35 @@ def test_reads_keep_working(ws, outside):
         table = catalog.query(ws, sql.replace("{root}", str(ws.root)))
         assert ok(table), (name, table.to_pylist()[:3])
     assert_untouched(ws, outside, before, "reads")
+
+
+FOREIGN_OBJECTS = {
+    "view_calling_query": "CREATE VIEW extra AS SELECT * FROM query('SELECT 1 AS x')",
+    "samples_view_replaced": "CREATE OR REPLACE VIEW samples AS SELECT * FROM query_table('runs')",
+    "table_macro": "CREATE MACRO rows_of(t) AS TABLE SELECT * FROM query_table(t)",
+    "scalar_macro": "CREATE MACRO note(x) AS write_log(x::VARCHAR)",
+}
+
+
+@pytest.mark.parametrize("name", sorted(FOREIGN_OBJECTS))
+def test_a_catalog_from_elsewhere_with_views_that_do_more_than_read(ws, tmp_path, name):
+    import shutil
+
+    import duckdb
+
+    from curation.workspace import Workspace
+
+    foreign = Workspace(tmp_path / "foreign")
+    shutil.copytree(ws.root, foreign.root)
+    catalog.refresh(foreign)  # as if it had always lived here
+    con = duckdb.connect(str(foreign.catalog_path))
+    con.execute(FOREIGN_OBJECTS[name])
+    con.close()
+    beside = tmp_path / "beside"
+    beside.mkdir()
+    before = snapshot(foreign, beside)
+    res = run_cli("sql", "-w", str(foreign.root), "SELECT count(*) FROM shards")
+    assert res.returncode == 2 and res.stdout == ""
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "not a catalog webdistill wrote" in lines[0], res.stderr
+    assert snapshot(foreign, beside) == before
