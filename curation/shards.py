@@ -118,7 +118,7 @@ def expand_shards(specs: list[str], source: str | None = None) -> tuple[list[Sha
             urls: list[str]
             if _is_url(one):
                 urls = [one]
-            elif os.path.isdir(one):
+            elif os.path.isdir(one) and not _TAR_SUFFIX.search(one.rstrip("/")):  # `x.tar/` is no shard
                 urls = sorted(str(p) for p in Path(one).iterdir() if _TAR_SUFFIX.search(p.name))
             elif glob.has_magic(one):
                 urls = sorted(glob.glob(one))
@@ -138,11 +138,12 @@ def expand_shards(specs: list[str], source: str | None = None) -> tuple[list[Sha
                 found[url] = ShardRef(url=url, name=shard_name(url, source), fingerprint=fp)
             if not urls:
                 absent.append(one)
-        if absent and len(expanded) == 1:
+        if len(absent) == 1 and len(expanded) == 1:
             missing.append(absent[0])
         elif absent:  # one line per spec, however many names it expands to
-            shown = ", ".join(absent[:3]) + (", ..." if len(absent) > 3 else "")
-            missing.append(f"{spec} ({len(absent)} of {len(expanded)} names: {shown})")
+            shown = ", ".join(absent[:5]) + (", ..." if len(absent) > 5 else "")
+            of = f" of {len(expanded)}" if len(expanded) > 1 else ""
+            missing.append(f"{spec} ({len(absent)}{of} names: {shown})")
     names: dict[str, str] = {}
     for ref in found.values():
         if ref.name in names:
@@ -353,12 +354,13 @@ def iter_samples(stream: BinaryIO, config: ValidationConfig | None = None,
                 cur.files[ext] = data
             else:
                 cur.files.clear()  # a refused sample's bytes are never needed; tarfile skips the rest
+        if cur is not None and (done := close(cur)) is not None:
+            yield done
+        cur = None  # the last sample is complete: what follows is not part of it
         _check_no_trailing_data(tar)
     except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError, ValueError) as exc:
         refused = f" (the sample was refused already: {cur.refusal[0]})" if cur and cur.refusal else ""
         raise TruncatedShard(cur.key if cur else None, f"{exc.__class__.__name__}: {exc}{refused}") from exc
-    if cur is not None and (done := close(cur)) is not None:
-        yield done
 
 
 def _check_no_trailing_data(tar: tarfile.TarFile) -> None:

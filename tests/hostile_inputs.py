@@ -88,14 +88,15 @@ def raw_tar(path: Path, members: list[tuple], fmt: int = tarfile.GNU_FORMAT) -> 
 
 
 def huge_member_tar(path: Path, declared: int, after: list[tuple[str, bytes]] = (), name: str = "000.jpg",
-                    sparse: bool = True) -> Path:
+                    sparse: bool = True, kind: bytes = tarfile.REGTYPE) -> Path:
     """A tar whose first member declares `declared` bytes. sparse: the file really is that long,
     with a hole (zeros, no disk) for the member's data, then the `after` members. Otherwise the
-    header is followed by the `after` members at once, so the declared size overruns the file."""
+    header is followed by the `after` members at once, so the declared size overruns the file.
+    `kind` may be a header extension (GNU long name, pax record) that tarfile reads whole."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as fh:
         info = tarfile.TarInfo(name)
-        info.size = declared
+        info.size, info.type = declared, kind
         fh.write(info.tobuf(format=tarfile.GNU_FORMAT))
         if sparse:
             fh.seek(512 + -(-declared // 512) * 512)
