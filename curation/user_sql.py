@@ -383,9 +383,11 @@ def query(ws: Workspace, sql: str, limits: Limits = Limits()) -> pa.Table:
         return pa.Table.from_batches(list(results))
 
 
-def head(ws: Workspace, sql: str, n: int, limits: Limits = Limits()) -> tuple[pa.Table, int]:
-    """The first `n` rows of a query's result and how many rows it has in all; only those `n` rows
-    are kept (and bound by `limits.max_bytes`), the rest are counted as they stream past."""
+def head(ws: Workspace, sql: str, n: int, limits: Limits = Limits(),
+         count_up_to: int | None = None) -> tuple[pa.Table, int, bool]:
+    """The first `n` rows of a query's result, how many rows it has, and whether there are more than
+    that count (counting stops past `count_up_to`). Only those `n` rows are kept (and bound by
+    `limits.max_bytes`); the rest are counted as they stream past."""
     kept, total, nbytes = [], 0, 0
     counting = Limits(timeout_s=limits.timeout_s, max_temp_bytes=limits.max_temp_bytes,
                       max_memory_bytes=limits.max_memory_bytes)
@@ -398,4 +400,6 @@ def head(ws: Workspace, sql: str, n: int, limits: Limits = Limits()) -> tuple[pa
                     raise SQLLimit(f"the rows shown are larger than {limits.max_bytes} bytes (--max-bytes)")
                 kept.append(part)
             total += batch.num_rows
-    return pa.Table.from_batches(kept), total
+            if count_up_to is not None and total > count_up_to:
+                return pa.Table.from_batches(kept), count_up_to, True  # closing ends the query
+    return pa.Table.from_batches(kept), total, False

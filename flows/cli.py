@@ -140,10 +140,12 @@ def cmd_sql(args: argparse.Namespace) -> int:
     if args.format != "table":
         _print_table(user_sql.query(ws, sql, limits), args)
         return 0
-    table, total = user_sql.head(ws, sql, table_rows, limits)  # the rest is counted, never held
+    # the rest is counted as it streams past (up to the csv/json row limit), never held
+    table, total, more = user_sql.head(ws, sql, table_rows, limits, count_up_to=user_sql.USER_LIMITS.max_rows)
     _print_table(table, args)
-    if total > table.num_rows:
-        print(f"{total} rows in all; the first {table.num_rows} shown (--max-rows)")
+    if more or total > table.num_rows:
+        print(f"{'more than ' if more else ''}{total} rows{'' if more else ' in all'}; "
+              f"the first {table.num_rows} shown (--max-rows)")
     return 0
 
 

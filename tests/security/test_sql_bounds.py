@@ -99,6 +99,8 @@ def test_rows_are_bounded(ws):
     table = run_cli("sql", "-w", w, "SELECT * FROM range(100000)")
     assert table.returncode == 0 and "100000 rows in all; the first 40 shown" in table.stdout
     assert "│    39 │" in table.stdout and "│    40 │" not in table.stdout
+    endless = run_cli("sql", "-w", w, "SELECT * FROM range(1000000000000)", "--max-rows", "5", "--timeout", "30")
+    assert endless.returncode == 0 and "more than 100000 rows; the first 5 shown" in endless.stdout, endless.stderr
 
 
 RSS = """import resource, sys
