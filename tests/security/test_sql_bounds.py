@@ -15,7 +15,7 @@ import pyarrow as pa
 import pytest
 
 from curation import catalog, schemas, user_sql
-from curation.errors import SQLLimit
+from curation.errors import CatalogCorrupt, SQLLimit
 from curation.workspace import Workspace, write_parquet_atomic
 
 from ..conftest import ROOT, run_cli
@@ -173,8 +173,12 @@ def test_a_corrupt_catalog_says_so_and_only_a_lock_is_busy(ws, tmp_path):
         broken = Workspace(tmp_path / name)
         broken.root.mkdir()
         broken.catalog_path.write_bytes(content)
-        line = one_error(run_cli("sql", "-w", str(broken.root), "SELECT 1"))
-        assert "is not a DuckDB database or is corrupt" in line and "busy" not in line, (name, line)
+        with pytest.raises(CatalogCorrupt, match="is not a DuckDB database or is corrupt") as caught:
+            catalog.query(broken, "SELECT 1")
+        assert "busy" not in str(caught.value) and "\n" not in str(caught.value), name
+        if name in ("random", "flipped_block"):  # and as the user sees it
+            line = one_error(run_cli("sql", "-w", str(broken.root), "SELECT 1"))
+            assert "is not a DuckDB database or is corrupt" in line and "busy" not in line, (name, line)
         assert broken.catalog_path.read_bytes() == content
     writer = duckdb.connect(str(ws.catalog_path))  # another process holds the write lock
     try:
