@@ -13,8 +13,10 @@
   and torch.fx writes names from the file into Python source. So the archive is checked first:
   the member layout torch.export.save writes (no AOTInductor, no legacy members), no pickled payload or
   custom object, tensor payloads that fit their records, shape expressions from a small grammar, names
-  that are plain identifiers, no guard code, and graph nodes that call only aten operators that open no
-  file and take no storage (plus a few integer operators on shapes).
+  that are plain identifiers, guard code from a small grammar, and graph nodes that call only aten
+  operators that open no file and take no storage (plus a few integer operators on shapes). Then its
+  cost is bounded: run on fake tensors for 1 and 2 images, it may compute at most MAX_ACTIVATIONS
+  elements per image and grow no faster than the batch.
 - `save_exported_program`: the .pt2 the project writes (any batch size).
 - `load_torchscript`: torch.jit.load, which the caller allows only when trusted: a TorchScript file
   runs its own code (it can read and write files when loaded and when run).
@@ -35,6 +37,7 @@ from torch import nn
 MAX_MODEL_BYTES = 4 * 2**30   # one model file, read into memory
 MAX_SPEC_BYTES = 2**20        # a JSON spec or sidecar
 MAX_ZIP_MEMBERS = 200_000
+MAX_ACTIVATIONS = 2**30  # elements a .pt2 graph may compute per sample (4 GiB of float32)
 MAX_DEFLATED_BYTES = 256 * 2**20  # declared unpacked size of compressed members (code, pickles)
 
 
@@ -198,8 +201,8 @@ _SYMBOL = re.compile(r"[a-z]{1,3}\d{1,7}")
 
 
 def _refuse(path, why: str) -> ModelSpecError:
-    return ModelSpecError(f"exported program {path} refused: {why} (a .pt2 may hold only plain tensors, "
-                          "aten operators and shape arithmetic)")
+    return UntrustedModelCode(f"exported program {path} refused: {why}; a .pt2 loads unchecked only if you "
+                              f"{trust_hint().removeprefix('pass ')}")
 
 
 def _check_expr(expr: str, path) -> None:
@@ -390,14 +393,73 @@ class ExportedModule(nn.Module):
         return self.program(x)
 
 
-def load_exported_program(data: bytes, path) -> nn.Module:
-    """The module of a torch.export archive (the file's bytes), once checked."""
-    check_exported_program(data, path)
+def _activations(program, batch: int, input_size: int) -> int:
+    """Elements of every tensor the graph computes for one input of `batch` samples, counted on fake
+    tensors (no memory is used and no data is read)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.export.graph_signature import InputKind
+    from torch.fx import Interpreter
+    from torch.utils import _pytree as pytree
+
+    specs = program.graph_signature.input_specs
+    users = [s for s in specs if s.kind == InputKind.USER_INPUT]
+    if len(users) != 1:
+        raise ModelSpecError(f"the program takes {len(users)} inputs, not one image batch")
+    placeholder = next(n for n in program.graph_module.graph.nodes if n.op == "placeholder" and n.name == users[0].arg.name)
+    dims = getattr(placeholder.meta.get("val"), "shape", None)
+    if dims is None:
+        raise ModelSpecError("the program does not describe its input")
+    shape = [batch if i == 0 else (d if isinstance(d, int) else input_size) for i, d in enumerate(dims)]
+    total = 0
+
+    class Count(Interpreter):
+        def run_node(self, node):
+            nonlocal total
+            out = super().run_node(node)
+            if node.op == "call_function":
+                total += sum(t.numel() for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor))
+                if total > MAX_ACTIVATIONS * batch:
+                    raise ModelSpecError(f"its graph computes over {MAX_ACTIVATIONS} elements per sample")
+            return out
+
+    values = {**program.state_dict, **program.constants}
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        args = [torch.empty(shape) if s.kind == InputKind.USER_INPUT else values[s.target] for s in specs]
+        Count(program.graph_module).run(*args)
+    return total
+
+
+def _check_forward_cost(program, input_size: int, path) -> None:
+    """What running the program costs is bounded: at most MAX_ACTIVATIONS elements per sample, growing
+    no faster than the batch (a graph can be built to blow up on its own, or with the batch size)."""
     try:
-        module = torch.export.load(io.BytesIO(data)).module()
+        one, two = _activations(program, 1, input_size), _activations(program, 2, input_size)
+    except ModelSpecError as exc:  # fx adds the node's traceback as further lines
+        raise _refuse(path, str(exc).strip().splitlines()[0]) from exc
+    except Exception as exc:  # noqa: BLE001 - shapes that do not propagate: the cost cannot be bounded
+        raise _refuse(path, f"its cost cannot be bounded ({type(exc).__name__}: "
+                      f"{(str(exc).strip().splitlines() or [''])[0][:120]})") from exc
+    if two > 2 * one:
+        raise _refuse(path, "its graph grows faster than the batch")
+
+
+def load_exported_program(data: bytes, path, input_size: int = 224, checked: bool = True) -> nn.Module:
+    """The module of a torch.export archive (the file's bytes), once checked (unless the user trusts
+    it: `checked=False`); `input_size` is the side of the images it will get (for the cost bound)."""
+    if checked:
+        check_exported_program(data, path)
+    else:
+        check_zip(data, f"exported program {path}")
+    try:
+        program = torch.export.load(io.BytesIO(data))
     except Exception as exc:  # noqa: BLE001 - a checked but malformed program fails in many ways
         raise ModelSpecError(f"cannot load exported program {path}: "
                              f"{(str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]}") from exc
-    if not isinstance(module, nn.Module):
-        raise ModelSpecError(f"exported program {path} does not give a module")
+    if checked:
+        _check_forward_cost(program, input_size, path)
+    try:
+        module = program.module()
+    except Exception as exc:  # noqa: BLE001
+        raise ModelSpecError(f"cannot load exported program {path}: "
+                             f"{(str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]}") from exc
     return ExportedModule(module).eval()

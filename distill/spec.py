@@ -15,7 +15,8 @@ reads them, see `distill.model_files`), JSON specs, and factories on the allowli
 (`distill.students.STUDENTS`), the demo's factories (PROJECT_FACTORIES) and torchvision:/timm:
 architecture names. A TorchScript file runs its own code (it can read and write files when loaded and
 run) and any other module:factory imports and runs a module: both need trust, else UntrustedModelCode
-says why. A JSON spec's factory follows the same rules; with "num_classes" it names a student, built by
+says why. A .pt2 that fails the checks loads, unchecked, only with trust too. A JSON spec's factory
+follows the same rules; with "num_classes" it names a student, built by
 `distill.students.student_from_spec` (registry names, a resized head, KD^3's deployable student).
 """
 from __future__ import annotations
@@ -177,8 +178,10 @@ def _from_file(path: Path, spec: str, trust_model_code: bool) -> LoadedModel:
     if kind == "state_dict":
         raise ModelSpecError(f"{path} holds weights only: use a .json spec or ARCH@{path} "
                              "(e.g. torchvision:resnet18@weights.pt)")
-    module = load_exported_program(data, path) if kind == "pt2" else load_torchscript(data, path)
-    return LoadedModel(module.eval(), spec, kind=kind, **_sidecar(path))
+    prep = _sidecar(path)
+    module = (load_exported_program(data, path, prep["input_size"], checked=not trust_model_code) if kind == "pt2"
+              else load_torchscript(data, path))
+    return LoadedModel(module.eval(), spec, kind=kind, **prep)
 
 
 def load_model(spec: str, trust_model_code: bool = False) -> LoadedModel:

@@ -99,6 +99,18 @@ class _Small(nn.Module):
         return self.lin(x) + torch.full((2,), 0.0)
 
 
+class _Quadratic(nn.Module):
+    """Memory that grows with the square of the batch: an outer product over the whole batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, x):
+        flat = x.reshape(-1)
+        return self.lin(x) + (flat[:, None] * flat[None, :]).sum() * 0
+
+
 def one_line(exc: BaseException) -> bool:
     return "\n" not in str(exc).strip()
 
@@ -250,6 +262,10 @@ def _hostile_programs(tmp_path: Path) -> dict[str, tuple[Path, Path]]:
                           {"name": "shared", "arg": {"as_bool": True}, "kind": 1},
                           {"name": "size", "arg": {"as_int": 2}, "kind": 1}]
 
+    def huge_full(p):  # fine on fake tensors, 4 TB when run
+        node = next(n for n in _nodes(p) if n["target"] == "torch.ops.aten.full.default")
+        node["inputs"][0]["arg"] = {"as_ints": [10**6, 10**6]}
+
     def target(name):
         def edit(p):
             _nodes(p)[0]["target"] = name
@@ -285,6 +301,10 @@ def _hostile_programs(tmp_path: Path) -> dict[str, tuple[Path, Path]]:
             "data/constants/model_constants_config.json": json.dumps({"config": {"obj": {
                 "path_name": "custom_obj_0", "is_param": False, "use_pickle": True, "tensor_meta": None}}}).encode(),
             "data/constants/custom_obj_0": pickle.dumps(_Evil(m["misc"]))}), m["misc"]),
+        "a 10^12-element full()": (_rewrite(base, tmp_path / "full.pt2", huge_full), m["misc"]),
+        "quadratic in the batch": (save_exported_program(_Quadratic().eval(), torch.zeros(2, 3),
+                                                         tmp_path / "quadratic.pt2") or tmp_path / "quadratic.pt2",
+                                   m["misc"]),
         "zeros bomb": (_rewrite(base, tmp_path / "zeros.pt2", members={
             "data/weights/model_weights_config.json": json.dumps(huge).encode()}), m["misc"]),
     }
@@ -311,8 +331,9 @@ def test_exported_programs_that_would_run_code_are_refused(tmp_path, workspace, 
     code, err = cli(capsys, "score", "-w", str(workspace.root), "--teacher", str(hostile["expr"][0]), "--name", "p")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "refused" in err, err
     assert not any(marker.exists() for _, marker in hostile.values())
-    # the untouched program loads and runs
+    # the untouched program loads and runs; one that only fails the checks loads unchecked when trusted
     assert load_model(str(tmp_path / "base.pt2")).module(x).shape == (2, 2)
+    assert load_model(str(hostile["quadratic in the batch"][0]), trust_model_code=True).module(x).shape == (2, 2)
 
 
 # -- zip bombs and corrupt files -------------------------------------------------------------------
