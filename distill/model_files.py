@@ -16,7 +16,7 @@
   that are plain identifiers, guard code from a small grammar, and graph nodes that call only aten
   operators that open no file and take no storage (plus a few integer operators on shapes). Then its
   cost is bounded: run on fake tensors for 1 and 2 images, it may compute at most MAX_ACTIVATIONS
-  elements per image and grow no faster than the batch.
+  elements and MAX_FLOPS operations per image, and grow no faster than the batch.
 - `save_exported_program`: the .pt2 the project writes (any batch size).
 - `load_torchscript`: torch.jit.load, which the caller allows only when trusted: a TorchScript file
   runs its own code (it can read and write files when loaded and when run).
@@ -37,7 +37,8 @@ from torch import nn
 MAX_MODEL_BYTES = 4 * 2**30   # one model file, read into memory
 MAX_SPEC_BYTES = 2**20        # a JSON spec or sidecar
 MAX_ZIP_MEMBERS = 200_000
-MAX_ACTIVATIONS = 2**30  # elements a .pt2 graph may compute per sample (4 GiB of float32)
+MAX_ACTIVATIONS = 2**30  # elements a .pt2 graph may compute per image (4 GiB of float32)
+MAX_FLOPS = 10**12        # and floating-point operations per image (ViT-H/14 at 224 px: about 3.3e11)
 MAX_DEFLATED_BYTES = 256 * 2**20  # declared unpacked size of compressed members (code, pickles)
 
 
@@ -201,8 +202,7 @@ _SYMBOL = re.compile(r"[a-z]{1,3}\d{1,7}")
 
 
 def _refuse(path, why: str) -> ModelSpecError:
-    return UntrustedModelCode(f"exported program {path} refused: {why}; a .pt2 loads unchecked only if you "
-                              f"{trust_hint().removeprefix('pass ')}")
+    return UntrustedModelCode(f"exported program {path} refused: {why}; to load it unchecked, {trust_hint()}")
 
 
 def _check_expr(expr: str, path) -> None:
@@ -393,53 +393,59 @@ class ExportedModule(nn.Module):
         return self.program(x)
 
 
-def _activations(program, batch: int, input_size: int) -> int:
-    """Elements of every tensor the graph computes for one input of `batch` samples, counted on fake
-    tensors (no memory is used and no data is read)."""
+def _cost(program, batch: int, input_size: int) -> tuple[int, int]:
+    """(elements of every tensor the graph computes, floating-point operations) for one input of
+    `batch` images, counted on fake tensors: no memory is used, no data read, nothing computed."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.export.graph_signature import InputKind
     from torch.fx import Interpreter
     from torch.utils import _pytree as pytree
+    from torch.utils.flop_counter import FlopCounterMode
 
     specs = program.graph_signature.input_specs
     users = [s for s in specs if s.kind == InputKind.USER_INPUT]
     if len(users) != 1:
         raise ModelSpecError(f"the program takes {len(users)} inputs, not one image batch")
-    placeholder = next(n for n in program.graph_module.graph.nodes if n.op == "placeholder" and n.name == users[0].arg.name)
+    placeholder = next(n for n in program.graph_module.graph.nodes
+                       if n.op == "placeholder" and n.name == users[0].arg.name)
     dims = getattr(placeholder.meta.get("val"), "shape", None)
     if dims is None:
         raise ModelSpecError("the program does not describe its input")
     shape = [batch if i == 0 else (d if isinstance(d, int) else input_size) for i, d in enumerate(dims)]
-    total = 0
+    elements = 0
+    flops = FlopCounterMode(display=False)
 
     class Count(Interpreter):
         def run_node(self, node):
-            nonlocal total
+            nonlocal elements
             out = super().run_node(node)
             if node.op == "call_function":
-                total += sum(t.numel() for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor))
-                if total > MAX_ACTIVATIONS * batch:
-                    raise ModelSpecError(f"its graph computes over {MAX_ACTIVATIONS} elements per sample")
+                elements += sum(t.numel() for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor))
+                if elements > MAX_ACTIVATIONS * batch:
+                    raise ModelSpecError(f"its graph computes over {MAX_ACTIVATIONS} elements per image")
+                if flops.get_total_flops() > MAX_FLOPS * batch:
+                    raise ModelSpecError(f"its graph takes over {MAX_FLOPS:.0e} floating-point operations per image")
             return out
 
     values = {**program.state_dict, **program.constants}
-    with FakeTensorMode(allow_non_fake_inputs=True):
+    with FakeTensorMode(allow_non_fake_inputs=True), flops:
         args = [torch.empty(shape) if s.kind == InputKind.USER_INPUT else values[s.target] for s in specs]
         Count(program.graph_module).run(*args)
-    return total
+    return elements, flops.get_total_flops()
 
 
 def _check_forward_cost(program, input_size: int, path) -> None:
-    """What running the program costs is bounded: at most MAX_ACTIVATIONS elements per sample, growing
-    no faster than the batch (a graph can be built to blow up on its own, or with the batch size)."""
+    """What running the program costs is bounded: per image at most MAX_ACTIVATIONS elements and
+    MAX_FLOPS operations, growing no faster than the batch (a graph can be built to blow up on its
+    own, or with the batch size)."""
     try:
-        one, two = _activations(program, 1, input_size), _activations(program, 2, input_size)
+        one, two = _cost(program, 1, input_size), _cost(program, 2, input_size)
     except ModelSpecError as exc:  # fx adds the node's traceback as further lines
         raise _refuse(path, str(exc).strip().splitlines()[0]) from exc
     except Exception as exc:  # noqa: BLE001 - shapes that do not propagate: the cost cannot be bounded
         raise _refuse(path, f"its cost cannot be bounded ({type(exc).__name__}: "
                       f"{(str(exc).strip().splitlines() or [''])[0][:120]})") from exc
-    if two > 2 * one:
+    if two[0] > 2 * one[0] or two[1] > 2 * one[1]:
         raise _refuse(path, "its graph grows faster than the batch")
 
 

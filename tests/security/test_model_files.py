@@ -111,6 +111,19 @@ class _Quadratic(nn.Module):
         return self.lin(x) + (flat[:, None] * flat[None, :]).sum() * 0
 
 
+class _Flops(nn.Module):
+    """About 1.1e12 floating-point operations per call from a few bytes of file: a matrix product of
+    two 8192 x 8192 tensors that the graph makes itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, x):
+        a = torch.ones(8192, 8192)
+        return self.lin(x) + (a @ a).sum() * 0
+
+
 def one_line(exc: BaseException) -> bool:
     return "\n" not in str(exc).strip()
 
@@ -305,6 +318,8 @@ def _hostile_programs(tmp_path: Path) -> dict[str, tuple[Path, Path]]:
         "quadratic in the batch": (save_exported_program(_Quadratic().eval(), torch.zeros(2, 3),
                                                          tmp_path / "quadratic.pt2") or tmp_path / "quadratic.pt2",
                                    m["misc"]),
+        "1.1e12 operations": (save_exported_program(_Flops().eval(), torch.zeros(2, 3), tmp_path / "flops.pt2")
+                              or tmp_path / "flops.pt2", m["misc"]),
         "zeros bomb": (_rewrite(base, tmp_path / "zeros.pt2", members={
             "data/weights/model_weights_config.json": json.dumps(huge).encode()}), m["misc"]),
     }
