@@ -28,7 +28,7 @@ from . import schemas
 from .embedders import Embedder
 from .errors import ShardReadError
 from .shards import TruncatedShard, iter_samples, open_stored_shard
-from .workspace import Workspace, atomic_path, config_hash, read_parquet_metadata, write_parquet_atomic
+from .workspace import Workspace, atomic_path, check_name, config_hash, read_parquet_metadata, write_parquet_atomic
 
 EMBED_VERSION = 1
 
@@ -99,8 +99,8 @@ def _low_priority_worker(_: int) -> None:
 
 
 def _paths(ws: Workspace, embedder: str, shard: str) -> tuple[Path, Path]:
-    d = ws.root / "embeddings" / embedder
-    return d / f"{shard}.npy", d / f"{shard}.parquet"
+    d = ws.owned("embeddings", embedder, what="embedder")  # shard: a name read back from samples/
+    return d / f"{check_name(shard, 'shard name')}.npy", d / f"{shard}.parquet"
 
 
 def shard_jobs(ws: Workspace, stamp_extra: dict | None = None, only: Collection[str] | None = None) -> list[ShardJob]:

@@ -42,6 +42,7 @@ with a float `weight` column (1.0 unless a step or the input set it; multiplied 
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from dataclasses import dataclass
 from typing import Callable
@@ -106,15 +107,18 @@ def _positive_int(key: str, text: str) -> int:
 
 def _float(key: str, text: str) -> float:
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
-        raise PolicyError(f"policy parameter {key}={text!r} must be a number") from None
+        value = math.nan
+    if math.isnan(value):  # NaN compares false with everything: a threshold of NaN would keep nothing
+        raise PolicyError(f"policy parameter {key}={text!r} must be a number")
+    return value
 
 
 def _positive_float(key: str, text: str) -> float:
     value = _float(key, text)
-    if not value > 0:
-        raise PolicyError(f"policy parameter {key}={text!r} must be > 0")
+    if not (0 < value < math.inf):
+        raise PolicyError(f"policy parameter {key}={text!r} must be a finite number > 0")
     return value
 
 
@@ -375,8 +379,9 @@ def _softmax(frame, params, rng):
     eligible = np.flatnonzero(np.isfinite(scores))
     if not len(eligible):
         return eligible, None
-    logits = scores[eligible] / params["tau"]
-    p = np.exp(logits - logits.max())  # shifted by the max: no overflow, same distribution
+    # shifted by the max before dividing: a tiny tau or huge scores give 0 or 1, never inf - inf
+    with np.errstate(over="ignore"):
+        p = np.exp((scores[eligible] - scores[eligible].max()) / params["tau"])
     p /= p.sum()
     if params["replace"]:
         draws = rng.choice(len(eligible), size=params["k"], replace=True, p=p)

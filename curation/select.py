@@ -7,32 +7,39 @@ them as curated WebDataset shards any reader opens.
     selections/<name>/manifest.json           name, total, shards (path, count, sha256), counts per
                                               class, the query / policy (`notes`: what it fell
                                               back on), teacher and sources
+    selections/.tmp-<name>-*, .lock-<name>    the selection while it is written, and its writer's lock
 
-The selection is written into a hidden folder and renamed into place, so a crash leaves the old
-selection or the new one, never a mix. A rerun that picks the same samples rewrites nothing.
+The selection is written into a hidden folder beside it (`selections/.tmp-<name>-*`) and swapped into
+place in one atomic step (`shard_writer.swap_into_place`), so a reader or a crash at any instant finds
+the old selection or the new one, never neither and never a mix; the next select removes temporaries
+a killed one left. A rerun that picks the same samples rewrites nothing.
+
+Parameters are checked before anything is read: --limit and --shard-size are integers >= 1, the seed
+>= 0. A `weight` column from --sql must be a finite number > 0 on every chosen sample (null means
+1.0): NaN, infinities and negative weights are refused with one line, not dropped, because the weight
+is the user's own expression and a silently smaller selection would hide the mistake.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
-import re
 import shutil
-import uuid
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from . import catalog, policies
 from .errors import SQLError, WebdistillError
 from .score import read_run
-from .shard_writer import ShardSink, logits_npy, read_manifest, swap_into_place
+from .shard_writer import ShardSink, logits_npy, read_manifest, staging, swap_into_place
 from .shards import TruncatedShard, iter_samples, open_stored_shard
-from .workspace import Workspace, config_hash
+from .workspace import Workspace, check_name, config_hash
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 SCORE_FIELDS = ("msp", "max_logit", "energy", "neg_entropy", "gen", "odin", "bn_score", "mahalanobis",
                 "rel_mahalanobis", "knn_teacher", "agreement", "neg_kl", "neg_js", "kd3_conf")
 
@@ -51,6 +58,17 @@ class SelectConfig:
     seed: int = 0
     synthetic: tuple[str, ...] = ()  # synthetic sets (synthetic/<name>/) mixed into the selection
 
+    def check(self) -> None:
+        """One line for the first parameter that is out of range (before anything is read)."""
+        check_name(self.name, "selection name")
+        for name in self.synthetic:
+            check_name(name, "synthetic set name")
+        for key, value, low in (("limit", self.limit, 1), ("shard_size", self.shard_size, 1), ("seed", self.seed, 0)):
+            if value is None and key == "limit":
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise SelectError(f"{key.replace('_', '-')} must be an integer >= {low}, got {value!r}")
+
 
 @dataclass
 class SelectResult:
@@ -68,7 +86,8 @@ def _user_ids_sql(ws: Workspace, sql: str) -> str:
     cols = catalog.query(ws, f"SELECT * FROM ({sql}) AS picked LIMIT 0").column_names
     if "sample_id" not in cols:
         raise SelectError(f"the query must return a sample_id column (it returns: {', '.join(cols) or 'nothing'})")
-    weight = "max(weight)::DOUBLE" if "weight" in cols else "1.0::DOUBLE"
+    # null means 1.0, said here: pandas could not tell a null from a NaN, which is refused in choose()
+    weight = "coalesce(max(weight)::DOUBLE, 1.0)" if "weight" in cols else "1.0::DOUBLE"
     return f"SELECT sample_id, {weight} AS user_weight FROM ({sql}) AS picked GROUP BY sample_id"
 
 
@@ -90,24 +109,41 @@ def candidate_frame(ws: Workspace, config: SelectConfig, steps: list[policies.Po
 def choose(ws: Workspace, config: SelectConfig, notes: list[str] | None = None) -> pd.DataFrame:
     """The selected rows (with a `weight` column), without writing anything. What a policy had to
     fall back on (dedup without clusters) is appended to `notes`."""
-    if not NAME_RE.match(config.name or ""):
-        raise SelectError(f"bad selection name {config.name!r}: use letters, digits, '.', '-' and '_'")
+    config.check()
     if not config.sql and not config.policy:
         raise SelectError("give --sql or --policy (or both)")
     steps = policies.parse_policy(config.policy) if config.policy else []
     frame = candidate_frame(ws, config, steps)
-    if "weight" not in frame.columns:
+    if "weight" in frame:
+        _check_weights(frame, "the query returned")
+    else:
         frame["weight"] = 1.0
     chosen = policies.apply_policies(frame, steps, seed=config.seed, notes=notes) if steps else frame.sort_values("sample_id")
     if config.limit is not None:
         chosen = chosen.head(config.limit)
     if chosen.empty:
         raise SelectError(f"empty selection {config.name!r}: the query and policy kept no sample; nothing written")
+    _check_weights(chosen, "the chosen samples have", total=True)
     return chosen.reset_index(drop=True)
 
 
+def _check_weights(frame: pd.DataFrame, whose: str, total: bool = False) -> None:
+    """Every weight finite and > 0 (and, with `total`, their sum finite): the manifest and the loss
+    stay numbers."""
+    weight = frame["weight"].to_numpy(dtype=float)
+    bad = ~(np.isfinite(weight) & (weight > 0))
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        raise SelectError(f"{whose} {int(bad.sum())} weight(s) that are not a finite number > 0, e.g. "
+                          f"{frame['sample_id'].iloc[first]} with {weight[first]!r}: fix the query's weight "
+                          "column (e.g. greatest(coalesce(x, 0), 1e-6)); nothing written")
+    if total and not math.isfinite(float(weight.sum())):
+        raise SelectError("the chosen samples' weights add up to more than a float holds: scale the query's "
+                          "weight column down; nothing written")
+
+
 def _sample_json(row) -> bytes:
-    scores = {k: float(row[k]) for k in SCORE_FIELDS if k in row and pd.notna(row[k])}
+    scores = {k: float(row[k]) for k in SCORE_FIELDS if k in row and pd.notna(row[k]) and math.isfinite(row[k])}
     label = row.get("teacher_label")
     return json.dumps({
         "sample_id": row["sample_id"], "source_shard": row["shard"], "key": row["key"], "url": row["url"],
@@ -155,7 +191,7 @@ def _selection_hash(ws: Workspace, chosen: pd.DataFrame, config: SelectConfig, s
     ids = hashlib.sha256("\n".join(f"{s}:{w:.9g}" for s, w in zip(chosen["sample_id"], chosen["weight"])).encode())
     synthetic = {}
     for name in config.synthetic:  # a regenerated synthetic set changes the selection too
-        manifest = ws.root / "synthetic" / name / "manifest.json"
+        manifest = ws.owned("synthetic", name, "manifest.json")
         synthetic[name] = hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.exists() else None
     return config_hash({"ids": ids.hexdigest(), "config": asdict(config), "synthetic": synthetic,
                         "score_run": [score_run.get("name"), score_run.get("finished_at")]})
@@ -163,19 +199,20 @@ def _selection_hash(ws: Workspace, chosen: pd.DataFrame, config: SelectConfig, s
 
 def select(ws: Workspace, config: SelectConfig) -> SelectResult:
     """Choose, write the curated shards and manifest atomically, record the selection."""
+    config.check()
+    final = ws.owned("selections", config.name)  # names and planted symlinks refused before any work
+    for name in config.synthetic:
+        ws.owned("synthetic", name)
     notes: list[str] = []
     chosen = choose(ws, config, notes)
     sources = catalog.candidate_sources(ws)
     run = read_run(ws, sources["score_run"]) if sources["score_run"] else {}
-    final = ws.root / "selections" / config.name
     digest = _selection_hash(ws, chosen, config, run)
     previous = read_manifest(final)
     if previous.get("selection_hash") == digest:
         return SelectResult(config.name, previous["total"], final, previous, unchanged=True)
 
-    tmp = final.parent / f".tmp-{config.name}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
-    try:
+    with staging(final) as tmp:
         shards, lost = write_shards(chosen, tmp, config.name, config.shard_size)
         synthetic = [_mix_synthetic(ws, name, tmp) for name in config.synthetic]
         shards += [s for mixed in synthetic for s in mixed["shards"]]
@@ -202,10 +239,8 @@ def select(ws: Workspace, config: SelectConfig) -> SelectResult:
             "candidates": sources, "selection_hash": digest,
             "created_at": datetime.now(timezone.utc).isoformat(),
         }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, allow_nan=False))
         swap_into_place(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     catalog.record_selection(ws, manifest, final)
     return SelectResult(config.name, total, final, manifest)
 
@@ -213,22 +248,32 @@ def select(ws: Workspace, config: SelectConfig) -> SelectResult:
 def _mix_synthetic(ws: Workspace, name: str, folder: Path) -> dict:
     """Link (or copy) a synthetic set's verified tars into the selection's folder, so the selection
     stays self-contained; returns the set's manifest with the shards' new paths."""
-    src = ws.root / "synthetic" / name
+    src = ws.owned("synthetic", name)
     try:
         manifest = json.loads((src / "manifest.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise SelectError(f"no synthetic set {name!r} in {src.parent} (run `webdistill synthesize --name {name}`)") from exc
+    try:
+        total, weight_sum = int(manifest["total"]), float(manifest.get("weight_sum", manifest["total"]))
+        counts = {int(k): int(v) for k, v in manifest["counts_per_class"].items()}
+        listed = [(s, s["path"], s["sha256"]) for s in manifest["shards"]]
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise SelectError(f"synthetic set {name!r}: malformed manifest ({exc.__class__.__name__}: {exc})") from exc
+    if not (math.isfinite(weight_sum) and weight_sum >= 0):
+        raise SelectError(f"synthetic set {name!r}: weight_sum {weight_sum!r} is not a finite number >= 0")
     shards = []
-    for shard in manifest["shards"]:
-        target = folder / f"synthetic-{name}-{Path(shard['path']).name}"
+    for shard, path, sha256 in listed:
+        source = ws.owned("synthetic", name, path, what="synthetic shard")  # a file name inside the set
+        target = folder / f"synthetic-{name}-{path}"
         try:
-            os.link(src / shard["path"], target)
+            os.link(source, target)
         except OSError:
-            shutil.copyfile(src / shard["path"], target)
-        if hashlib.sha256(target.read_bytes()).hexdigest() != shard["sha256"]:
-            raise SelectError(f"synthetic set {name!r}: {shard['path']} does not match its manifest's sha256")
+            shutil.copyfile(source, target)
+        if hashlib.sha256(target.read_bytes()).hexdigest() != sha256:
+            raise SelectError(f"synthetic set {name!r}: {path} does not match its manifest's sha256")
         shards.append(shard | {"path": target.name})
-    return manifest | {"shards": shards, "weight_sum": manifest.get("weight_sum", manifest["total"])}
+    return manifest | {"name": name, "total": total, "counts_per_class": counts, "shards": shards,
+                       "weight_sum": weight_sum}
 
 
 def _source_fingerprints(ws: Workspace, shards: list[str]) -> dict[str, str]:

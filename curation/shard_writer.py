@@ -1,17 +1,34 @@
 """Writing curated WebDataset shards: rolling tar files with their counts and sha256, float16
 logits as `.npy` members, and an atomic swap of a finished folder into place. Used by `select` and
-`synthesize`."""
+`synthesize`.
+
+Beside a stage's finished folders `<stage>/<name>/` it keeps, per name:
+    .lock-<name>             a lock file (flock): one writer of a name at a time
+    .tmp-<name>-<8 hex>      the new version while it is written; after the swap, the old one
+    .old-<name>-<8 hex>      the old version mid-swap, only where the atomic exchange is unavailable
+A writer that was killed leaves temporaries behind; the next writer of that stage removes those of
+every name whose lock is free (and puts an interrupted fallback swap's old version back first).
+"""
 from __future__ import annotations
 
+import ctypes
+import errno
+import fcntl
 import hashlib
 import io
 import json
-import shutil
+import os
+import re
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import webdataset as wds
+
+from .errors import WebdistillError
+from .workspace import remove_tree
 
 
 def logits_npy(logits) -> bytes | None:
@@ -54,12 +71,119 @@ class ShardSink:
         return self.shards
 
 
+_TEMPORARY = re.compile(r"\.(tmp|old)-(.+)-[0-9a-f]{8}")
+_RENAME_EXCHANGE, _AT_FDCWD = 2, -100
+
+
+def _renameat2():
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # not Linux, or a libc without it
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return fn
+
+
+_EXCHANGE = _renameat2()
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step; False where the system or filesystem cannot."""
+    if _EXCHANGE is None:
+        return False
+    if _EXCHANGE(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EPERM):  # e.g. a network filesystem
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
 def swap_into_place(tmp: Path, final: Path) -> None:
+    """Publish the finished folder `tmp` at `final`: whatever instant a reader looks or a crash
+    comes, `final` is the old version or the new one, never neither and never a mix. A first version
+    is one rename; a replacement is one atomic exchange (Linux renameat2), after which `tmp` holds
+    the old version for the caller to remove. Where the exchange is unsupported it is two renames,
+    and `staging` puts the old version back at the next run if a crash fell between them."""
+    if not final.exists() and not final.is_symlink():
+        os.rename(tmp, final)
+        return
+    if _exchange(tmp, final):
+        return
     old = final.parent / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
+    os.rename(final, old)
+    os.rename(tmp, final)
+    os.rename(old, tmp)  # the caller removes it, as after an exchange
+
+
+@contextmanager
+def _lock(parent: Path, name: str, wait: bool = True) -> Iterator[bool]:
+    """Hold `parent/.lock-<name>` (True), or, with wait=False, False when another process holds it.
+    The kernel drops the lock when its holder dies, so a killed writer never blocks the next one."""
+    path = parent / f".lock-{name}"
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+    except OSError as exc:
+        raise WebdistillError(f"cannot open the lock file {path}: {exc.strerror}") from exc
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
+
+
+def _recover(parent: Path, name: str) -> None:
+    """Undo what a killed writer of `name` left: its old version goes back where a fallback swap
+    had taken it away, and every other temporary of that name is removed."""
+    temps = sorted(p for p in parent.iterdir() if (m := _TEMPORARY.fullmatch(p.name)) and m.group(2) == name)
+    final = parent / name
+    olds = [p for p in temps if p.name.startswith(".old-")]
+    if olds and not final.exists() and not final.is_symlink():
+        os.rename(olds[0], final)
+        temps.remove(olds[0])
+    for p in temps:
+        if p.is_symlink():  # planted: remove the link itself, never what it points to
+            p.unlink()
+        else:
+            remove_tree(p, parent)
+
+
+def clean_stale(parent: Path, mine: str | None = None) -> list[str]:
+    """Recover every name under `parent` that has temporaries and no live writer (`mine`: a name
+    whose lock this process already holds); returns those names."""
+    names = sorted({m.group(2) for p in parent.iterdir() if (m := _TEMPORARY.fullmatch(p.name))})
+    cleaned = []
+    for name in names:
+        if name == mine:
+            _recover(parent, name)
+            cleaned.append(name)
+            continue
+        with _lock(parent, name, wait=False) as free:
+            if free:
+                _recover(parent, name)
+                cleaned.append(name)
+    return cleaned
+
+
+@contextmanager
+def staging(final: Path) -> Iterator[Path]:
+    """A fresh temporary folder beside `final` to write a new version into, then `swap_into_place`.
+    Holds `final`'s lock meanwhile (a second writer of the name waits), cleans the stage's stale
+    temporaries first, and removes the temporary folder (after a swap: the old version) at the end."""
+    parent = final.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    with _lock(parent, final.name):
+        clean_stale(parent, mine=final.name)
+        tmp = parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            yield tmp
+        finally:
+            remove_tree(tmp, parent)
 
 
 def read_manifest(folder: Path) -> dict:

@@ -58,7 +58,14 @@ def test_parse_steps_params_and_defaults():
     ("threshold:by=msp;min=high", "must be a number"),
     ("balance:k=10;per_class=3", "exactly one of k, per_class"),
     ("balance:per_class=3;label=kd3 label", "must be a column name"),
-    ("softmax:k=3;by=msp;tau=0", "must be > 0"),
+    ("softmax:k=3;by=msp;tau=0", "must be a finite number > 0"),
+    ("softmax:k=3;by=msp;tau=-1e-300", "must be a finite number > 0"),
+    ("softmax:k=3;by=msp;tau=inf", "must be a finite number > 0"),
+    ("softmax:k=3;by=msp;tau=nan", "must be a number"),
+    ("topk:k=-1;by=msp", "must be a positive integer"),
+    ("balance:per_class=0", "must be a positive integer"),
+    ("diversity:max_per_cluster=-1", "must be a positive integer"),
+    ("threshold:by=msp;min=nan", "must be a number"),
     ("softmax:k=3;by=msp;replace=maybe", "must be true or false"),
     ("kd3:tau=1.5", "must be in (0, 1]"),
 ])
@@ -266,6 +273,14 @@ def test_softmax_without_replacement_draws_k_distinct_rows_higher_scores_more_of
 def test_softmax_asking_more_than_the_pool_returns_the_pool():
     df = frame(score=[0.0, 1.0, None])
     assert ids(select(df, "softmax:k=10;by=score")) == ["s000", "s001"]
+
+
+@pytest.mark.parametrize("scores, tau", [([0.0, 1.0, 2.0], "1e-300"), ([-1e308, 0.0, 1e308], "1"),
+                                         ([1e308, 1e308 / 2, 1e308], "1e-308")])
+def test_softmax_with_extreme_scores_or_tau_draws_the_best_not_nan(scores, tau):
+    best = {f"s{i:03d}" for i, s in enumerate(scores) if s == max(scores)}
+    for seed in range(3):
+        assert set(ids(select(frame(score=scores), f"softmax:k=1;by=score;tau={tau}", seed=seed))) <= best
 
 
 # ---------------------------------------------------------------- KD^3

@@ -264,3 +264,254 @@ def test_select_killed_at_random_times_leaves_a_whole_selection_and_the_next_run
     result = select(ws, SelectConfig(name="killed", policy="topk:k=12;by=msp", shard_size=3))
     assert result.size == 12 and _selection_is_whole(result.path) is None
     assert sorted(p.name for p in (ws.root / "selections").glob(".*-killed-*")) == []
+
+
+def _version(folder, n: int) -> None:
+    """A tiny whole 'selection': a tar and a manifest that names its sha256."""
+    data = f"version {n}".encode() * 100
+    (folder / "sel-000000.tar").write_bytes(data)
+    (folder / "manifest.json").write_text(json.dumps(
+        {"total": 1, "version": n, "shards": [{"path": "sel-000000.tar", "count": 1,
+                                               "sha256": hashlib.sha256(data).hexdigest()}]}))
+
+
+READER = r"""
+import hashlib, json, os, sys
+final, stop = sys.argv[1], sys.argv[2]
+seen = {"looks": 0, "missing": 0, "mixed": 0, "deleted_while_read": 0}
+
+def read(name, fd):
+    f = os.open(name, os.O_RDONLY, dir_fd=fd)
+    with os.fdopen(f, "rb") as fh:
+        return fh.read()
+
+print("ready", flush=True)
+while not os.path.exists(stop):
+    seen["looks"] += 1
+    try:
+        fd = os.open(final, os.O_RDONLY | os.O_DIRECTORY)  # one folder, read as it was when opened
+    except FileNotFoundError:
+        seen["missing"] += 1
+        continue
+    try:
+        manifest = json.loads(read("manifest.json", fd))
+        shard = manifest["shards"][0]
+        seen["mixed"] += hashlib.sha256(read(shard["path"], fd)).hexdigest() != shard["sha256"]
+    except FileNotFoundError:  # the replaced version was removed after we opened it: not a mix
+        seen["deleted_while_read"] += 1
+    finally:
+        os.close(fd)
+print(json.dumps(seen))
+"""
+
+
+def test_a_reader_never_finds_the_selection_missing_or_mixed_while_it_is_replaced(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from curation.shard_writer import staging, swap_into_place
+
+    from .conftest import ROOT
+
+    final, stop = tmp_path / "selections" / "sel", tmp_path / "stop"
+    with staging(final) as tmp:
+        _version(tmp, 0)
+        swap_into_place(tmp, final)
+    reader = subprocess.Popen([sys.executable, "-c", READER, str(final), str(stop)], cwd=ROOT, text=True,
+                              stdout=subprocess.PIPE, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert reader.stdout.readline().strip() == "ready"
+        deadline, n = time.monotonic() + 3, 0
+        while time.monotonic() < deadline:  # replace it over and over while the reader looks
+            n += 1
+            with staging(final) as tmp:
+                _version(tmp, n)
+                swap_into_place(tmp, final)
+    finally:
+        stop.touch()
+        out, _ = reader.communicate(timeout=60)
+    seen = json.loads(out)
+    # two renames (the old swap) left it missing at times
+    assert seen["looks"] > 100 and seen["missing"] == seen["mixed"] == 0, seen
+    assert json.loads((final / "manifest.json").read_text())["version"] == n
+    assert sorted(p.name for p in final.parent.iterdir()) == [".lock-sel", "sel"]
+
+
+def test_without_the_atomic_exchange_a_crash_between_the_renames_is_undone(tmp_path, monkeypatch):
+    from curation import shard_writer
+    from curation.shard_writer import staging, swap_into_place
+
+    monkeypatch.setattr(shard_writer, "_EXCHANGE", None)  # a system or filesystem without renameat2
+    final = tmp_path / "selections" / "sel"
+    for n in (1, 2):
+        with staging(final) as tmp:
+            _version(tmp, n)
+            swap_into_place(tmp, final)
+    assert json.loads((final / "manifest.json").read_text())["version"] == 2
+    assert sorted(p.name for p in final.parent.iterdir()) == [".lock-sel", "sel"]
+    # the state a kill between `final -> .old-*` and `.tmp-* -> final` leaves: no selection at `final`
+    final.rename(final.parent / ".old-sel-0123abcd")
+    (final.parent / ".tmp-sel-89abcdef").mkdir()
+    _version(final.parent / ".tmp-sel-89abcdef", 3)
+    with staging(final) as tmp:  # the next run puts the old one back first, and cleans up
+        assert json.loads((final / "manifest.json").read_text())["version"] == 2
+        assert sorted(p.name for p in final.parent.iterdir()) == [".lock-sel", tmp.name, "sel"]
+    assert _selection_is_whole(final) is None
+
+
+def test_stale_temporaries_of_dead_writers_go_and_a_live_writers_stay(tmp_path):
+    from curation.shard_writer import _lock, staging
+
+    parent, outside = tmp_path / "selections", tmp_path / "outside"
+    outside.mkdir()
+    (outside / "marker").write_text("keep")
+    for name in ("a", "b", "busy"):
+        (parent / name).mkdir(parents=True)
+        _version(parent / name, 0)
+    for stale in (".tmp-a-12345678", ".old-b-deadbeef", ".tmp-a-b-0badc0de", ".tmp-busy-00000000"):
+        (parent / stale).mkdir()
+        (parent / stale / "half.tar").write_bytes(b"half")
+    (parent / ".tmp-evil-87654321").symlink_to(outside, target_is_directory=True)  # planted
+    with _lock(parent, "busy"):  # another writer of `busy` is alive: its temporary is not stale
+        with staging(parent / "new") as tmp:
+            left = sorted(p.name for p in parent.iterdir() if p.name.startswith((".tmp", ".old")))
+            assert left == [".tmp-busy-00000000", tmp.name]
+    assert (outside / "marker").read_text() == "keep"
+    assert all(_selection_is_whole(parent / name) is None for name in ("a", "b", "busy"))
+
+
+def test_a_second_writer_of_a_name_waits_for_the_first(tmp_path):
+    import threading
+
+    from curation.shard_writer import staging
+
+    final, order, inside = tmp_path / "selections" / "sel", [], threading.Event()
+
+    def second():
+        with staging(final):
+            order.append("second in")
+
+    with staging(final):
+        order.append("first in")
+        t = threading.Thread(target=second)
+        t.start()
+        t.join(0.5)
+        assert t.is_alive()  # blocked on the lock
+        order.append("first out")
+    t.join(10)
+    assert order == ["first in", "first out", "second in"]
+
+
+# ---------------------------------------------------------------- parameters
+
+def _no_selection_written(ws, name):
+    selections = ws.root / "selections"
+    return not (selections / name).exists() and not list(selections.glob(f".tmp-{name}-*"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--policy", "topk:k=5;by=msp", "--limit", "-1"], "limit must be an integer >= 1, got -1"),
+    (["--policy", "topk:k=5;by=msp", "--limit", "0"], "limit must be an integer >= 1, got 0"),
+    (["--policy", "topk:k=5;by=msp", "--shard-size", "0"], "shard-size must be an integer >= 1, got 0"),
+    (["--policy", "topk:k=5;by=msp", "--shard-size", "-3"], "shard-size must be an integer >= 1, got -3"),
+    (["--policy", "topk:k=5;by=msp", "--seed", "-1"], "seed must be an integer >= 0, got -1"),
+    (["--policy", "topk:k=-1;by=msp"], "must be a positive integer"),
+    (["--policy", "softmax:k=5;by=msp;tau=0"], "must be a finite number > 0"),
+    (["--policy", "softmax:k=5;by=msp;tau=nan"], "must be a number"),
+    (["--policy", "softmax:k=5;by=msp;tau=inf"], "must be a finite number > 0"),
+    (["--policy", "balance:per_class=0"], "must be a positive integer"),
+    (["--policy", "diversity:max_per_cluster=-2"], "must be a positive integer"),
+    (["--policy", "threshold:by=msp;min=nan"], "must be a number"),
+    (["--policy", "kd3:tau=0"], "must be in (0, 1]"),
+    (["--sql", "SELECT sample_id, 'NaN'::DOUBLE AS weight FROM candidates"], "not a finite number > 0"),
+    (["--sql", "SELECT sample_id, -1e308::DOUBLE AS weight FROM candidates"], "not a finite number > 0"),
+    (["--sql", "SELECT sample_id, 'inf'::DOUBLE AS weight FROM candidates"], "not a finite number > 0"),
+    (["--sql", "SELECT sample_id, -1.0 AS weight FROM candidates", "--policy", "dedup"], "not a finite number > 0"),
+    (["--sql", "SELECT sample_id, 1e308 AS weight FROM candidates"], "add up to more than a float holds"),
+])
+def test_bad_select_parameters_give_one_line_and_write_nothing(scored, capsys, args, message):
+    from flows.cli import main
+
+    ws, _ = scored
+    assert main(["select", "-w", str(ws.root), "--name", "badparam", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert _no_selection_written(ws, "badparam")
+
+
+def test_null_weights_count_as_one_and_the_manifest_is_strict_json(scored):
+    ws, _ = scored
+    result = select(ws, SelectConfig(name="nullw", sql="SELECT sample_id, NULL::DOUBLE AS weight FROM candidates",
+                                     limit=7))
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    manifest = json.loads((result.path / "manifest.json").read_text(), parse_constant=refuse)
+    assert manifest["total"] == 7 and manifest["weight_sum"] == 7.0
+    for sample in _read_selection(result.path)[1]:
+        assert json.loads(sample["json"], parse_constant=refuse)["weight"] == 1.0
+
+
+# ---------------------------------------------------------------- the swap
+
+def _selection_is_whole(folder) -> str | None:
+    """None when `folder` holds a complete selection (manifest, every shard with its sha256), else why not."""
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        return f"no readable manifest: {exc}"
+    for shard in manifest["shards"]:
+        path = folder / shard["path"]
+        if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != shard["sha256"]:
+            return f"{shard['path']} missing or changed"
+    return None if sum(s["count"] for s in manifest["shards"]) == manifest["total"] else "counts disagree"
+
+
+KILLER = r"""
+import json, os, random, signal, sys, time
+from curation.select import SelectConfig, select
+from curation.workspace import Workspace
+from tests.test_select import _selection_is_whole
+
+ws, rounds = Workspace(sys.argv[1]), int(sys.argv[2])
+configs = [SelectConfig(name="killed", policy=f"topk:k={k};by=msp", shard_size=3) for k in (30, 21)]
+
+def run(config):
+    pid = os.fork()
+    if pid == 0:
+        select(ws, config)
+        os._exit(0)
+    return pid
+
+start = time.perf_counter()
+os.waitpid(run(configs[0]), 0)  # a first selection, uninterrupted: what every kill must leave intact
+took = time.perf_counter() - start
+rng, report = random.Random(0), []
+for i in range(rounds):
+    pid = run(configs[(i + 1) % 2])
+    time.sleep(rng.uniform(0.2, 1.1) * took)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    temps = sorted(p.name for p in (ws.root / "selections").glob(".*-killed-*"))
+    report.append({"whole": _selection_is_whole(ws.root / "selections" / "killed"), "temps": temps})
+print(json.dumps(report))
+"""
+
+
+def test_select_killed_at_random_times_leaves_a_whole_selection_and_the_next_run_cleans_up(scored):
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    ws, _ = scored
+    proc = subprocess.run([sys.executable, "-c", KILLER, str(ws.root), "8"], capture_output=True, text=True,
+                          cwd=ROOT, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert [r["whole"] for r in report] == [None] * len(report), report  # old or new, never none, never a mix
+    result = select(ws, SelectConfig(name="killed", policy="topk:k=12;by=msp", shard_size=3))
+    assert result.size == 12 and _selection_is_whole(result.path) is None
+    assert sorted(p.name for p in (ws.root / "selections").glob(".*-killed-*")) == []

@@ -15,9 +15,10 @@ import webdataset as wds
 from PIL import Image
 from torch import nn
 
+from curation.errors import WebdistillError
 from curation.ingest import ingest
 from curation.score import ScoreConfig, score
-from curation.synthesize import (CVAE, SynthConfig, SynthError, initial_offsets, keep_confident, latent_search,
+from curation.synthesize import (CVAE, SynthConfig, initial_offsets, keep_confident, latent_search,
                                  prior_radius, synthesize, train_cvae)
 from curation.workspace import Workspace
 from distill.preprocess import image_to_tensor
@@ -250,11 +251,11 @@ def test_rerun_is_idempotent_and_a_new_config_replaces_the_set(scored_ws, teache
     manifest, samples = read_back(changed.path)
     assert manifest["total"] == len(samples) == 8 and manifest["counts_per_class"] == {"0": 2, "1": 2, "2": 2, "3": 2}
     assert sorted(p.name for p in changed.path.glob("*.tar")) == ["syn-000000.tar"]  # the old shards are gone
-    assert [p.name for p in (scored_ws.root / "synthetic").iterdir()] == ["syn"]  # no temporary folder left
+    assert sorted(p.name for p in (scored_ws.root / "synthetic").iterdir()) == [".lock-syn", "syn"]  # no temporary folder left
 
 
 def _one_line_error(fn) -> str:
-    with pytest.raises(SynthError) as info:
+    with pytest.raises(WebdistillError) as info:  # SynthError, or UnsafeName for a name
         fn()
     message = str(info.value)
     assert message and "\n" not in message
@@ -267,7 +268,7 @@ def test_bad_inputs_raise_one_line_errors(tmp_path, scored_ws, teacher_spec):
                                                                    progress=False))
     assert "no scored pool" in _one_line_error(lambda: synthesize(scored_ws, config(teacher_spec, score_run="nope"),
                                                                    progress=False))
-    assert "bad scoring run" in _one_line_error(lambda: synthesize(scored_ws, config(teacher_spec, score_run="../ws"),
+    assert "scoring run name '../ws' is not allowed" in _one_line_error(lambda: synthesize(scored_ws, config(teacher_spec, score_run="../ws"),
                                                                     progress=False))
     assert "rank_by" in _one_line_error(lambda: synthesize(scored_ws, config(teacher_spec, rank_by="url"),
                                                            progress=False))
