@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import pickle
 import re
 import stat
@@ -456,11 +457,15 @@ def load_exported_program(data: bytes, path, input_size: int = 224, checked: boo
         check_exported_program(data, path)
     else:
         check_zip(data, f"exported program {path}")
+    quiet = logging.getLogger("torch.export")  # it logs a traceback, then raises: the error says enough
+    was_disabled, quiet.disabled = quiet.disabled, True
     try:
         program = torch.export.load(io.BytesIO(data))
     except Exception as exc:  # noqa: BLE001 - a checked but malformed program fails in many ways
-        raise ModelSpecError(f"cannot load exported program {path}: "
-                             f"{(str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]}") from exc
+        raise ModelSpecError(f"cannot load exported program {path}: it does not deserialize in this torch "
+                             f"({type(exc).__name__})") from exc
+    finally:
+        quiet.disabled = was_disabled
     if checked:
         _check_forward_cost(program, input_size, path)
     try:

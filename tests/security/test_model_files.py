@@ -453,6 +453,12 @@ def test_bad_specs_and_weights_are_one_typed_error(tmp_path, workspace, capsys):
     (tmp_path / "zero.pt2").symlink_to("/dev/zero")
     specs += [str(tmp_path / n) for n in ("folder.json", "fifo.json", "fifo.pt2", "zero.pt2")] + [str(tmp_path)]
     specs += [f"distill.models:mnist_teacher@{tmp_path / 'w.pt'}", f"distill.models:tiny_student@{tmp_path / 'fifo.pt2'}"]
+
+    def wrong_arguments(program):  # passes the safety checks, does not deserialize
+        _nodes(program)[0]["inputs"] = [{"name": "nope", "arg": {"as_int": 3}, "kind": 1}]
+
+    malformed = str(_rewrite(_pt2(tmp_path / "base.pt2"), tmp_path / "malformed.pt2", wrong_arguments))
+    specs.append(malformed)
     for spec in specs:
         with pytest.raises(ModelSpecError) as err:
             load_model(spec)
@@ -468,7 +474,7 @@ def test_bad_specs_and_weights_are_one_typed_error(tmp_path, workspace, capsys):
                     "--trust-model-code", "--name", "b")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "nn.Module" in err, err
     not_fitting = len(bad_json) + bad_values.index({"factory": "distill.models:mnist_teacher"})
-    for i in (1, 4, not_fitting):  # not an object, invalid JSON, weights that do not fit
+    for i in (1, 4, not_fitting, -1):  # not an object, invalid JSON, weights that do not fit, a malformed .pt2
         code, err = cli(capsys, "score", "-w", str(workspace.root), "--teacher", specs[i], "--name", "b")
         assert code == 2 and len(err.strip().splitlines()) == 1 and "internal error" not in err, err
 
