@@ -36,6 +36,9 @@ bench: setup
 	$(BIN)/python bench/ingest_throughput.py
 	$(BIN)/python bench/embed_throughput.py --shards 3 --repeats 3
 	$(BIN)/python bench/dedup_1m.py
+	$(BIN)/python bench/dedup_blowup.py
+	$(BIN)/python bench/dedup_blowup.py --verify pixels --sizes 10000 100000 --repeats 3 1
+	$(BIN)/python bench/dedup_blowup.py --repro
 	$(BIN)/python bench/score_auroc.py
 	$(BIN)/python bench/distill_losses.py
 	$(BIN)/python bench/distill_throughput.py
