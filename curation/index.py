@@ -216,7 +216,8 @@ def similar_pairs(index: faiss.Index, x: np.ndarray, threshold: float, max_neigh
         for b in range(0, len(q), block):
             near = x[rows[np.where(valid[b : b + block], found[b : b + block], q[b : b + block, None])]]
             exact[b : b + block] = np.matmul(near, x[rows[q[b : b + block]], :, None])[..., 0]
-        capped.append(q[(valid & (exact >= threshold)).all(axis=1)])
+        if k > max_neighbors:  # with fewer slots than the cap, every vector was seen: nothing was cut
+            capped.append(q[(valid & (exact >= threshold)).all(axis=1)])
         other = valid & (found != q[:, None])
         other &= np.cumsum(other, axis=1) <= max_neighbors  # itself not among the k (ties): still at most the cap
         examined += int(other.sum())

@@ -17,7 +17,7 @@ from curation.dup_verify import MAX_RESIDUAL, PixelCheckError, load_thumbnails, 
 from curation.embed import embed
 from curation.embedders import EmbedderError, make_embedder
 from curation.index import (BadIndexConfig, IndexConfig, build_index, kmeans_clusters, knn_score, leader_clusters,
-                            near_duplicates, search, top_k_per_sample, vectors_of)
+                            make_index, near_duplicates, search, similar_pairs, top_k_per_sample, vectors_of)
 from curation.ingest import ingest
 from curation.select import SelectConfig, select
 from curation.workspace import Workspace
@@ -413,3 +413,25 @@ def test_dedup_without_an_index_keeps_one_sample_per_sha256(tmp_path):
         lowest = set(rows.sort_values("sample_id").groupby("sha256")["sample_id"].first())
         tars = [str(t) for t in sorted((ws.root / "selections" / "one-each").glob("*.tar"))]
         assert {s["__key__"] for s in wds.WebDataset(tars, shardshuffle=False)} == lowest
+
+
+def test_similar_pairs_caps_each_vector_and_says_which_were_capped():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((12, 16)).astype(np.float32)
+    x[:6] = x[0] + 0.01 * rng.standard_normal((6, 16)).astype(np.float32)  # six alike, six apart
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    index = faiss.IndexFlatIP(16)
+    index.add(x)
+    every = similar_pairs(index, x, 0.95, max_neighbors=32)  # more slots than vectors: all 15 pairs, none capped
+    assert sorted(zip(every.i.tolist(), every.j.tolist())) == [(a, b) for a in range(6) for b in range(a + 1, 6)]
+    assert len(every.capped) == 0 and np.allclose(every.sim, np.einsum("ij,ij->i", x[every.i], x[every.j]))
+    two = similar_pairs(index, x, 0.95, max_neighbors=2)
+    assert sorted(two.capped.tolist()) == [0, 1, 2, 3, 4, 5] and two.examined <= 12 * 2
+    assert set(zip(two.i.tolist(), two.j.tolist())) <= set(zip(every.i.tolist(), every.j.tolist()))
+    assert np.bincount(np.concatenate([two.i, two.j]), minlength=12)[6:].sum() == 0
+    # the IVF path: every list probed, the same pairs as the exact index
+    ivf, _ = make_index(x, IndexConfig(ivf_threshold=1, nlist=2))
+    ivf.add(x)
+    ivf.nprobe = 2
+    again = similar_pairs(ivf, x, 0.95, max_neighbors=32)
+    assert (again.i == every.i).all() and (again.j == every.j).all()
