@@ -38,7 +38,7 @@ TEACHER_MODES = ("stored", "live")
 LR_SCHEDULES = ("cosine", "constant")
 # Keys that do not change what is trained: a rerun may change them and still resume its checkpoint.
 RUNTIME_KEYS = ("out", "eval", "eval_batch_size", "checkpoint_every", "log_every", "progress", "threads", "name",
-                "trust_model_code")
+                "trust_model_code", "collective_timeout_s")
 
 
 @dataclass
@@ -70,6 +70,7 @@ class DistillConfig:
     use_sample_weights: bool = True     # weight each sample's loss terms by the selection's `weight`
     find_unused_parameters: bool | None = None  # DDP; default: off for logit-only losses, on for feature losses
     threads: int | None = None          # torch intra-op threads per rank (default: torch's, 1 under torchrun)
+    collective_timeout_s: float = 300.0  # a rank that waits longer on the others (one hung or dead) fails the job
     progress: bool = True               # tqdm bar on rank 0
     name: str | None = None             # run name in summary.json; default: the out folder's name
     init_from: str | None = None        # start from these weights: a previous run's student.pt (rounds)
@@ -138,7 +139,7 @@ def _check_ranges(cfg: DistillConfig) -> None:
                 raise ConfigError(f"config key {n!r} must be > 0, got {v}")
 
     positive("epochs", "samples_per_epoch", "batch_size", "lr", "shuffle_buffer", "eval_batch_size",
-             "checkpoint_every", "log_every", "input_size", "threads")
+             "checkpoint_every", "log_every", "input_size", "threads", "collective_timeout_s")
     for name, allowed in (("optimizer", OPTIMIZERS), ("teacher_mode", TEACHER_MODES), ("lr_schedule", LR_SCHEDULES)):
         if getattr(cfg, name) not in allowed:
             raise ConfigError(f"config key {name!r} must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")

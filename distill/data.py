@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import io
 import json
+import os
 import random
 from dataclasses import dataclass
 from itertools import islice
@@ -35,7 +36,7 @@ from typing import Iterator
 import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .preprocess import image_to_tensor
@@ -134,7 +135,11 @@ def decode_sample(sample: dict, prep: Preprocess, num_classes: int,
     image_key = next((k for k in IMAGE_KEYS if k in sample), None)
     if image_key is None:
         raise DataError(f"{where} has no image ({', '.join(IMAGE_KEYS)})")
-    image = prep(Image.open(io.BytesIO(sample[image_key])))
+    try:
+        image = prep(Image.open(io.BytesIO(sample[image_key])))
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:  # PIL's errors for bytes it cannot read
+        why = "not an image format PIL reads" if isinstance(exc, UnidentifiedImageError) else str(exc)
+        raise DataError(f"{where}: cannot decode its {image_key}: {why}") from exc
     logits = torch.empty(0)
     if need_logits:
         logit_key = next((k for k in LOGIT_KEYS if k in sample), None)
@@ -226,9 +231,18 @@ class EpochStream(IterableDataset):
         return iter(pipeline)
 
 
+def own_process_group(worker_id: int) -> None:
+    """A DataLoader worker leaves its rank's process group. torchrun stops a rank by signalling its whole
+    group (SIGTERM, then SIGKILL), and a worker killed under its rank makes the rank fail ("DataLoader
+    worker ... is killed by signal") instead of checkpointing and stopping. The rank still stops its
+    workers itself, and a worker exits on its own within seconds when its rank is gone."""
+    os.setpgid(0, 0)
+
+
 def epoch_batches(stream: EpochStream, workers: int, pin_memory: bool = False) -> Iterator[tuple]:
     """The epoch's remaining batches (steps - skipped), decoded by `workers` DataLoader processes."""
     loader = DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
+                        worker_init_fn=own_process_group,
                         # its own generator: creating the loader must not draw from the global RNG
                         generator=torch.Generator().manual_seed(stream.plan.seed))
     it = iter(loader)
@@ -239,11 +253,17 @@ def epoch_batches(stream: EpochStream, workers: int, pin_memory: bool = False) -
         del it  # stops the workers, which would otherwise keep decoding the endless stream
 
 
-def eval_batches(shards: str | list[str], prep: Preprocess, batch_size: int) -> Iterator[tuple]:
-    """(images, true labels) from a labelled WebDataset: an image (png/jpg/webp) + `cls` per sample."""
+def eval_batches(shards: str | list[str], prep: Preprocess, batch_size: int,
+                 part: tuple[int, int] = (0, 1)) -> Iterator[tuple]:
+    """(images, true labels) from a labelled WebDataset: an image (png/jpg/webp) + `cls` per sample.
+    `part=(rank, world)`: every world-th sample from the rank-th on, skipped before decoding, so the
+    ranks share the set whatever its number of shards."""
+    rank, world = part
     return iter(
-        # rank 0 evaluates the whole set: no node splitting (WebDataset's default refuses multi-node)
+        # every rank reads the whole stream in order (no node splitting: WebDataset's default refuses
+        # multi-node) and keeps its own samples
         wds.WebDataset(shards, shardshuffle=False, empty_check=False, nodesplitter=lambda src: src)
+        .slice(rank, None, world)
         .decode("pil")
         .to_tuple("png;jpg;jpeg;webp", "cls")
         .map_tuple(prep, int)

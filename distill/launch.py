@@ -8,6 +8,10 @@
 
 Every node runs the same command (its own `node_rank`); the out folder must be shared between nodes
 (rank 0 writes the checkpoint that every rank resumes from).
+
+Writes `<out>/job.log` (distill.joblog): the whole output of every attempt, streamed or not. A failed
+job raises DistillJobError: its first line is the reason (the job's own `distill: error:` line, or the
+rank that torchrun saw die first and how) and the log's path, then the output's last lines.
 """
 from __future__ import annotations
 
@@ -22,12 +26,47 @@ from typing import TextIO
 
 from .config import load_config
 from .data import load_manifest
+from .joblog import JobLog, last_lines
 
 ERROR_LINE = re.compile(r"distill: (error|interrupted): .*")
+# torchrun's summary of a failed job names the rank that failed first, and how
+ROOT_CAUSE = re.compile(r"Root Cause \(first observed failure\):.*?rank\s*: (\d+).*?exitcode\s*: (-?\d+)[^\n]*", re.S)
+SIGNAL_NAME = re.compile(r"\((SIG[A-Z0-9]+)\)")
+EXCEPTION_LINE = re.compile(r"^(?:\[rank\d+\]: )?([A-Za-z_.]*(?:Error|Exception)): (.+)$", re.M)
+TAIL_LINES = 20
 
 
 class DistillJobError(RuntimeError):
-    """The job exited with an error; the message is its one-line reason."""
+    """The job failed. The first line of the message is the reason and where the whole output is
+    (job.log: what a CLI prints); the next ones are the output's last lines, which `tail` holds too."""
+
+    def __init__(self, message: str, log: Path | None = None, tail: list[str] | None = None):
+        super().__init__(message)
+        self.log, self.tail = log, tail or []
+
+    @classmethod
+    def from_output(cls, code: int, text: str, log: Path) -> "DistillJobError":
+        tail = last_lines(text, TAIL_LINES)
+        lines = [f"{failure_reason(code, text)} (the job's output: {log})", "its last lines:",
+                 *(f"  | {line}" for line in tail)]
+        return cls("\n".join(lines), log, tail)
+
+
+def failure_reason(code: int, text: str) -> str:
+    """One line: a rank that was killed (torchrun's root cause), else the job's own error line, else
+    the first rank that failed and the last exception it printed."""
+    root = ROOT_CAUSE.search(text)
+    if root and int(root.group(2)) < 0:
+        sig = SIGNAL_NAME.search(root.group(0))
+        return (f"the distillation job failed: rank {root.group(1)} was killed by "
+                f"{sig.group(1) if sig else f'signal {-int(root.group(2))}'}")
+    if match := ERROR_LINE.search(text):
+        return match.group(0).removeprefix("distill: error: ")
+    exceptions = EXCEPTION_LINE.findall(text)
+    what = f": {exceptions[-1][0]}: {exceptions[-1][1]}" if exceptions else ""
+    if root:
+        return f"the distillation job failed: rank {root.group(1)} exited with code {root.group(2)}{what}"
+    return f"the distillation job failed (exit code {code}){what}"
 
 
 def _rdzv_id(config_path: str | Path) -> str:
@@ -62,26 +101,28 @@ def _job_env(extra: dict | None) -> dict:
 
 def launch(config_path: str | Path, nproc: int = 1, nnodes: int = 1, node_rank: int = 0,
            rdzv_endpoint: str | None = None, env: dict | None = None, stream: TextIO | None = sys.stderr) -> dict:
-    """Run the job under torchrun, copying its output to `stream` as it comes, and return summary.json.
+    """Run the job under torchrun, copying its output to `stream` as it comes (None: not shown) and
+    always to `<out>/job.log`, and return summary.json.
 
     The config and the selection are checked here first, so their errors come back at once as
-    ConfigError / DataError; a job that fails later raises DistillJobError with its one-line reason."""
+    ConfigError / DataError; a job that fails later raises DistillJobError (reason, log, last lines)."""
     cfg = load_config(config_path)
     load_manifest(cfg.selection)
     cmd = torchrun_command(Path(config_path).resolve(), nproc, nnodes, node_rank, rdzv_endpoint)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_job_env(env))
-    tail = bytearray()
-    assert proc.stdout is not None
-    while chunk := proc.stdout.read1(65536):  # chunks, not lines: tqdm redraws with \r
-        if stream is not None:
-            stream.write(chunk.decode(errors="replace"))
-            stream.flush()
-        tail = (tail + chunk)[-200_000:]
-    code = proc.wait()
+    log = JobLog(cfg.out_dir, cmd)
+    code = None
+    try:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_job_env(env))
+        assert proc.stdout is not None
+        while chunk := proc.stdout.read1(65536):  # chunks, not lines: tqdm redraws with \r
+            if stream is not None:
+                stream.write(chunk.decode(errors="replace"))
+                stream.flush()
+            log.write(chunk)
+        code = proc.wait()
+    finally:
+        log.close(code)
     if code != 0:
-        text = tail.decode(errors="replace")
-        match = ERROR_LINE.search(text)
-        raise DistillJobError(match.group(0).removeprefix("distill: error: ") if match
-                              else f"the distillation job failed (exit code {code}); see its output above")
+        raise DistillJobError.from_output(code, log.text(), log.path)
     summary_path = cfg.out_dir / "summary.json"
     return json.loads(summary_path.read_text())

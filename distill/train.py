@@ -3,6 +3,9 @@
 - Distributed: initialised from torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR, ...) when it is
   there, else one process. gloo on CPU, nccl on GPU. Only the CPU/gloo path is tested here (our
   machines have no GPU); the GPU path (device per LOCAL_RANK, nccl, pinned memory) is kept as written.
+- Faults: a collective that waits `collective_timeout_s` for a rank that hung, or one whose peer died,
+  fails the waiting ranks with one line (PeerLost); the last checkpoint stays as it was. Nothing
+  collective follows the last checkpoint, so no rank can be left in a collective a peer has left.
 - The teacher is `stored` (its logits come from the shards: no teacher forward pass) or `live`
   (loaded with `distill.spec.load_model`, frozen; the distiller runs it).
 - DDP wraps the distiller through `TrainForward`, so its training forward goes through DDP's __call__.
@@ -12,7 +15,8 @@
   buffers; written atomically, read with `weights_only=True`. A rerun of the same config resumes:
   the epoch's data stream is fast-forwarded past the consumed batches (no compute) and the RNGs are
   restored, so the loss trajectory is the one of an uninterrupted run.
-- Writes metrics.jsonl, evaluates on the optional labelled eval set after every epoch, and exports
+- Writes metrics.jsonl, evaluates on the optional labelled eval set after every epoch (each rank a
+  share of it), and exports
   the student: student.pt (state_dict), student.json (a spec that rebuilds it from the registry and
   loads student.pt with weights_only: safe to load, feature API kept; summary.json's `checkpoint`),
   student.pt2 (a torch.export program: portable, logits only) and summary.json. Model code from a
@@ -26,6 +30,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import sys
 import threading
@@ -70,6 +75,7 @@ class Dist:
     world: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    timeout_s: float = 300.0  # how long a collective waits for the other ranks
 
     @property
     def main(self) -> bool:
@@ -95,8 +101,9 @@ class Dist:
             dist.barrier()
 
 
-def init_distributed() -> Dist:
-    """From torchrun's environment when present; else one process."""
+def init_distributed(timeout_s: float = 300.0) -> Dist:
+    """From torchrun's environment when present; else one process. A collective that waits longer than
+    `timeout_s` for another rank (hung, stopped, or far behind) fails on the ranks that wait."""
     if "RANK" not in os.environ or "MASTER_ADDR" not in os.environ:
         return Dist(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -105,8 +112,37 @@ def init_distributed() -> Dist:
         device, backend = torch.device("cuda", local_rank), "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
-    dist.init_process_group(backend, timeout=timedelta(minutes=30))
-    return Dist(dist.get_rank(), dist.get_world_size(), local_rank, device)
+    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    return Dist(dist.get_rank(), dist.get_world_size(), local_rank, device, timeout_s)
+
+
+class PeerLost(RuntimeError):
+    """A collective failed because another rank died or hung; the last checkpoint is intact."""
+
+
+def peer_failure(exc: BaseException, d: Dist) -> PeerLost | None:
+    """The one-line PeerLost for a communication backend's error (gloo raises plain RuntimeErrors),
+    else None (a bug in this rank keeps its traceback)."""
+    text = str(exc)
+    if not (isinstance(exc, dist.DistError) or re.search(r"gloo|NCCL|ProcessGroup", text)):
+        return None
+    if re.search(r"[Tt]imed out|[Tt]imeout", text):
+        return PeerLost(f"rank {d.rank} waited {d.timeout_s:g} s for the other ranks (config key "
+                        "'collective_timeout_s'): a rank hung or stopped; rerun to resume from the last checkpoint")
+    why = re.sub(r"^\[[^\]]*\] ", "", text.strip().splitlines()[0]).split(". This is typically")[0]
+    return PeerLost(f"rank {d.rank} lost another rank ({why}): it died or was killed; rerun to resume "
+                    "from the last checkpoint")
+
+
+def leave_process_group() -> None:
+    """Take the process group down. This rank's part is over by now (done, or failed with its own
+    error line), so a peer that left first is no reason to fail the rank: one warning line."""
+    if not dist.is_initialized():
+        return
+    try:
+        dist.destroy_process_group()
+    except Exception as exc:  # noqa: BLE001 - teardown only: the result is on disk or the error reported
+        print(f"distill: warning: leaving the process group: {one_line(exc)}", file=sys.stderr)
 
 
 def exit_with_launcher() -> None:
@@ -239,15 +275,17 @@ class TrainForward(nn.Module):
         return self.distiller.forward_train(images, teacher_logits, sample_weights)
 
 
-def evaluate(model: nn.Module, shards, prep: Preprocess, batch_size: int, device: torch.device) -> tuple[float, int]:
-    """Top-1 accuracy of `model` on a labelled eval set, and its size. Leaves `model` in eval mode
-    (the next epoch puts the whole distiller back in train mode, with its teacher kept in eval)."""
+def evaluate(model: nn.Module, shards, prep: Preprocess, batch_size: int, d: Dist) -> tuple[float, int]:
+    """Top-1 accuracy of `model` on a labelled eval set, and its size. Every rank scores its share of the
+    samples (no rank idles in a collective while another evaluates) and the counts are summed. Leaves
+    `model` in eval mode (the next epoch puts the distiller back in train mode, its teacher kept in eval)."""
     model.eval()
     correct = total = 0
     with torch.inference_mode():
-        for x, y in eval_batches(shards, prep, batch_size):
-            correct += int((model(x.to(device)).argmax(1).cpu() == y).sum())
+        for x, y in eval_batches(shards, prep, batch_size, part=(d.rank, d.world)):
+            correct += int((model(x.to(d.device)).argmax(1).cpu() == y).sum())
             total += len(y)
+    correct, total = (int(v) for v in d.all_reduce(torch.tensor([correct, total], device=d.device)).cpu())
     if total == 0:
         raise DataError(f"eval set {shards} has no labelled samples (image + cls)")
     return correct / total, total
@@ -473,13 +511,10 @@ class Job:
     def end_epoch(self) -> None:
         self.distiller.on_epoch_end(self.d.all_reduce)
         if self.cfg.eval is not None:
-            if self.d.main:
-                acc, n = evaluate(self.distiller.deployable(), self.cfg.eval, self.prep, self.cfg.eval_batch_size,
-                                  self.d.device)
-                self.eval_accuracy = acc
-                self.metrics.write({"step": self.global_step, "epoch": self.epoch, "eval_accuracy": acc,
-                                    "eval_samples": n})
-            self.d.barrier()
+            acc, n = evaluate(self.distiller.deployable(), self.cfg.eval, self.prep, self.cfg.eval_batch_size, self.d)
+            self.eval_accuracy = acc
+            self.metrics.write({"step": self.global_step, "epoch": self.epoch, "eval_accuracy": acc,
+                                "eval_samples": n})
         self.epoch += 1
         self.step_in_epoch = 0
         self.epoch_started = False
@@ -501,9 +536,9 @@ class Job:
                 self.end_epoch()
         if self.resume_state is not None:  # the run was already complete: take its final state
             self.restore()
-        summary = self.finish(resumed_at)
-        self.d.barrier()
-        return summary
+        # No collective after the last checkpoint: a rank leaves as soon as its part is done, so none can
+        # be left inside a collective that a peer has already left (the other ranks have no more to write).
+        return self.finish(resumed_at)
 
     def finish(self, resumed_at: int) -> dict:
         cfg = self.cfg
@@ -532,18 +567,21 @@ def run(cfg: DistillConfig) -> dict:
     """Run (or resume) the job in this process: the whole job alone, or this rank's part under torchrun."""
     if "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun
         exit_with_launcher()
-    world = init_distributed()
+    world = init_distributed(cfg.collective_timeout_s)
     stop = StopFlag()
     previous = stop.install()
     try:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        return Job(cfg, world).run(stop)
+        return Job(cfg, world).run(stop)  # the Job (DDP and its reducer) is gone before the process group
+    except RuntimeError as exc:
+        if world.world > 1 and (lost := peer_failure(exc, world)) is not None:
+            raise lost from exc
+        raise
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        leave_process_group()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -553,7 +591,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         summary = run(load_config(argv[0]))
-    except (*USER_ERRORS, JobError) as exc:
+    except (*USER_ERRORS, JobError, PeerLost) as exc:
         print(f"distill: error: {one_line(exc)}", file=sys.stderr)
         return 2
     except Interrupted as exc:
