@@ -9,6 +9,8 @@ and EOF on its input), writes no file (RLIMIT_FSIZE 0) and dumps no core.
 """
 from __future__ import annotations
 
+import atexit
+import fcntl
 import json
 import os
 import select
@@ -16,7 +18,9 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
+import weakref
 from collections import deque
 from pathlib import Path
 from typing import Iterable, Iterator, TypeVar
@@ -59,7 +63,14 @@ class DecodeSandbox:
         """(tag, ImageInfo or Rejected) for each (tag, image bytes), in order. An exception from
         `items` (a tar cut off) is raised after the results of everything read before it."""
         queue: deque[list] = deque()  # [tag, data, result or None], sent to the current child
-        source, error = iter(items), None
+        try:
+            yield from self._results(queue, iter(items))
+        finally:
+            if any(entry[2] is None for entry in queue):  # abandoned mid-way: its replies would go astray
+                self._kill()
+
+    def _results(self, queue: deque, source) -> Iterator[tuple]:
+        error = None
         while True:
             while source is not None and len(queue) < self.window and \
                     sum(len(e[1]) for e in queue) < self.window_bytes:
@@ -83,6 +94,14 @@ class DecodeSandbox:
         if error is not None:
             raise error
 
+    def _kill(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            proc.kill()
+            proc.wait()
+            proc.stdin.close()
+            proc.stdout.close()
+
     def close(self) -> None:
         proc, self._proc = self._proc, None
         if proc is None:
@@ -100,7 +119,11 @@ class DecodeSandbox:
             code = f"import sys; sys.path.insert(0, {_ROOT!r}); from curation.decode_sandbox import serve; serve()"
             self._proc = subprocess.Popen([sys.executable, "-I", "-c", code, json.dumps(self.config.as_dict())],
                                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-            self._dead = False
+            self._replies, self._dead = _Replies(self._proc.stdout.fileno()), False
+            try:  # room for the images in flight, so the writer rarely waits on the decoder
+                fcntl.fcntl(self._proc.stdin.fileno(), 1031, 1 << 20)  # F_SETPIPE_SZ
+            except OSError:
+                pass
         if self._dead:
             return
         try:
@@ -113,7 +136,7 @@ class DecodeSandbox:
     def _receive(self, queue: deque) -> ImageInfo | Rejected:
         deadline = time.monotonic() + WALL_FACTOR * self.config.decode_cpu_seconds + 5
         try:
-            reply = json.loads(_read(self._proc.stdout.fileno(), deadline))
+            reply = json.loads(self._replies.next(deadline))
         except (OSError, EOFError, TimeoutError, ValueError) as exc:
             rejected = self._died(exc)
             for entry in queue:  # what the dead child had not answered goes to a fresh one
@@ -146,26 +169,52 @@ class DecodeSandbox:
         return Rejected("corrupt_image", f"the decoder crashed (exit status {status})")
 
 
-def _read(fd: int, deadline: float) -> bytes:
-    """One length-prefixed reply, or TimeoutError at the deadline, EOFError if the child died."""
-    head = _read_exact(fd, 8, deadline)
-    (n,) = _LEN.unpack(head)
-    if n > 1 << 20:
-        raise ValueError("reply too long")
-    return _read_exact(fd, n, deadline)
+_per_thread = threading.local()
+_open: weakref.WeakSet[DecodeSandbox] = weakref.WeakSet()
 
 
-def _read_exact(fd: int, n: int, deadline: float) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        left = deadline - time.monotonic()
-        if left <= 0 or not select.select([fd], [], [], left)[0]:
-            raise TimeoutError
-        chunk = os.read(fd, n - len(buf))
-        if not chunk:
-            raise EOFError
-        buf += chunk
-    return bytes(buf)
+def shared_sandbox(config: ValidationConfig) -> DecodeSandbox:
+    """This thread's sandbox for `config`, kept from shard to shard: starting one (Python and PIL)
+    costs as much as decoding a few hundred small images. Closed at exit."""
+    box = getattr(_per_thread, "box", None)
+    if box is None or box.config != config:
+        if box is not None:
+            box.close()
+        box = _per_thread.box = DecodeSandbox(config)
+        _open.add(box)
+    return box
+
+
+@atexit.register
+def _close_all() -> None:
+    for box in list(_open):
+        box.close()
+
+
+class _Replies:
+    """Length-prefixed replies from the child; one read may bring several (they are pipelined)."""
+
+    def __init__(self, fd: int):
+        self.fd, self.buf = fd, bytearray()
+
+    def next(self, deadline: float) -> bytes:
+        """The next reply, or TimeoutError at the deadline, EOFError if the child died."""
+        while True:
+            if len(self.buf) >= 8:
+                (n,) = _LEN.unpack_from(self.buf)
+                if n > 1 << 20:
+                    raise ValueError("reply too long")
+                if len(self.buf) >= 8 + n:
+                    body = bytes(self.buf[8 : 8 + n])
+                    del self.buf[: 8 + n]
+                    return body
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.fd], [], [], left)[0]:
+                raise TimeoutError
+            chunk = os.read(self.fd, 1 << 16)
+            if not chunk:
+                raise EOFError
+            self.buf += chunk
 
 
 # --- the child ----------------------------------------------------------------------------------

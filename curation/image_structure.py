@@ -50,9 +50,8 @@ class JpegLayout:
     def blocks(self, component: int) -> int:
         """8x8 blocks of one component (a lower bound: MCU padding only adds)."""
         h, v = self.sampling[component]
-        hmax = max(s[0] for s in self.sampling.values())
-        vmax = max(s[1] for s in self.sampling.values())
-        cw, ch = -(-self.width * h // hmax), -(-self.height * v // vmax)
+        hmax, vmax = self.mcu_size()
+        cw, ch = -(-self.width * h * 8 // hmax), -(-self.height * v * 8 // vmax)
         return -(-cw // 8) * -(-ch // 8)
 
     def mcu_size(self) -> tuple[int, int]:
@@ -125,12 +124,13 @@ def check_jpeg_data(layout: JpegLayout) -> None:
         return
     progressive = layout.sof in _PROGRESSIVE
     covered: set[int] = set()
+    blocks = {c: layout.blocks(c) for c in layout.sampling}
     for i, scan in enumerate(layout.scans):
         if progressive and scan.ss != 0:
             continue  # AC scans: one end-of-band run can cover 32,767 blocks
         if not progressive or scan.ah == 0:
             covered.update(scan.components)
-        need_bits = sum(layout.blocks(c) for c in scan.components) * (1 if progressive else 2)
+        need_bits = sum(blocks[c] for c in scan.components) * (1 if progressive else 2)
         if scan.data_bytes * 8 < need_bits:
             raise StructureError("truncated_image", f"scan {i} holds {scan.data_bytes} bytes; its "
                                  f"{layout.width}x{layout.height} frame needs at least {-(-need_bits // 8)}")

@@ -27,7 +27,7 @@ from .errors import ShardReadError, WorkerDied
 from .parallel import map_shards
 from .shards import (ShardRef, SpooledShard, TruncatedShard, expand_shards, iter_samples, open_shard,
                      stored_url_refusal)
-from .decode_sandbox import DecodeSandbox
+from .decode_sandbox import shared_sandbox
 from .validate import IMAGE_EXTS, Rejected, ValidationConfig
 from .workspace import Workspace, config_hash, read_parquet_metadata, write_parquet_atomic
 
@@ -147,32 +147,32 @@ def ingest_shard(ws_root: str, ref: ShardRef, config: ValidationConfig) -> Shard
         stream = SpooledShard(stream, spool)
     shard_url = str(spool or ref.url)
     try:
-        with DecodeSandbox(config) as sandbox:  # each decode bounded in CPU time and memory
-            for (idx, raw, meta, url, ext), info in sandbox.validate_all(candidates(stream)):
-                if isinstance(info, Rejected):
-                    reject(raw.key, info.reason, info.detail, url)
-                    continue
-                n_read += 1
-                data = raw.files[ext]
-                rows.append(
-                    {
-                        "sample_id": make_sample_id(ref.name, raw.key),
-                        "shard": ref.name,
-                        "key": raw.key,
-                        "idx": idx,
-                        "shard_url": shard_url,
-                        "url": url,
-                        "caption": _caption(meta, raw.files),
-                        "sha256": hashlib.sha256(data).hexdigest(),
-                        "width": info.width,
-                        "height": info.height,
-                        "format": info.format,
-                        "ext": ext,
-                        "mode": info.mode,
-                        "bytes": len(data),
-                        "meta": raw.files["json"].decode("utf-8") if "json" in raw.files else None,
-                    }
-                )
+        sandbox = shared_sandbox(config)  # each decode bounded in CPU time and memory
+        for (idx, raw, meta, url, ext), info in sandbox.validate_all(candidates(stream)):
+            if isinstance(info, Rejected):
+                reject(raw.key, info.reason, info.detail, url)
+                continue
+            n_read += 1
+            data = raw.files[ext]
+            rows.append(
+                {
+                    "sample_id": make_sample_id(ref.name, raw.key),
+                    "shard": ref.name,
+                    "key": raw.key,
+                    "idx": idx,
+                    "shard_url": shard_url,
+                    "url": url,
+                    "caption": _caption(meta, raw.files),
+                    "sha256": hashlib.sha256(data).hexdigest(),
+                    "width": info.width,
+                    "height": info.height,
+                    "format": info.format,
+                    "ext": ext,
+                    "mode": info.mode,
+                    "bytes": len(data),
+                    "meta": raw.files["json"].decode("utf-8") if "json" in raw.files else None,
+                }
+            )
     except TruncatedShard as cut:
         reject(cut.partial_key, "truncated_tar", f"shard ends early after {n_read} samples: {cut}")
     finally:

@@ -272,7 +272,7 @@ def _key_problem(key: str | None, ext: str | None, config: ValidationConfig) -> 
         return f"a key of {len(key)} characters (more than {config.max_key_length})"
     if os.path.basename(key).startswith("__"):
         return "a key starting with '__' (reserved by WebDataset)"
-    if printable(key + "." + ext, limit=10**6) != key + "." + ext:
+    if not (key + ext).isprintable():  # control characters, and bytes that were not UTF-8 (surrogates)
         return "a name that is not printable UTF-8"
     return None
 
@@ -322,7 +322,7 @@ def iter_samples(stream: BinaryIO, config: ValidationConfig | None = None,
                 report(printable(info.name), "too_many_members",
                        f"the shard has more than {config.max_members_per_shard} members; the rest is not read")
                 return
-            name = printable(info.name)
+            name = info.name if info.name.isprintable() and len(info.name) <= 300 else printable(info.name)
             if not info.isreg():
                 report(name, "not_a_file", f"member {name} is {_KINDS.get(info.type, f'of type {info.type!r}')}")
                 continue

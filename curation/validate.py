@@ -92,10 +92,9 @@ def validate_image(data: bytes, config: ValidationConfig) -> ImageInfo:
                 check_gif_data(data)
             im.verify()  # checksums: catches PNG corruption a lenient decoder would let through
             im = Image.open(io.BytesIO(data))  # verify() leaves the image unusable; open it again
-            mode = im.mode
-            _load(im)  # a full decode, not only the header
+            im.load()  # a full decode, not only the header
             _check_not_padded(data, im, fmt, layout)
-            return ImageInfo(width=w, height=h, format=fmt, mode=mode)
+            return ImageInfo(width=w, height=h, format=fmt, mode=im.mode)
     except Rejected:
         raise
     except StructureError as exc:
@@ -111,24 +110,18 @@ def validate_image(data: bytes, config: ValidationConfig) -> ImageInfo:
         raise Rejected(reason, f"{exc.__class__.__name__}: {exc}") from exc
 
 
-def _load(im: Image.Image) -> None:
-    if im.format == "JPEG" and im.mode == "RGB":
-        im.draft("YCbCr", None)  # the same decode without the colour conversion: luma stays as coded
-    im.load()
-
-
 def _check_not_padded(data: bytes, im: Image.Image, fmt: str, layout) -> None:
     """Raise StructureError when the decoder filled in pixels the file does not hold. Padding
     leaves a signature (libjpeg: blocks of luma exactly 128 up to the last; zlib: the last row all
     zero) that a real image can share, so the signature only triggers an exact check."""
     w, h = im.size
-    if fmt == "jpeg" and layout is not None and layout.complete and im.mode in ("L", "YCbCr"):
-        luma = im.getchannel(0) if im.mode == "YCbCr" else im
-        last_block = luma.crop(((w - 1) // 8 * 8, (h - 1) // 8 * 8, w, h)).tobytes()
-        if last_block.count(128) == len(last_block):
+    if fmt == "jpeg" and layout is not None and layout.complete and im.mode in ("L", "RGB"):
+        # luma recomputed from RGB is the coded luma within rounding, whatever the chroma did
+        last_block = im.crop(((w - 1) // 8 * 8, (h - 1) // 8 * 8, w, h)).convert("L")
+        if sum(last_block.histogram()[127:130]) == last_block.width * last_block.height:
             for filler in (b"\x55" * 64, b"\xa3" * 64):  # two patterns: one of them decodes to non-zero
                 again = Image.open(io.BytesIO(jpeg_refill(data, layout, filler)))
-                _load(again)
+                again.load()
                 if again.tobytes() != im.tobytes():
                     raise StructureError("truncated_image", "the scan data ends before the last block "
                                          "(libjpeg padded the rest with grey)")
