@@ -175,12 +175,15 @@ def test_failure_reason_names_the_killed_rank_before_any_error_line():
     assert failure_reason(3, "nothing useful") == "the distillation job failed (exit code 3)"
 
 
-def test_a_failed_job_leaves_its_output_and_its_last_lines_in_the_error(data, tmp_path):
-    """A shard whose first sample is fine (the up-front check passes) and whose other images are not
-    images: the job fails inside a DataLoader worker, with nothing streamed to a console."""
+def test_a_failed_pipeline_job_leaves_its_output_and_its_last_lines_in_the_error(data, tmp_path):
+    """The pipeline's distill step (run_distillation, which the Prefect task wraps; stream=None: nothing
+    on a console) on a selection whose first sample is fine (the up-front check passes) and whose other
+    images are not images: the job fails inside a DataLoader worker."""
+    from flows.pipeline import run_distillation
+
     manifest = json.loads(data["manifest"].read_text())
-    bad = tmp_path / "selection"
-    bad.mkdir()
+    bad = tmp_path / "ws" / "selections" / "bad"
+    bad.mkdir(parents=True)
     with tarfile.open(data["manifest"].parent / "00000.tar") as tin, tarfile.open(bad / "00000.tar", "w") as tout:
         for member in tin.getmembers():
             payload = tin.extractfile(member).read()
@@ -192,11 +195,11 @@ def test_a_failed_job_leaves_its_output_and_its_last_lines_in_the_error(data, tm
     manifest["shards"] = [dict(manifest["shards"][0], path="00000.tar", count=170)]
     manifest["total"] = 170
     (bad / "manifest.json").write_text(json.dumps(manifest))
-    out = tmp_path / "run"
-    config = job_config({**data, "manifest": bad / "manifest.json"}, out, samples_per_epoch=64)
+    options = {k: v for k, v in json.loads(job_config(data, tmp_path / "unused").read_text()).items()
+               if k not in ("selection", "out", "name")}
     with pytest.raises(DistillJobError) as caught:
-        launch(config, nproc=2, stream=None)
-    err = caught.value
+        run_distillation(str(tmp_path / "ws"), "bad-run", "bad", {**options, "nproc": 2, "samples_per_epoch": 64})
+    err, out = caught.value, tmp_path / "ws" / "students" / "bad-run"
     first, *rest = str(err).splitlines()
     assert re.search(r"00000\.tar: sample s\d{5}: cannot decode its (png|jpg|webp): ", first), first
     assert err.log == out / JOB_LOG and first.endswith(f" (the job's output: {out / JOB_LOG})")
@@ -204,7 +207,7 @@ def test_a_failed_job_leaves_its_output_and_its_last_lines_in_the_error(data, tm
     assert 5 <= len(err.tail) <= 20 and rest[1:] == [f"  | {line}" for line in err.tail]
     log = err.log.read_text()
     assert log.splitlines()[0].startswith("==== ") and "attempt 1: " in log.splitlines()[0]
-    assert "torch.distributed.run" in log.splitlines()[0] and str(config) in log.splitlines()[0]
+    assert "torch.distributed.run" in log.splitlines()[0] and str(out / "job.json") in log.splitlines()[0]
     assert "distill: error: " in log and "cannot decode its" in log and log.rstrip().endswith("==== exit code 1")
     assert all(line in log for line in err.tail)  # the tail is the end of what the log holds
 
