@@ -100,6 +100,17 @@ class Dist:
         if self.world > 1:
             dist.barrier()
 
+    def main_copy(self, module: nn.Module) -> nn.Module:
+        """`module` as rank 0 holds it: with several ranks a copy with rank 0's buffers (DDP keeps the
+        parameters equal but not the buffers, such as BatchNorm statistics); alone, `module` itself."""
+        if self.world == 1:
+            return module
+        module = copy.deepcopy(module)
+        with torch.no_grad():
+            for buf in module.buffers():
+                dist.broadcast(buf, src=0)
+        return module
+
 
 def init_distributed(timeout_s: float = 300.0) -> Dist:
     """From torchrun's environment when present; else one process. A collective that waits longer than
@@ -276,10 +287,11 @@ class TrainForward(nn.Module):
 
 
 def evaluate(model: nn.Module, shards, prep: Preprocess, batch_size: int, d: Dist) -> tuple[float, int]:
-    """Top-1 accuracy of `model` on a labelled eval set, and its size. Every rank scores its share of the
-    samples (no rank idles in a collective while another evaluates) and the counts are summed. Leaves
-    `model` in eval mode (the next epoch puts the distiller back in train mode, its teacher kept in eval)."""
-    model.eval()
+    """Top-1 accuracy of rank 0's `model` (the student that is exported) on a labelled eval set, and its
+    size. Every rank scores its share of the samples (no rank idles in a collective while another
+    evaluates) and the counts are summed. May leave `model` in eval mode (the next epoch puts the
+    distiller back in train mode, its teacher kept in eval)."""
+    model = d.main_copy(model).eval()
     correct = total = 0
     with torch.inference_mode():
         for x, y in eval_batches(shards, prep, batch_size, part=(d.rank, d.world)):

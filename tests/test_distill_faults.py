@@ -26,8 +26,11 @@ import torch
 import webdataset as wds
 
 from distill.config import write_config
+from distill.data import Preprocess
 from distill.joblog import JOB_LOG, JobLog
 from distill.launch import DistillJobError, failure_reason, launch
+from distill.students import build_student
+from distill.train import Dist, evaluate
 from tests.test_train import colour_images, encode, write_selection
 
 STEPS = 2 * (400 // 2 // 16)  # epochs x (samples // ranks // batch size)
@@ -218,6 +221,11 @@ def reference(data) -> dict:
     out = data["root"] / "reference"
     summary = launch(job_config(data, out), nproc=2, stream=None)
     assert summary["steps"] == STEPS and (out / JOB_LOG).read_text().rstrip().endswith("==== exit code 0")
+    # the ranks share the evaluation; what it measures is still the exported student (rank 0's buffers)
+    student = build_student("tiny_cnn", 10)
+    student.load_state_dict(torch.load(out / "student.pt", weights_only=True))
+    prep = Preprocess(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    assert evaluate(student, data["eval"], prep, 32, Dist()) == (summary["eval_accuracy"], 100)
     return {"out": out, "summary": summary}
 
 
