@@ -58,9 +58,10 @@ class JpegLayout:
         return 8 * max(s[0] for s in self.sampling.values()), 8 * max(s[1] for s in self.sampling.values())
 
 
-def jpeg_layout(data: bytes, max_scans: int) -> JpegLayout:
-    """Walk the markers. Raises StructureError("decode_budget") past `max_scans` scans (each one is a
-    pass over every block: 20,000 empty scans take minutes) or 10,000 other segments (this walk is Python)."""
+def jpeg_layout(data: bytes, max_scans: int, max_scan_pixels: int | None = None) -> JpegLayout:
+    """Walk the markers. Raises StructureError("decode_budget") past `max_scans` scans or `max_scan_pixels`
+    scans x pixels (each scan is a pass over every block: 20,000 empty scans take minutes), or past
+    10,000 other segments (this walk is Python)."""
     out = JpegLayout()
     max_segments = 10_000 + max_scans
     pos, segments = 2, 0
@@ -101,6 +102,10 @@ def jpeg_layout(data: bytes, max_scans: int) -> JpegLayout:
             if len(out.scans) >= max_scans:
                 raise StructureError("decode_budget", f"more than {max_scans} JPEG scans (each one is a pass over "
                                                       "the whole image)")
+            work = (len(out.scans) + 1) * out.width * out.height
+            if max_scan_pixels is not None and work > max_scan_pixels:
+                raise StructureError("decode_budget", f"{len(out.scans) + 1} scans of {out.width}x{out.height}: "
+                                     f"more than {max_scan_pixels} scan-pixels to decode")
             ns = body[0] if body else 0
             if len(body) < 1 + 2 * ns + 3:
                 return out

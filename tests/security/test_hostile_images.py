@@ -73,7 +73,7 @@ def test_look_alikes_of_padding_are_accepted():
     assert {k: outcome(data)[0] for k, (data, _) in cases.items()} == {k: want for k, (_, want) in cases.items()}
 
 
-@pytest.mark.parametrize("side, extra", [(1024, 20_000), (2048, 100), (64, 5_000)])
+@pytest.mark.parametrize("side, extra", [(1024, 20_000), (2048, 100), (64, 5_000), (4000, 64)])
 def test_scans_are_counted_before_decoding(side, extra):
     bomb = jpeg_many_scans(side, extra)
     assert len(bomb) < 400_000
@@ -83,9 +83,17 @@ def test_scans_are_counted_before_decoding(side, extra):
     assert outcome(jpeg_many_scans(side, 0))[0] == f"accepted {side}x{side}"
 
 
+def test_scans_times_pixels_is_bounded_too():
+    # 16 MP: 62 scans are 0.99e9 scan-pixels and decode; 63 are over the default 1e9
+    assert outcome(jpeg_many_scans(4000, 62 - 6))[0] == "accepted 4000x4000"
+    assert outcome(jpeg_many_scans(4000, 63 - 6))[0] == "decode_budget"
+    assert outcome(jpeg_many_scans(4000, 63 - 6), ValidationConfig(max_jpeg_scan_pixels=2 * 10**9))[0] == \
+        "accepted 4000x4000"
+
+
 def test_the_cpu_budget_stops_a_decode_running_in_c():
     # scans counted generously, so only the kernel's CPU limit can stop this decode (~4 s of CPU)
-    config = ValidationConfig(max_jpeg_scans=10**6, decode_cpu_seconds=1)
+    config = ValidationConfig(max_jpeg_scans=10**6, max_jpeg_scan_pixels=10**15, decode_cpu_seconds=1)
     slow = jpeg_many_scans(2048, 3_000)
     good = encode(PHOTO, "JPEG")
     start = time.monotonic()
@@ -111,7 +119,7 @@ def test_the_memory_budget_refuses_an_image_that_needs_more():
 
 def test_a_crashed_decoder_costs_one_image():
     slow = jpeg_many_scans(2048, 3_000)
-    config = ValidationConfig(max_jpeg_scans=10**6)
+    config = ValidationConfig(max_jpeg_scans=10**6, max_jpeg_scan_pixels=10**15)
     with DecodeSandbox(config) as sandbox:
         sandbox.validate(encode(PHOTO, "PNG"))  # the child is up
         pid = sandbox._proc.pid
