@@ -260,6 +260,32 @@ def test_a_killed_rank_fails_the_job_and_the_rerun_resumes_exactly(data, referen
     assert len(headers) == 2  # the killed attempt and the rerun, one log
 
 
+def test_sigterm_to_torchrun_checkpoints_and_stops(data):
+    """A scheduler stopping the job: torchrun passes SIGTERM to each rank's whole process group. The
+    ranks stop at the next step with a checkpoint there; their DataLoader workers, out of that group,
+    are not killed under them (which used to crash the ranks with "DataLoader worker ... killed")."""
+    out = data["root"] / "sigterm"
+    config = job_config(data, out, checkpoint_every=1000)  # the epoch ends and the stop are the only ones
+    job = Background(config)
+    deadline = time.monotonic() + 180
+    while len(loss_lines(out) if (out / "metrics.jsonl").is_file() else []) < 3:
+        assert job.thread.is_alive() and time.monotonic() < deadline, job.error
+        time.sleep(0.02)
+    ranks = job.ranks()
+    torchrun = next(pid for pid in children(os.getpid()) if str(config) in read_proc(f"/proc/{pid}/cmdline").decode())
+    os.kill(torchrun, signal.SIGTERM)
+    job.thread.join(90)
+    assert not job.thread.is_alive() and isinstance(job.error, DistillJobError)
+    first = str(job.error).splitlines()[0]
+    match = re.fullmatch(rf"distill: interrupted: stopped at step (\d+); checkpoint in {out / 'checkpoint.pt'} .*", first)
+    assert match, first
+    log = (out / JOB_LOG).read_text()
+    assert "killed by signal" not in log and not re.search(r"\[rank\d\]: Traceback", log)  # no rank crashed
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["global_step"] == int(match.group(1)) >= 3 and ckpt["global_step"] % (STEPS // 2) != 0
+    assert not any(alive(pid) for pid in ranks.values())
+
+
 def test_a_hung_rank_is_caught_by_the_collective_timeout(data):
     out = data["root"] / "hung"
     config = job_config(data, out, collective_timeout_s=5)
