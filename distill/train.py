@@ -140,6 +140,8 @@ def peer_failure(exc: BaseException, d: Dist) -> PeerLost | None:
     if re.search(r"[Tt]imed out|[Tt]imeout", text):
         return PeerLost(f"rank {d.rank} waited {d.timeout_s:g} s for the other ranks (config key "
                         "'collective_timeout_s'): a rank hung or stopped; rerun to resume from the last checkpoint")
+    if not re.search(r"Connection (closed|reset)|Broken pipe|peer", text):
+        return None  # the backend refused this rank's own call: a bug, with its traceback
     why = re.sub(r"^\[[^\]]*\] ", "", text.strip().splitlines()[0]).split(". This is typically")[0]
     return PeerLost(f"rank {d.rank} lost another rank ({why}): it died or was killed; rerun to resume "
                     "from the last checkpoint")

@@ -30,7 +30,7 @@ from distill.data import Preprocess
 from distill.joblog import JOB_LOG, JobLog
 from distill.launch import DistillJobError, failure_reason, launch
 from distill.students import build_student
-from distill.train import Dist, evaluate
+from distill.train import Dist, evaluate, peer_failure
 from tests.test_train import colour_images, encode, write_selection
 
 STEPS = 2 * (400 // 2 // 16)  # epochs x (samples // ranks // batch size)
@@ -162,6 +162,22 @@ def test_job_log_writes_through_no_planted_link(tmp_path):
         assert outside.read_text() == "keep me\n"
         assert not (run / JOB_LOG).is_symlink() and not (run / (JOB_LOG + ".1")).is_symlink()
         assert "x" * 10 in (run / (JOB_LOG + ".1")).read_text()
+
+
+def test_only_a_lost_or_silent_peer_becomes_one_line():
+    """gloo's errors, as torch raises them (plain RuntimeErrors), and errors that are a rank's own bug."""
+    d = Dist(rank=1, world=2, timeout_s=7)
+    timeout = RuntimeError("[/pytorch/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out "
+                           "waiting 7000ms for recv operation to complete")
+    reset = RuntimeError("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:33962: "
+                         "Connection reset by peer. This is typically caused by a remote worker hanging or bugs")
+    assert str(peer_failure(timeout, d)).startswith("rank 1 waited 7 s for the other ranks (config key "
+                                                    "'collective_timeout_s')")
+    assert str(peer_failure(reset, d)) == ("rank 1 lost another rank (Read error [127.0.0.1]:33962: Connection reset "
+                                           "by peer): it died or was killed; rerun to resume from the last checkpoint")
+    for own_bug in ("mat1 and mat2 shapes cannot be multiplied (4x3 and 5x2)",
+                    "ProcessGroupGloo::allreduce: invalid tensor type", "peer of nothing"):
+        assert peer_failure(RuntimeError(own_bug), d) is None
 
 
 def test_failure_reason_names_the_killed_rank_before_any_error_line():
