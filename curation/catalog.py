@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from . import schemas
 from .errors import CatalogBusy, CatalogCorrupt, WebdistillError, storage_error
-from .workspace import Workspace, storage_errors, temporary_name
+from .workspace import Workspace, discard, storage_errors, temporary_name
 
 
 @dataclass(frozen=True)
@@ -102,8 +102,8 @@ def _create(ws: Workspace) -> None:
             except FileExistsError:
                 pass  # another stage created it meanwhile: use theirs
     finally:
-        tmp.unlink(missing_ok=True)
-        tmp.with_name(tmp.name + ".wal").unlink(missing_ok=True)
+        discard(tmp)
+        discard(tmp.with_name(tmp.name + ".wal"))
 
 
 def _connect_rw(ws: Workspace, timeout_s: float = 60.0) -> duckdb.DuckDBPyConnection:

@@ -49,9 +49,9 @@ from aiohttp.abc import AbstractResolver
 from tqdm import tqdm
 from yarl import URL
 
-from .errors import WebdistillError
+from .errors import StorageError, WebdistillError
 from .validate import Rejected, ValidationConfig, validate_image
-from .workspace import atomic_path, config_hash, read_parquet_metadata, write_parquet_atomic
+from .workspace import atomic_path, config_hash, read_parquet_metadata, storage_errors, write_parquet_atomic
 
 STAGE = "crawl"
 # Bump when what a crawl accepts or writes changes: committed shards are redone, not skipped.
@@ -589,7 +589,8 @@ def crawl_shard(plan: ShardPlan, out_dir: str | os.PathLike, config: CrawlConfig
     done (a progress bar). A failed URL is a row; only a local error (disk, permissions) raises, and
     then the shard leaves no file behind."""
     config = config or CrawlConfig()
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    with storage_errors(Path(out_dir)):
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
     paths = ShardPaths.of(out_dir, plan.name)
     if is_finished(plan, out_dir, config):
         return ShardResult(plan.name, len(plan.rows), skipped=True)
@@ -631,7 +632,8 @@ def crawl_shard(plan: ShardPlan, out_dir: str | os.PathLike, config: CrawlConfig
 def crawl(url_list: str | os.PathLike | Iterable[UrlRow | str], out_dir: str | os.PathLike,
           config: CrawlConfig | None = None, workers: int = 1, progress: bool = True) -> CrawlSummary:
     """Crawl a URL list (a file or UrlRows) into shards under `out_dir`, `workers` shards at a
-    time, skipping finished shards. A shard that raises is reported in `failed`; the others go on.
+    time, skipping finished shards. A shard that raises is reported in `failed`; the others go on,
+    unless the output cannot be written at all (StorageError: a full disk, no permission).
 
     Shards run in threads, not processes: the work is network-bound, each thread runs its own
     event loop, and one progress bar over URLs can count them all."""
@@ -660,6 +662,9 @@ def crawl(url_list: str | os.PathLike | Iterable[UrlRow | str], out_dir: str | o
             futures = {pool.submit(crawl_shard, plan, out_dir, config, tick): plan for plan in todo}
             for fut in as_completed(futures):
                 exc = fut.exception()
+                if isinstance(exc, StorageError):  # the disk, not the shard: every other shard would fail alike
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    raise exc
                 if exc is not None:
                     summary.failed[futures[fut].name] = f"{exc.__class__.__name__}: {exc}"
                 else:

@@ -1,4 +1,7 @@
 """Typed errors. The CLI turns each into one line on stderr and a non-zero exit."""
+import errno
+import os
+import re
 
 
 class WebdistillError(Exception):
@@ -30,11 +33,60 @@ class SQLLimit(SQLError):
 
 
 class CatalogCorrupt(WebdistillError):
-    """catalog.duckdb is not a DuckDB database, or is damaged."""
+    """catalog.duckdb is not a DuckDB database, or is damaged. The message always says how to
+    rebuild it, whoever raises it."""
+
+    REBUILD = ("`webdistill refresh --rebuild` moves it aside and rebuilds it from the workspace's artifacts "
+               "(views, selections, students; the log of past runs is lost)")
+
+    def __str__(self) -> str:
+        return f"{super().__str__()}; {self.REBUILD}"
+
+
+class CatalogBusy(WebdistillError):
+    """Another process held the catalog's write lock for longer than a stage waits."""
 
 
 class WorkerDied(WebdistillError):
     """A worker process died (killed, out of memory, crashed) on every try of one item."""
+
+
+class StorageError(WebdistillError):
+    """The disk is full, or a file or folder cannot be written (permissions, a read-only mount)."""
+
+
+# errno -> what the user reads; the errno names are what C libraries and DuckDB print.
+_STORAGE_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+                   errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+                   errno.EPERM: "operation not permitted", errno.EFBIG: "file too large (ulimit -f)"}
+_STORAGE_TEXTS = {os.strerror(code).lower(): what for code, what in _STORAGE_ERRNOS.items()}
+_SHORT_WRITE = re.compile(r"\d+ requested and \d+ written")  # numpy's words for a write the disk cut short
+
+
+def storage_error(exc: BaseException, path: object = None, writing: bool = False) -> StorageError | None:
+    """The StorageError an OSError (or a DuckDB/Arrow error that wraps one) stands for, naming `path`
+    (or the file the error names); None for any other error. `writing`: the caller knows it was a
+    write (a denied permission may otherwise be a read). The one place such errors are mapped: the
+    atomic writer and the CLI call it."""
+    if isinstance(exc, StorageError):
+        return exc
+    text = str(exc)
+    what = _STORAGE_ERRNOS.get(getattr(exc, "errno", None))
+    if what is None:
+        what = next((w for t, w in _STORAGE_TEXTS.items() if t in text.lower()), None)
+    note = ""
+    if what is None and isinstance(exc, OSError) and _SHORT_WRITE.search(text):
+        what, note = "no space left on device", " (a short write)"
+    if what is None:
+        return None
+    target = path or getattr(exc, "filename", None)
+    if target is None:
+        quoted = re.search(r'"([^"]+)"', text)  # DuckDB: Could not write file "/path": ...
+        target = quoted.group(1) if quoted else None
+    if target is None:
+        return StorageError(f"{what} ({text.strip().splitlines()[0]})")
+    ambiguous = what in ("permission denied", "operation not permitted") and not writing
+    return StorageError((f"{what}: {target}" if ambiguous else f"{what} writing {target}") + note)
 
 
 class DemoDataError(WebdistillError):

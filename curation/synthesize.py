@@ -60,7 +60,7 @@ from .embed import ShardJob, load_images, shard_jobs
 from .embedders import Geometry, SquareResize, spec_fingerprint
 from .errors import WebdistillError
 from .shard_writer import ShardSink, logits_npy, read_manifest, staging, swap_into_place
-from .workspace import Workspace, check_name, config_hash
+from .workspace import Workspace, check_name, config_hash, storage_errors
 
 SYNTH_VERSION = 1
 SEARCHES = ("gradient", "evolution")
@@ -449,7 +449,7 @@ def synthesize(ws: Workspace, config: SynthConfig, progress: bool = True) -> Syn
         raise SynthError(f"no synthesized image reached conf_threshold {config.conf_threshold} "
                          f"(of {len(targets)} candidates): lower it, or search longer")
 
-    with staging(final) as tmp:
+    with storage_errors(final), staging(final) as tmp:
         sink = ShardSink(tmp, config.name, config.shard_size)
         for i in kept:
             label = int(targets[i])
