@@ -377,6 +377,13 @@ def test_a_pool_of_look_alikes_costs_the_cap_not_the_square(tmp_path):
         assert (cluster == cluster[source]).all()  # identical bytes share a cluster
         assert want is None or (cluster == want).all()  # the IVF path finds the same clusters
         want = cluster
+    # from the command line: one line says how many images hit the cap
+    res = run_cli("index", "-w", str(ws.root), "--embedder", "bench", "--verify", "none", "--dup-max-neighbors", "8",
+                  "--kmeans-k", "4")
+    assert res.returncode == 0, res.stderr
+    assert f"{summary['capped_images']} of {images} images have more than 8 look-alikes" in res.stderr
+    with pytest.raises(BadIndexConfig, match="dup_max_neighbors must be at least 1"):
+        IndexConfig(dup_max_neighbors=0)
 
 
 def test_the_pixel_check_keeps_its_clusters_when_every_pair_is_a_candidate(dup_crawl):
