@@ -42,6 +42,7 @@ bench: setup
 	$(BIN)/python bench/score_auroc.py
 	$(BIN)/python bench/distill_losses.py
 	$(BIN)/python bench/distill_throughput.py
+	$(BIN)/python bench/faults.py
 
 clean:
 	rm -rf $(VENV) workspace demo .pytest_cache

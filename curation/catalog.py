@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from . import schemas
 from .errors import CatalogBusy, CatalogCorrupt, WebdistillError, storage_error
-from .workspace import Workspace, discard, storage_errors, temporary_name
+from .workspace import Workspace, discard, storage_errors, sweep_stale_temporaries, temporary_name
 
 
 @dataclass(frozen=True)
@@ -91,6 +91,7 @@ def _create(ws: Workspace) -> None:
     try:
         with storage_errors(ws.catalog_path), _catalog_errors(ws):
             ws.root.mkdir(parents=True, exist_ok=True)
+            sweep_stale_temporaries(ws.root)  # what a creator killed before its link left
             con = duckdb.connect(str(tmp))
             try:
                 for ddl in TABLES.values():

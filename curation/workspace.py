@@ -98,7 +98,7 @@ def remove_tree(path: Path, owner: Path) -> None:
 # Temporaries are named `.<final name>.<host>-<pid>-<random>.tmp`: never matched by an artifact glob
 # (`*.parquet`, `*.npy`), and a later writer can tell when the process that made one is gone.
 _HOST = hashlib.blake2b(socket.gethostname().encode(), digest_size=3).hexdigest()
-_TEMP_NAME = re.compile(r"\..+\.([0-9a-f]{6})-([0-9]+)-[A-Za-z0-9_]+\.tmp")
+_TEMP_NAME = re.compile(r"\..+\.([0-9a-f]{6})-([0-9]+)-[A-Za-z0-9_]+\.tmp(\.wal)?")  # .wal: DuckDB's, beside one
 _swept: set[Path] = set()
 
 

@@ -54,7 +54,7 @@ TIMING = frozenset({"seconds", "ingested_at", "created_at", "started_at", "finis
 # created_at. `records_match_files` checks them against the files instead.
 DERIVED = frozenset({"manifest_sha256"})
 # Names writers give unfinished files and folders (workspace.atomic_path, the selection swap).
-TEMP_GLOBS = (".*.tmp", ".tmp-*", ".old-*")
+TEMP_GLOBS = (".*.tmp", ".*.tmp.wal", ".tmp-*", ".old-*")
 CATALOG_FILES = ("catalog.duckdb", "catalog.duckdb.wal")
 STAGES = ("ingest", "embed", "index", "score", "synthesize", "select")  # in pipeline order; crawl stands apart
 
