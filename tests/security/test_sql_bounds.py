@@ -118,7 +118,9 @@ def test_a_large_result_streams_and_is_refused_past_max_bytes(ws):
     lines = res.stderr.strip().splitlines()
     assert "larger than 16777216 bytes" in lines[0] and res.stdout == "", res.stderr
     peak = int(lines[-1].split()[1])
-    assert peak < 1024, f"peak RSS {peak} MiB"
+    # DuckDB holds up to one 2,048-row vector (200 MB here) per thread outside its memory limit, plus the
+    # interpreter and its imports: bounded, and far below the 5 GB the result would take whole
+    assert peak < 2048, f"peak RSS {peak} MiB"
     ok = run_cli("sql", "-w", str(ws.root), "--format", "csv", "SELECT repeat('x', 100000) AS s FROM range(100)")
     assert ok.returncode == 0 and len(ok.stdout.splitlines()) == 101
 
