@@ -594,7 +594,8 @@ def crawl_shard(plan: ShardPlan, out_dir: str | os.PathLike, config: CrawlConfig
     paths = ShardPaths.of(out_dir, plan.name)
     if is_finished(plan, out_dir, config):
         return ShardResult(plan.name, len(plan.rows), skipped=True)
-    _clear(paths)
+    with storage_errors(paths.tar):  # removing a file on a read-only mount fails too, even a missing one
+        _clear(paths)
     started = datetime.now(timezone.utc)
     t0 = time.perf_counter()
     records: list[dict] = []

@@ -16,7 +16,7 @@ import pytest
 from curation.workspace import Workspace, atomic_path, temporary_name
 
 from .faultkit import (CORRUPTIONS, STAGES, STORAGE_FAULTS, Baseline, CrawlBaseline, ImageServer, Inputs,
-                       corrupt_catalog, import_seconds, kill_crawl, kill_stage, leftovers,
+                       corrupt_catalog, crawl_storage_fault, import_seconds, kill_crawl, kill_stage, leftovers,
                        records_match_files, run_cli, score_while_querying, stage_args, storage_fault, two_ingests,
                        two_selects, workspace_digest)
 
@@ -54,11 +54,21 @@ def image_server():
     server.close()
 
 
-def test_sigkill_mid_crawl_then_rerun_equals_an_uninterrupted_crawl(image_server, tmp_path):
-    crawled = CrawlBaseline.build(image_server, tmp_path / "baseline", n=24)
+@pytest.fixture(scope="module")
+def crawled(image_server, tmp_path_factory) -> CrawlBaseline:
+    return CrawlBaseline.build(image_server, tmp_path_factory.mktemp("crawl"), n=24)
+
+
+def test_sigkill_mid_crawl_then_rerun_equals_an_uninterrupted_crawl(crawled, tmp_path):
     result = kill_crawl(crawled, import_seconds(), tmp_path / "killed", random.Random("kill crawl"))
     assert result.killed and result.rerun_rc == 0, result
     assert result.diff == [] and result.leftovers == []
+
+
+def test_a_crawl_that_cannot_write_stops_with_one_line(crawled, tmp_path):
+    result = crawl_storage_fault(crawled, "read-only filesystem", tmp_path / "out")
+    assert result.returncode == 2 and result.problems == [], result  # not one failure line per shard
+    assert result.rerun_diff == []
 
 
 def _temporary_of_a_dead_writer(final) -> str:
