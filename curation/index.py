@@ -110,19 +110,22 @@ def load_vectors(ws: Workspace, embedder: str) -> Vectors:
     id_maps = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
     if not id_maps:
         raise IndexMissing(f"no embeddings for {embedder!r} in {ws.root}; run `webdistill embed` first")
-    stored, ids, stamps = [], [], []
+    shapes, ids, stamps = [], [], []
     for m in id_maps:
-        stored.append(np.load(m.with_suffix(".npy"), mmap_mode="r"))  # float16 on disk, read once below
+        shapes.append(np.load(m.with_suffix(".npy"), mmap_mode="r").shape)  # reads the header only
         ids.append(pq.read_table(m, columns=["sample_id"]).column("sample_id").to_numpy(zero_copy_only=False))
         stamps.append([m.stem, read_parquet_metadata(m).get("stamp")])
-    if len({a.shape[1:] for a in stored}) != 1 or stored[0].ndim != 2:
+    if len({s[1:] for s in shapes}) != 1 or len(shapes[0]) != 2:
         raise IndexMissing(f"the {embedder!r} embeddings of {ws.root} have mixed shapes; run `webdistill embed` again")
-    # one float32 array filled shard by shard: peak memory is the pool once, not twice
-    x = np.empty((sum(len(a) for a in stored), stored[0].shape[1]), np.float32)
+    # one float32 array filled a shard at a time: peak memory is the pool once plus one float16 shard
+    x = np.empty((sum(s[0] for s in shapes), shapes[0][1]), np.float32)
     start = 0
-    for a in stored:
-        x[start : start + len(a)] = a
-        start += len(a)
+    for m, (rows, _) in zip(id_maps, shapes):
+        shard = np.load(m.with_suffix(".npy"))
+        if shard.shape != (rows, x.shape[1]):
+            raise IndexMissing(f"{m.with_suffix('.npy')} changed while it was read; run `webdistill index` again")
+        x[start : start + rows] = shard
+        start += rows
     return Vectors(x, np.concatenate(ids), config_hash({"shards": stamps}))
 
 
@@ -261,10 +264,10 @@ def _image_pairs(index: faiss.Index, x: np.ndarray, images: _Images,
                  config: IndexConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
     """Embedding candidates between distinct images: (i < j, cosine, capped images, slots examined),
     at most `dup_max_neighbors` per image. Copies of one image would fill each other's neighbour
-    slots, so where there are copies the index is refilled with one vector per image first."""
+    slots, so where there are copies the index comes empty (see near_duplicates) and is filled with
+    one vector per image."""
     n_images = len(images.rep_row)
-    if n_images < len(x):
-        index.reset()  # the file on disk is untouched; this copy only serves the search below
+    if index.ntotal == 0:
         for start in range(0, n_images, 65_536):
             index.add(x[images.rep_row[start : start + 65_536]])
         rows, image_of_slot = images.rep_row, np.arange(n_images)
@@ -383,12 +386,17 @@ def near_duplicates(ws: Workspace, embedder: str, config: IndexConfig = IndexCon
     if read_parquet_metadata(out).get("stamp") == stamp:
         return {"skipped": True, **read_parquet_metadata(out).get("summary", {})}
     start = time.perf_counter()
-    x = load_vectors(ws, embedder).x
-    if index.ntotal != len(x) or len(ids) != len(x):
-        raise IndexMissing(f"the {embedder!r} index is older than its embeddings; run `webdistill index` again")
     columns = ["sha256", "width", "height"] + (["shard_url", "key", "ext"] if config.verify == "pixels" else [])
     samples = _aligned_samples(ws, ids, columns)
     images = _distinct_images(ids, samples["sha256"])
+    stale = f"the {embedder!r} index is older than its embeddings; run `webdistill index` again"
+    if index.ntotal != len(ids):
+        raise IndexMissing(stale)
+    if len(images.rep_row) < len(ids):  # copies: the search runs on one vector per image (_image_pairs);
+        index.reset()  # emptied before the vectors are read, so the two are never in memory at once (the file stays)
+    x = load_vectors(ws, embedder).x
+    if len(x) != len(ids):
+        raise IndexMissing(stale)
     ei, ej, sim, capped, examined = _image_pairs(index, x, images, config)
     del index, x  # the pixel check below needs neither
     area = (pc.fill_null(samples["width"], 0).to_numpy().astype(np.int64)
