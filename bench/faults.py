@@ -212,7 +212,7 @@ def run_faults(args: argparse.Namespace, work: Path, inputs: fk.Inputs, tally: T
         extra["ingest_duplicated"] += dup
     r = fk.score_while_querying(base, work / "conc" / "score")
     tally.add("score", "while sql queries run", r.survived, r.__dict__)
-    extra["sql_queries_beside_score"] = len(r.returncodes) - 1
+    extra["sql_queries_beside_score"] = len(r.returncodes) - 2  # less the score run and the final check
 
     kinds = list(fk.CORRUPTIONS) if not args.quick else ["garbage header", "garbage blocks"]
     for kind in kinds:
@@ -230,9 +230,21 @@ def run_faults(args: argparse.Namespace, work: Path, inputs: fk.Inputs, tally: T
 
 
 def markdown(report: dict) -> str:
-    lines = ["| stage | fault | injected | survived |", "|---|---|---:|---:|"]
+    columns = {"SIGKILL + rerun": "SIGKILL, rerun", "two at once": "two at once",
+               "while sql queries run": "two at once", "disk full": "disk full",
+               "read-only filesystem": "read-only fs", "no permission": "no permission", "corrupt": "corrupt catalog"}
+    cells: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
     for row in report["faults"]:
-        lines.append(f"| {row['stage']} | {row['fault']} | {row['injected']} | {row['survived']} |")
+        column = columns[row["fault"].split(":")[0]]
+        cells[(row["stage"], column)][0] += row["survived"]
+        cells[(row["stage"], column)][1] += row["injected"]
+    stages = list(dict.fromkeys(row["stage"] for row in report["faults"]))
+    heads = list(dict.fromkeys(columns.values()))
+    lines = ["faults survived / injected:", "", "| stage | " + " | ".join(heads) + " |",
+             "|---|" + "---:|" * len(heads)]
+    for stage in stages:
+        row = [f"{cells[(stage, h)][0]}/{cells[(stage, h)][1]}" if (stage, h) in cells else "" for h in heads]
+        lines.append(f"| {stage} | " + " | ".join(row) + " |")
     lines += ["", "| hostile input | inputs | handled | wall s (worst) | ingest peak RSS MiB (growth past imports) |",
               "|---|---:|---:|---:|---:|"]
     for row in report["hostile"]:

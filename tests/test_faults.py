@@ -27,8 +27,9 @@ def baseline(small_crawl, small_teacher, tmp_path_factory) -> Baseline:
     return Baseline(Inputs(small_crawl / "crawl", small_teacher), tmp_path_factory.mktemp("faults")).build()
 
 
-def test_the_digest_sees_a_changed_row_and_ignores_timing(baseline, tmp_path):
-    """The comparison the other tests rely on: equal for a copy, different for one changed value."""
+def test_the_digest_equals_for_a_copy_and_sees_one_changed_value(baseline, tmp_path):
+    """The comparison the other tests rely on: equal for a copy elsewhere (paths and catalog repointed),
+    different once one caption changes."""
     ws = baseline.fresh("select", tmp_path / "copy")
     assert workspace_digest(ws) == baseline.expected["synthesize"]
     table = pq.read_table(ws / "samples" / "00001.parquet")
