@@ -28,7 +28,8 @@ from .config import load_config
 from .data import load_manifest
 from .joblog import JobLog, last_lines
 
-ERROR_LINE = re.compile(r"distill: (error|interrupted): .*")
+# up to the next rank's line, should two ranks' lines still run together
+ERROR_LINE = re.compile(r"distill: (error|interrupted): (?:(?!distill: (?:error|interrupted): |\s*\[rank\d+\]: )[^\r\n])*")
 # torchrun's summary of a failed job names the rank that failed first, and how
 ROOT_CAUSE = re.compile(r"Root Cause \(first observed failure\):.*?rank\s*: (\d+).*?exitcode\s*: (-?\d+)[^\n]*", re.S)
 SIGNAL_NAME = re.compile(r"\((SIG[A-Z0-9]+)\)")

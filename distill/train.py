@@ -155,7 +155,7 @@ def leave_process_group() -> None:
     try:
         dist.destroy_process_group()
     except Exception as exc:  # noqa: BLE001 - teardown only: the result is on disk or the error reported
-        print(f"distill: warning: leaving the process group: {one_line(exc)}", file=sys.stderr)
+        say(f"distill: warning: leaving the process group: {one_line(exc)}")
 
 
 def exit_with_launcher() -> None:
@@ -336,14 +336,14 @@ def export_student(distiller: Distiller, out: Path, prep: Preprocess, classes: l
         save_exported_program(model, example, out / "student.pt2")
         checkpoint = out / "student.pt2"
     except Exception as exc:  # noqa: BLE001 - torch.export cannot trace every model
-        print(f"distill: warning: student.pt2 not written: {one_line(exc)}", file=sys.stderr)
+        say(f"distill: warning: student.pt2 not written: {one_line(exc)}")
     try:
         with torch.no_grad():
             rebuilt = load_model(str(out / "student.json"), trust_model_code).module(example)
         if torch.allclose(rebuilt, want, atol=1e-5, rtol=1e-4):
             checkpoint = out / "student.json"
     except ModelSpecError as exc:
-        print(f"distill: warning: student.json does not rebuild the student: {one_line(exc)}", file=sys.stderr)
+        say(f"distill: warning: student.json does not rebuild the student: {one_line(exc)}")
     return checkpoint
 
 
@@ -598,6 +598,13 @@ def run(cfg: DistillConfig) -> dict:
         leave_process_group()
 
 
+def say(line: str) -> None:
+    """One line to stderr in a single write: ranks share torchrun's pipe, and print()'s separate
+    writes of the text and its newline let two ranks' lines run together."""
+    sys.stderr.flush()
+    os.write(sys.stderr.fileno(), (line + "\n").encode(errors="replace"))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1 or argv[0] in ("-h", "--help"):
@@ -606,10 +613,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = run(load_config(argv[0]))
     except (*USER_ERRORS, JobError, PeerLost) as exc:
-        print(f"distill: error: {one_line(exc)}", file=sys.stderr)
+        say(f"distill: error: {one_line(exc)}")
         return 2
     except Interrupted as exc:
-        print(f"distill: interrupted: {exc}", file=sys.stderr)
+        say(f"distill: interrupted: {one_line(exc)}")
         return 130
     if int(os.environ.get("RANK", 0)) == 0:
         print(json.dumps(summary))

@@ -194,6 +194,15 @@ def test_failure_reason_names_the_killed_rank_before_any_error_line():
     assert failure_reason(3, "nothing useful") == "the distillation job failed (exit code 3)"
 
 
+@pytest.mark.parametrize("between", ["", "\n", " [rank1]: ", "\r"])
+def test_two_ranks_error_lines_that_ran_together_give_one_reason(between):
+    """Ranks write to torchrun's one pipe; should two of their lines run together, the reason is still
+    the first line alone (CI once saw "...checkpoint.ptdistill: interrupted: ...")."""
+    line = "distill: interrupted: stopped at step 4; checkpoint in /w/students/a/checkpoint.pt"
+    text = f"noise\n{line}{between}{line.replace('step 4', 'step 5')}\n\n"
+    assert failure_reason(130, text) == line and "step 5" not in failure_reason(130, text)
+
+
 def test_a_failed_pipeline_job_leaves_its_output_and_its_last_lines_in_the_error(data, tmp_path):
     """The pipeline's distill step (run_distillation, which the Prefect task wraps; stream=None: nothing
     on a console) on a selection whose first sample is fine (the up-front check passes) and whose other
