@@ -12,8 +12,8 @@ export DO_NOT_TRACK := 1
 
 setup: $(STAMP)
 
-# Re-run when the dependencies change. Fashion-MNIST comes from Debian; without apt or root
-# the demo goes on without that domain.
+# Re-run when the dependencies change. The tests build the demo crawl, so setup installs the demo
+# extra too. Fashion-MNIST comes from Debian; without apt or root the demo goes on without that domain.
 $(STAMP): pyproject.toml Makefile
 	@if [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null && [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then \
 		echo "installing Fashion-MNIST (Debian package dataset-fashion-mnist)"; \
@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml Makefile
 			|| echo "Fashion-MNIST could not be installed: the demo will go on without it"; \
 	fi
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q -e '.[dev]' 2>&1 | grep -v '^WARNING: Location' ; test $${PIPESTATUS[0]} -eq 0
+	$(BIN)/python -m pip install -q -e '.[dev,demo]' 2>&1 | grep -v '^WARNING: Location' ; test $${PIPESTATUS[0]} -eq 0
 	# animal-mnist declares tensorflow as a dependency it does not need for its data files.
 	$(BIN)/python -m pip install -q --no-deps animal-mnist==0.4 2>&1 | grep -v '^WARNING: Location' ; test $${PIPESTATUS[0]} -eq 0
 	@touch $(STAMP)

@@ -46,8 +46,8 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 
 def build_inputs(work: Path, size: int, shards: int) -> fk.Inputs:
     """The demo crawl (every planted defect, the last shard cut off) and a demo teacher on its split."""
-    from curation.demo_crawl import build_demo_crawl
-    from distill.demo_teacher import train_demo_teacher
+    from flows.demo.crawl import build_demo_crawl
+    from flows.demo.teacher import train_demo_teacher
     from tests import faultkit as fk
 
     out = work / "demo"

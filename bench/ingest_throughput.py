@@ -57,7 +57,7 @@ def main() -> None:
 
     crawl = Path(args.crawl)
     if not crawl.is_dir():
-        from curation.demo_crawl import build_demo_crawl
+        from flows.demo.crawl import build_demo_crawl
 
         out = Path(tempfile.mkdtemp())
         build_demo_crawl(out, size=args.size, n_shards=8, progress=False)

@@ -50,7 +50,7 @@ def meta(key: str, **extra) -> bytes:
 @pytest.fixture(scope="session")
 def small_crawl(tmp_path_factory) -> Path:
     """The demo crawl at a small size: every planted defect, 3 shards, the last one cut off."""
-    from curation.demo_crawl import build_demo_crawl
+    from flows.demo.crawl import build_demo_crawl
 
     out = tmp_path_factory.mktemp("demo")
     build_demo_crawl(out, size=400, n_shards=3, seed=0, workers=1, progress=False)
@@ -62,7 +62,7 @@ def small_teacher(small_crawl, tmp_path_factory) -> Path:
     """A demo teacher trained 2 epochs on the small crawl's teacher split: its teacher.json spec."""
     import shutil
 
-    from distill.demo_teacher import train_demo_teacher
+    from flows.demo.teacher import train_demo_teacher
 
     root = tmp_path_factory.mktemp("teacher")
     (root / "teacher").mkdir()

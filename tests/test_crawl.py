@@ -18,9 +18,9 @@ import webdataset as wds
 
 from curation.crawl import (AddressPolicy, CrawlConfig, CrawlError, UrlRow, crawl, crawl_shard, plan_shards,
                             read_url_list)
-from curation.demo_crawl import decompression_bomb_png
 from curation.ingest import ingest
 from curation.workspace import Workspace
+from flows.demo.crawl import decompression_bomb_png
 
 from .conftest import encode, noise_image
 

@@ -2,9 +2,9 @@ import json
 
 import torch
 
-from distill.demo_teacher import INPUT_SIZE, evaluate_on_shards, train_demo_teacher
 from distill.models import mnist_teacher
 from distill.spec import load_model
+from flows.demo.teacher import INPUT_SIZE, evaluate_on_shards, train_demo_teacher
 
 
 def test_demo_teacher_trains_saves_and_reloads_safely(small_crawl):

@@ -12,10 +12,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from curation import catalog
-from curation.demo_crawl import decompression_bomb_png
 from curation.errors import ShardNotFound
 from curation.ingest import ingest, make_sample_id
 from curation.workspace import Workspace
+from flows.demo.crawl import decompression_bomb_png
 
 from .conftest import ROOT, encode, meta, noise_image, write_tar
 
@@ -223,8 +223,8 @@ def test_sigkill_midway_then_rerun_loses_and_duplicates_nothing(small_crawl, tmp
 
 
 def test_demo_crawl_without_fashion_keeps_its_size(tmp_path, monkeypatch):
-    from curation import demo_sources
-    from curation.demo_crawl import build_demo_crawl
+    from flows.demo import sources as demo_sources
+    from flows.demo.crawl import build_demo_crawl
 
     monkeypatch.setattr(demo_sources, "FASHION_DIR", tmp_path / "no-fashion-here")
     summary = build_demo_crawl(tmp_path / "demo", size=300, n_shards=2, workers=1, progress=False)

@@ -1,7 +1,7 @@
 import pytest
 
-from curation.demo_crawl import decompression_bomb_png
 from curation.validate import Rejected, ValidationConfig, validate_image
+from flows.demo.crawl import decompression_bomb_png
 
 from .conftest import encode, noise_image
 

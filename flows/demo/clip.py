@@ -19,9 +19,9 @@ import pyarrow.parquet as pq
 import torch
 from torchvision.transforms import v2
 
-from .embed import load_images, shard_jobs
-from .embedders import MODEL_CONFIGS, Geometry
-from .workspace import Workspace, atomic_path
+from curation.embed import load_images, shard_jobs
+from curation.embedders import MODEL_CONFIGS, Geometry
+from curation.workspace import Workspace, atomic_path
 
 MODEL = "webdistill-tiny-clip"
 

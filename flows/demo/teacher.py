@@ -17,9 +17,9 @@ import webdataset as wds
 from torch import nn
 from torchvision.transforms import v2
 
-from .model_files import save_exported_program
-from .models import mnist_teacher
-from .preprocess import image_to_tensor
+from distill.model_files import save_exported_program
+from distill.models import mnist_teacher
+from distill.preprocess import image_to_tensor
 
 INPUT_SIZE = 32
 MEAN = STD = (0.5, 0.5, 0.5)

@@ -35,15 +35,15 @@ def _step(name: str, timings: dict):
 def build_inputs(out: Path, size: int, n_shards: int, teacher_epochs: int, workers: int, seed: int,
                  timings: dict) -> tuple[dict, dict]:
     """The demo crawl and the demo teacher (reused when built before with the same parameters)."""
-    from curation import demo_sources
-    from curation.demo_crawl import build_demo_crawl
-    from distill.demo_teacher import train_demo_teacher
+    from . import sources
+    from .crawl import build_demo_crawl
+    from .teacher import train_demo_teacher
 
-    crawl_params = {"size": size, "shards": n_shards, "seed": seed, "fashion": demo_sources.fashion_available()}
+    crawl_params = {"size": size, "shards": n_shards, "seed": seed, "fashion": sources.fashion_available()}
     marker = out / "crawl" / "build.json"
     with _step("demo crawl", timings):
         if not crawl_params["fashion"]:
-            print(f"Fashion-MNIST not found in {demo_sources.FASHION_DIR} (Debian package dataset-fashion-mnist): "
+            print(f"Fashion-MNIST not found in {sources.FASHION_DIR} (Debian package dataset-fashion-mnist): "
                   "the demo goes on without that domain")
         if _cached(marker, crawl_params):
             crawl = json.loads(marker.read_text())["summary"]
@@ -152,7 +152,7 @@ def relevance_auroc(ws: Workspace, name: str, truth_path: Path) -> float:
 def train_clip(workspace: Workspace, out_dir: Path, clip_steps: int, seed: int, crawl_params: dict,
                timings: dict) -> dict:
     """The demo's small CLIP, trained on the ingested image-caption pairs: a user's checkpoint."""
-    from curation.demo_clip import MODEL, train_demo_clip
+    from .clip import MODEL, train_demo_clip
 
     clip_dir = out_dir / "clip"
     clip_dir.mkdir(parents=True, exist_ok=True)
@@ -197,16 +197,17 @@ def pipeline_config(workspace: Workspace, out_dir: Path, clip: dict, rounds: int
 
 def run_demo(workspace: Workspace, out: str, size: int, n_shards: int, teacher_epochs: int, workers: int,
              seed: int, clip_steps: int = 100, rounds: int = 2, distill_epochs: int = 15) -> int:
-    from curation import demo_sources
     from flows.pipeline import pipeline_flow
     from flows.stages import ingest_flow
+
+    from . import sources
 
     out_dir = Path(out).resolve()
     timings: dict[str, float] = {}
     crawl, teacher = build_inputs(out_dir, size, n_shards, teacher_epochs, workers, seed, timings)
     with _step("ingest", timings):
         ingested = ingest_flow(str(workspace.root), [str(out_dir / "crawl")])
-    crawl_params = {"size": size, "shards": n_shards, "seed": seed, "fashion": demo_sources.fashion_available()}
+    crawl_params = {"size": size, "shards": n_shards, "seed": seed, "fashion": sources.fashion_available()}
     clip = train_clip(workspace, out_dir, clip_steps, seed, crawl_params, timings)
     config_path = pipeline_config(workspace, out_dir, clip, rounds, workers, distill_epochs)
     print(f"== pipeline: {config_path} ({rounds} rounds), as `webdistill run {config_path}` would run it", flush=True)

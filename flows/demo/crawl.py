@@ -30,9 +30,10 @@ import pyarrow.parquet as pq
 import webdataset as wds
 from PIL import Image
 
-from . import demo_sources as src
-from .parallel import map_shards
-from .workspace import atomic_path, write_parquet_atomic
+from curation.parallel import map_shards
+from curation.workspace import atomic_path, write_parquet_atomic
+
+from . import sources as src
 
 DEFAULT_SIZE = 52_000
 DEFAULT_SHARDS = 24
