@@ -3,14 +3,12 @@
     embeddings/<embedder>/<shard>.npy      (n, dim) float16, row i = the i-th accepted sample
     embeddings/<embedder>/<shard>.parquet  embedder, shard, row, sample_id  (the id map; its commit record)
 
-Images are decoded in DataLoader workers straight from the shards (each worker streams whole
-shards); the model runs batched under inference_mode in the main process. A shard is skipped
-when its id map carries the same ingest stamp and embedder config.
+Images come from the shard reader (curation/shard_reader.py); the model runs batched under
+inference_mode in the main process. A shard is skipped when its id map carries the same ingest
+stamp and embedder config.
 """
 from __future__ import annotations
 
-import io
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,29 +16,13 @@ from typing import Collection
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
-import torch
-from PIL import Image
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from tqdm import tqdm
 
 from . import schemas
 from .embedders import Embedder
-from .errors import ShardReadError
-from .shards import TruncatedShard, iter_samples, open_stored_shard
+from .shard_reader import ShardJob, per_shard_outputs, shard_jobs
 from .workspace import Workspace, atomic_path, check_name, config_hash, read_parquet_metadata, write_parquet_atomic
 
 EMBED_VERSION = 1
-
-
-@dataclass
-class ShardJob:
-    shard: str
-    shard_url: str
-    keys: list[str]  # accepted keys in shard order
-    ext: list[str]
-    sample_ids: list[str]
-    stamp: dict
 
 
 @dataclass
@@ -53,70 +35,9 @@ class EmbedSummary:
     seconds: float = 0.0
 
 
-class ShardImages(IterableDataset):
-    """Yields (job index, row, image tensor, ok) for the accepted samples of each job's shard."""
-
-    def __init__(self, jobs: list[ShardJob], preprocess, blank: torch.Tensor):
-        self.jobs, self.preprocess, self.blank = jobs, preprocess, blank
-
-    def __iter__(self):
-        info = get_worker_info()
-        mine = range(len(self.jobs)) if info is None else range(info.id, len(self.jobs), info.num_workers)
-        for j in mine:
-            job = self.jobs[j]
-            rows = {k: i for i, k in enumerate(job.keys)}
-            seen = set()
-            try:
-                stream = open_stored_shard(job.shard_url)  # a URL from `samples`: data, never a command
-            except ShardReadError:  # refused or gone: an empty stream, so every row is flagged below
-                stream = io.BytesIO()
-            try:
-                for raw in iter_samples(stream):
-                    row = rows.get(raw.key)
-                    if row is None:
-                        continue
-                    seen.add(row)
-                    try:
-                        yield j, row, self.preprocess(Image.open(io.BytesIO(raw.files[job.ext[row]]))), True
-                    except Exception:  # noqa: BLE001 - the shard changed since ingest: keep the row, flag it
-                        yield j, row, self.blank, False
-            except TruncatedShard:
-                pass  # ingest kept only samples before the cut; anything missing is flagged below
-            finally:
-                stream.close()
-            for row in set(range(len(job.keys))) - seen:
-                yield j, row, self.blank, False
-
-
-def _low_priority_worker(_: int) -> None:
-    """Decode workers yield the cores to the model's threads and fill the gaps between its ops:
-    preempting one OpenMP thread stalls them all, so a decode that barges in costs far more than
-    its own CPU time."""
-    try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    except (AttributeError, OSError):  # not Linux: a lower priority is the next best thing
-        os.nice(10)
-
-
 def _paths(ws: Workspace, embedder: str, shard: str) -> tuple[Path, Path]:
     d = ws.owned("embeddings", embedder, what="embedder")  # shard: a name read back from samples/
     return d / f"{check_name(shard, 'shard name')}.npy", d / f"{shard}.parquet"
-
-
-def shard_jobs(ws: Workspace, stamp_extra: dict | None = None, only: Collection[str] | None = None) -> list[ShardJob]:
-    """One job per ingested shard with accepted samples, rows in shard order."""
-    jobs = []
-    for samples_file in sorted((ws.root / "samples").glob("*.parquet")):
-        if only is not None and samples_file.stem not in only:
-            continue
-        meta = read_parquet_metadata(samples_file)
-        t = pq.read_table(samples_file, columns=["key", "ext", "sample_id", "shard_url", "idx"]).sort_by("idx")
-        if t.num_rows == 0:
-            continue
-        stamp = {"ingest": [meta.get("fingerprint"), meta.get("config_hash")]} | (stamp_extra or {})
-        jobs.append(ShardJob(samples_file.stem, t["shard_url"][0].as_py(), t["key"].to_pylist(), t["ext"].to_pylist(),
-                             t["sample_id"].to_pylist(), stamp))
-    return jobs
 
 
 def plan_jobs(ws: Workspace, embedder: Embedder, only: Collection[str] | None = None) -> tuple[list[ShardJob], list[str]]:
@@ -133,23 +54,6 @@ def plan_jobs(ws: Workspace, embedder: Embedder, only: Collection[str] | None = 
     return jobs, skipped
 
 
-def load_images(jobs: list[ShardJob], preprocess, batch_size: int = 512, workers: int = 1,
-                progress: bool = True, desc: str = "decode"):
-    """Yield (job index, rows, uint8 image batch, ok) over the jobs' accepted samples."""
-    blank = preprocess(Image.new("RGB", (8, 8)))
-    workers = max(0, min(workers, len(jobs)))
-    loader = DataLoader(ShardImages(jobs, preprocess, blank), batch_size=batch_size, num_workers=workers,
-                        prefetch_factor=4 if workers else None, pin_memory=torch.cuda.is_available(),
-                        worker_init_fn=_low_priority_worker if workers else None,
-                        # forkserver: workers start from a clean process, not a fork of one that
-                        # runs Prefect's or Dask's threads (a fork of those can die at start)
-                        multiprocessing_context="forkserver" if workers else None)
-    with tqdm(total=sum(len(j.keys) for j in jobs), desc=desc, unit="img", disable=not progress or None) as bar:
-        for batch in loader:
-            yield batch
-            bar.update(len(batch[2]))
-
-
 def _write_shard(ws: Workspace, embedder: Embedder, job: ShardJob, vectors: np.ndarray, ok: np.ndarray) -> None:
     npy, ids = _paths(ws, embedder.name, job.shard)
     with atomic_path(npy) as tmp:
@@ -160,31 +64,6 @@ def _write_shard(ws: Workspace, embedder: Embedder, job: ShardJob, vectors: np.n
                       "sample_id": job.sample_ids, "ok": ok}, schema=schemas.EMBEDDINGS)
     write_parquet_atomic(table, ids, {"stamp": job.stamp, "dim": embedder.dim, "config": embedder.config,
                                          "args": embedder.args})
-
-
-def per_shard_outputs(jobs: list[ShardJob], preprocess, compute, batch_size: int = 256, workers: int = 1,
-                      progress: bool = True, desc: str = "shards"):
-    """Run `compute(uint8 batch) -> {name: (B, ...) array}` over the jobs' accepted samples and
-    yield (job index, {name: (n, ...) array in row order}, ok (n,)) as soon as a shard is complete.
-    Buffers exist only for shards in flight: allocated on a shard's first batch, freed once yielded."""
-    buffers: dict[int, dict[str, np.ndarray]] = {}
-    oks: dict[int, np.ndarray] = {}
-    remaining = {j: len(job.keys) for j, job in enumerate(jobs)}
-    for job_idx, rows, x, ok in load_images(jobs, preprocess, batch_size, workers, progress, desc=desc):
-        out = compute(x)
-        for j in torch.unique(job_idx).tolist():
-            sel = (job_idx == j).numpy()
-            r = rows.numpy()[sel]
-            if j not in buffers:
-                n = len(jobs[j].keys)
-                buffers[j] = {k: np.zeros((n, *v.shape[1:]), v.dtype) for k, v in out.items()}
-                oks[j] = np.zeros(n, bool)
-            for k, v in out.items():
-                buffers[j][k][r] = v[sel]
-            oks[j][r] = ok.numpy()[sel]
-            remaining[j] -= int(sel.sum())
-            if remaining[j] == 0:
-                yield j, buffers.pop(j), oks.pop(j)
 
 
 def embed(ws: Workspace, embedder: Embedder, batch_size: int = 256, workers: int = 1,

@@ -31,9 +31,9 @@ from distill.kd3_rules import class_thresholds, passes_threshold
 from distill.spec import LoadedModel, ModelSpecError, load_model
 
 from . import score_fns as sf
-from .embed import ShardJob, per_shard_outputs, shard_jobs
 from .embedders import Geometry, SquareResize, spec_fingerprint
 from .errors import WebdistillError
+from .shard_reader import ShardJob, per_shard_outputs, shard_jobs
 from .workspace import Workspace, atomic_path, config_hash, read_parquet_metadata, write_parquet_atomic
 
 SCORE_VERSION = 1

@@ -56,9 +56,9 @@ from distill.preprocess import image_to_tensor
 from distill.spec import LoadedModel, ModelSpecError, load_model
 
 from .catalog import candidate_sources
-from .embed import ShardJob, load_images, shard_jobs
 from .embedders import Geometry, SquareResize, spec_fingerprint
 from .errors import WebdistillError
+from .shard_reader import ShardJob, load_images, shard_jobs
 from .shard_writer import ShardSink, logits_npy, read_manifest, staging, swap_into_place
 from .workspace import Workspace, check_name, config_hash, storage_errors
 

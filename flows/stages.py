@@ -113,7 +113,7 @@ def embed_flow(workspace: str, embedder: str = "open_clip:ViT-S-32", pretrained:
                teacher: str | None = None, precision: str = "fp32", batch_size: int = 256, workers: int = 2,
                shards_per_task: int = 8, max_failure_fraction: float = 0.1, trust_model_code: bool = False) -> dict:
     """Shards are embedded in groups (one model load per group, decode workers inside)."""
-    from curation.embed import shard_jobs
+    from curation.shard_reader import shard_jobs
 
     ws = resolve_workspace(workspace)
     started = datetime.now(timezone.utc)
@@ -178,7 +178,7 @@ def score_task(ws_root: str, config: dict, shards: list[str]):
 def score_flow(workspace: str, teacher: str, student: str | None = None, name: str = "default",
                options: dict | None = None, shards_per_task: int = 8, max_failure_fraction: float = 0.1,
                trust_model_code: bool = False) -> dict:
-    from curation.embed import shard_jobs
+    from curation.shard_reader import shard_jobs
     from curation.score import ScoreConfig, ScoreSummary, finish
 
     ws = resolve_workspace(workspace)

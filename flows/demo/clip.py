@@ -19,8 +19,8 @@ import pyarrow.parquet as pq
 import torch
 from torchvision.transforms import v2
 
-from curation.embed import load_images, shard_jobs
 from curation.embedders import MODEL_CONFIGS, Geometry
+from curation.shard_reader import load_images, shard_jobs
 from curation.workspace import Workspace, atomic_path
 
 MODEL = "webdistill-tiny-clip"

@@ -20,9 +20,9 @@ import torch
 
 from curation import catalog
 from curation.dup_verify import load_thumbnails
-from curation.embed import load_images, shard_jobs
 from curation.errors import UnsafeShardURL
 from curation.ingest import ingest
+from curation.shard_reader import load_images, shard_jobs
 from curation.shards import iter_samples, open_stored_shard
 from curation.workspace import Workspace
 from distill.data import DataError, load_manifest
