@@ -601,8 +601,13 @@ def run(cfg: DistillConfig) -> dict:
 def say(line: str) -> None:
     """One line to stderr in a single write: ranks share torchrun's pipe, and print()'s separate
     writes of the text and its newline let two ranks' lines run together."""
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # a stream without a file (tests capturing stderr)
+        sys.stderr.write(line + "\n")
+        return
     sys.stderr.flush()
-    os.write(sys.stderr.fileno(), (line + "\n").encode(errors="replace"))
+    os.write(fd, (line + "\n").encode(errors="replace"))
 
 
 def main(argv: list[str] | None = None) -> int:
