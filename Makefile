@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-fast lint bench clean
 
 setup: $(STAMP)
 
@@ -29,8 +29,17 @@ $(STAMP): pyproject.toml Makefile
 demo: setup
 	$(BIN)/webdistill demo
 
-test: setup
+# Lint only: `ruff format` is not adopted (it would rewrite every file's hand layout); the rules
+# are in pyproject.toml. CI runs `make test`, so both the lint and the whole suite gate a merge.
+lint: setup
+	$(BIN)/ruff check .
+
+test: lint
 	$(BIN)/python -m pytest -q tests
+
+# Everything but the tests marked slow (end-to-end flows, fault injection, torchrun jobs, fuzzing).
+test-fast: lint
+	$(BIN)/python -m pytest -q -m "not slow" tests
 
 bench: setup
 	$(BIN)/python bench/ingest_throughput.py

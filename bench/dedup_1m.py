@@ -27,7 +27,8 @@ from curation.index import IndexConfig, make_index, similar_pairs  # noqa: E402
 def make_vectors(n: int, dim: int, n_dups: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     centers = rng.standard_normal((2000, dim)).astype(np.float32)
-    base = centers[rng.integers(0, len(centers), n - n_dups)] + 0.6 * rng.standard_normal((n - n_dups, dim)).astype(np.float32)
+    noise = 0.6 * rng.standard_normal((n - n_dups, dim)).astype(np.float32)
+    base = centers[rng.integers(0, len(centers), n - n_dups)] + noise
     originals = rng.choice(n - n_dups, n_dups, replace=False)
     base /= np.linalg.norm(base, axis=1, keepdims=True)
     copies = base[originals] + 0.02 * rng.standard_normal((n_dups, dim)).astype(np.float32)
@@ -82,8 +83,9 @@ def main() -> None:
     print()
     print("| vectors | index | build s | all-pairs query s | recall (planted) | recall vs exact (subset) |")
     print("|---:|---|---:|---:|---:|---:|")
-    print(f"| {args.n:,} x {args.dim} | {kind} nlist={result['nlist']} nprobe={args.nprobe} | {result['build_seconds']} | "
-          f"{result['query_seconds']} | {result['recall_planted']} | {result['recall_vs_exact_subset']} |")
+    print(f"| {args.n:,} x {args.dim} | {kind} nlist={result['nlist']} nprobe={args.nprobe} | "
+          f"{result['build_seconds']} | {result['query_seconds']} | {result['recall_planted']} | "
+          f"{result['recall_vs_exact_subset']} |")
 
 
 if __name__ == "__main__":

@@ -144,12 +144,14 @@ def child(workspace: str, code: str | None, max_neighbors: int, verify: str) -> 
 
     ws = Workspace(Path(workspace))
     known = {f.name for f in fields(IndexConfig)}  # an older checkout may lack the cap
-    config = IndexConfig(verify=verify, **({"dup_max_neighbors": max_neighbors} if "dup_max_neighbors" in known else {}))
+    cap = {"dup_max_neighbors": max_neighbors} if "dup_max_neighbors" in known else {}
+    config = IndexConfig(verify=verify, **cap)
     out: dict = {"rss_mib_at_start": round(peak_rss_mib())}
     try:
         t = time.perf_counter()
         meta = build_index(ws, EMBEDDER, config)
-        out |= {"index": meta["kind"], "build_s": round(time.perf_counter() - t, 2), "rss_mib_after_build": round(peak_rss_mib())}
+        out |= {"index": meta["kind"], "build_s": round(time.perf_counter() - t, 2),
+                "rss_mib_after_build": round(peak_rss_mib())}
         t = time.perf_counter()
         dups = near_duplicates(ws, EMBEDDER, config, workers=2)
         out |= {"dups_s": round(time.perf_counter() - t, 2), "rss_mib_after_dups": round(peak_rss_mib())}
@@ -173,14 +175,15 @@ def measure(workspace: Path, code: str | None, max_neighbors: int, verify: str, 
     def cap() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
-    cmd = [sys.executable, __file__, "--child", str(workspace), "--max-neighbors", str(max_neighbors), "--verify", verify]
+    cmd = [sys.executable, __file__, "--child", str(workspace), "--max-neighbors", str(max_neighbors),
+           "--verify", verify]
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", HF_HUB_OFFLINE="1")  # as the `webdistill` CLI runs
     started = time.perf_counter()
     res = subprocess.run(cmd + (["--code", code] if code else []), capture_output=True, text=True, preexec_fn=cap,
                          env=env)
     wall = round(time.perf_counter() - started, 2)
     if res.returncode != 0 or not res.stdout.strip():
-        return {"error": (res.stderr.strip().splitlines() or ["exit %d" % res.returncode])[-1], "wall_s": wall}
+        return {"error": (res.stderr.strip().splitlines() or [f"exit {res.returncode}"])[-1], "wall_s": wall}
     return json.loads(res.stdout.strip().splitlines()[-1]) | {"wall_s": wall}
 
 
@@ -227,7 +230,8 @@ def main() -> None:
                     if p.name not in ("samples", "embeddings", "shards"):
                         shutil.rmtree(p) if p.is_dir() else p.unlink()
         alike = int(args.share * n)
-        results.append({"n": n, "dim": args.dim, "alike": alike, "pairs_above_threshold_at_least": alike * (alike - 1) // 2,
+        results.append({"n": n, "dim": args.dim, "alike": alike,
+                        "pairs_above_threshold_at_least": alike * (alike - 1) // 2,
                         "copies": int(args.copies * n), "pool_seconds": made_s, "runs": runs})
         print(json.dumps(results[-1]), file=sys.stderr, flush=True)
 
@@ -248,7 +252,8 @@ def main() -> None:
         first = ok[0]
         count = lambda v: f"{v:,}" if isinstance(v, int) else "-"  # noqa: E731 (an older checkout lacks some)
         print(f"{head} {first['index']} | {count(first['embedding_pairs'])} | {count(first.get('capped_images'))} | "
-              + " | ".join(spread([run[k] for run in ok]) for k in ("build_s", "dups_s", "kmeans_s", "wall_s", "cpu_s", "rss_mib_at_start", "peak_rss_mib"))
+              + " | ".join(spread([run[k] for run in ok]) for k in ("build_s", "dups_s", "kmeans_s", "wall_s", "cpu_s",
+                                                                    "rss_mib_at_start", "peak_rss_mib"))
               + " |")
 
 

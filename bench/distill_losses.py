@@ -58,7 +58,8 @@ def main() -> None:
     print("| loss | teacher | eval accuracy | samples/s | seconds |")
     print("|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['loss']} | {r['teacher_mode']} | {r['eval_accuracy']:.4f} | {r['samples_per_s']} | {r['seconds']} |")
+        print(f"| {r['loss']} | {r['teacher_mode']} | {r['eval_accuracy']:.4f} | {r['samples_per_s']} | "
+              f"{r['seconds']} |")
 
 
 if __name__ == "__main__":

@@ -12,14 +12,13 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import shutil
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
-
-import os
 
 # As the CLI does: OpenMP threads sleep instead of spinning, leaving CPU to the decode workers.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

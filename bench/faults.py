@@ -32,6 +32,7 @@ import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/hostile_ingest.py: the hostile inputs
@@ -42,6 +43,8 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 # Heavy imports (torch, DuckDB, pyarrow) stay inside the functions that need them: the hostile
 # inputs are measured from a lean process (`--hostile-only`), because a child's peak RSS on Linux
 # starts from its parent's at exec.
+if TYPE_CHECKING:
+    from tests import faultkit as fk
 
 
 def build_inputs(work: Path, size: int, shards: int) -> fk.Inputs:
@@ -173,7 +176,8 @@ def run_faults(args: argparse.Namespace, work: Path, inputs: fk.Inputs, tally: T
     from tests import faultkit as fk
 
     base = fk.Baseline(inputs, work / "baseline").build()
-    print(f"baseline: startup {base.startup:.1f}s, stages {json.dumps({k: round(v, 1) for k, v in base.seconds.items()})}",
+    stages = json.dumps({k: round(v, 1) for k, v in base.seconds.items()})
+    print(f"baseline: startup {base.startup:.1f}s, stages {stages}",
           file=sys.stderr, flush=True)
     rng = random.Random(args.seed)
     extra = {"kills_landed_before_any_write": 0, "ingest_lost": 0, "ingest_duplicated": 0}

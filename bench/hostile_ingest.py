@@ -26,8 +26,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.conftest import encode, meta, noise_image, write_tar  # noqa: E402
-from tests.hostile_inputs import (gif_header_lie, huge_member_tar, jpeg_header_lie, jpeg_many_scans,  # noqa: E402
-                                  member, png_short_stream, raw_tar)
+from tests.hostile_inputs import (  # noqa: E402
+    gif_header_lie,
+    huge_member_tar,
+    jpeg_header_lie,
+    jpeg_many_scans,
+    member,
+    png_short_stream,
+    raw_tar,
+)
 
 GiB = 1 << 30
 GOOD = encode(noise_image(1), "JPEG")

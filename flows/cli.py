@@ -624,7 +624,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--image", nargs="+", help="query by image file(s)")
     q.add_argument("--text", nargs="+", help="query by text (embedders with a text tower)")
     p.add_argument("-k", type=int, default=10, help="neighbours per query (default: %(default)s)")
-    p.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    p.add_argument("--format", choices=["table", "csv", "json"], default="table",
+                   help="output format (default: %(default)s)")
     _trust_option(p)  # a teacher embedder's model is loaded again to embed the queries
     p.set_defaults(func=cmd_knn)
 

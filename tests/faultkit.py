@@ -33,11 +33,11 @@ import sys
 import tarfile
 import threading
 import time
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pyarrow.parquet as pq
 
@@ -70,7 +70,8 @@ def cli_cmd(args: list[str]) -> list[str]:
     return [sys.executable, "-m", "flows.cli", *args]
 
 
-def run_cli(args: list[str], timeout: float = 600, prefix: tuple[str, ...] = (), **popen) -> subprocess.CompletedProcess:
+def run_cli(args: list[str], timeout: float = 600, prefix: tuple[str, ...] = (),
+            **popen) -> subprocess.CompletedProcess:
     """`webdistill ARGS` in a subprocess, as a user runs it (`prefix`: a wrapper such as setpriv)."""
     return subprocess.run([*prefix, *cli_cmd(args)], capture_output=True, text=True, cwd=ROOT, env=cli_env(),
                           timeout=timeout, **popen)
@@ -314,7 +315,7 @@ class Baseline:
     seconds: dict[str, float] = field(default_factory=dict)
     startup: float = 0.0
 
-    def build(self, stages: tuple[str, ...] = STAGES) -> "Baseline":
+    def build(self, stages: tuple[str, ...] = STAGES) -> Baseline:
         ws = self.base / "baseline"
         ws.mkdir(parents=True, exist_ok=True)
         self.startup = import_seconds()
@@ -453,7 +454,7 @@ class CrawlBaseline:
     seconds: float
 
     @classmethod
-    def build(cls, server: ImageServer, base: Path, n: int = 40) -> "CrawlBaseline":
+    def build(cls, server: ImageServer, base: Path, n: int = 40) -> CrawlBaseline:
         base.mkdir(parents=True, exist_ok=True)
         url_list = server.url_list(base / "urls.jsonl", n)
         out = base / "crawl-baseline"
@@ -576,7 +577,8 @@ def score_while_querying(baseline: Baseline, work: Path) -> ConcurrentResult:
         problems.append("the second scoring run is not in the scores view")
     return ConcurrentResult(f"score while {len(outcomes)} queries ran ({sum(map(bool, outcomes))} found it busy)",
                             [proc.returncode] + [2 if line else 0 for line in outcomes] + [final.returncode],
-                            [one_line(stderr)] + [[line] if line else [] for line in outcomes] + [one_line(final.stderr)],
+                            [one_line(stderr)] + [[line] if line else [] for line in outcomes]
+                            + [one_line(final.stderr)],
                             ok, problems)
 
 
@@ -655,7 +657,8 @@ def can_mount() -> bool:
     probe = Path(f"/tmp/webdistill-mount-probe-{os.getpid()}")
     probe.mkdir(exist_ok=True)
     try:
-        if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(probe)], capture_output=True).returncode:
+        mount = ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(probe)]
+        if subprocess.run(mount, capture_output=True).returncode:
             return False
         subprocess.run(["umount", str(probe)], check=True)
         return True
@@ -765,7 +768,7 @@ def storage_fault(baseline: Baseline, stage: str, fault: str, work: Path) -> Sto
                           baseline.expected[stage], fault, work)
 
 
-def crawl_storage_fault(crawled: "CrawlBaseline", fault: str, work: Path) -> StorageResult:
+def crawl_storage_fault(crawled: CrawlBaseline, fault: str, work: Path) -> StorageResult:
     """Crawl into a folder that cannot be written (see `_storage_fault`)."""
     empty = work.parent / f"{work.name}-empty"
     empty.mkdir(parents=True, exist_ok=True)

@@ -16,8 +16,16 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
-from curation.crawl import (AddressPolicy, CrawlConfig, CrawlError, UrlRow, crawl, crawl_shard, plan_shards,
-                            read_url_list)
+from curation.crawl import (
+    AddressPolicy,
+    CrawlConfig,
+    CrawlError,
+    UrlRow,
+    crawl,
+    crawl_shard,
+    plan_shards,
+    read_url_list,
+)
 from curation.ingest import ingest
 from curation.workspace import Workspace
 from flows.demo.crawl import decompression_bomb_png
@@ -235,7 +243,7 @@ def test_every_url_gets_its_status_kind_and_attempts(crawled):
     assert len(crawled["row_list"]) == len(EXPECTED)
     got = {p: (rows[u]["status"], rows[u]["error_kind"], rows[u]["attempts"]) for p, u in crawled["urls"].items()}
     assert got == EXPECTED
-    for path, url in crawled["urls"].items():
+    for url in crawled["urls"].values():
         row = rows[url]
         assert (row["error_message"] is None) == (row["status"] == "success")
         assert row["error_message"] is None or "\n" not in row["error_message"]
@@ -376,7 +384,8 @@ def test_address_policy(address, reason):
     # --allow-private opens loopback and private ranges, never link-local, multicast or 0.0.0.0
     # (tests/security/test_crawl_networks.py covers those)
     special = ("link-local", "multicast", "unspecified")
-    assert AddressPolicy(allow_private=True).refusal(address) == (reason if reason and reason.endswith(special) else None)
+    still_refused = reason if reason and reason.endswith(special) else None
+    assert AddressPolicy(allow_private=True).refusal(address) == still_refused
 
 
 def write_list(path: Path, urls: list[str], captions: list[str]) -> Path:

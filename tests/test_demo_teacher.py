@@ -1,10 +1,13 @@
 import json
 
+import pytest
 import torch
 
 from distill.models import mnist_teacher
 from distill.spec import load_model
 from flows.demo.teacher import INPUT_SIZE, evaluate_on_shards, train_demo_teacher
+
+pytestmark = pytest.mark.slow  # trains the demo teacher for 3 epochs
 
 
 def test_demo_teacher_trains_saves_and_reloads_safely(small_crawl):

@@ -203,6 +203,7 @@ def test_two_ranks_error_lines_that_ran_together_give_one_reason(between):
     assert failure_reason(130, text) == line and "step 5" not in failure_reason(130, text)
 
 
+@pytest.mark.slow  # torchrun
 def test_a_failed_pipeline_job_leaves_its_output_and_its_last_lines_in_the_error(data, tmp_path):
     """The pipeline's distill step (run_distillation, which the Prefect task wraps; stream=None: nothing
     on a console) on a selection whose first sample is fine (the up-front check passes) and whose other
@@ -254,6 +255,7 @@ def reference(data) -> dict:
     return {"out": out, "summary": summary}
 
 
+@pytest.mark.slow  # torchrun
 def test_a_killed_rank_fails_the_job_and_the_rerun_resumes_exactly(data, reference):
     out = data["root"] / "killed"
     config = job_config(data, out)
@@ -281,10 +283,12 @@ def test_a_killed_rank_fails_the_job_and_the_rerun_resumes_exactly(data, referen
     a = torch.load(out / "student.pt", weights_only=True)
     b = torch.load(reference["out"] / "student.pt", weights_only=True)
     assert a.keys() == b.keys() and all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a)
-    headers = [line for line in (out / JOB_LOG).read_text().splitlines() if line.startswith("==== ") and "attempt" in line]
+    headers = [line for line in (out / JOB_LOG).read_text().splitlines()
+               if line.startswith("==== ") and "attempt" in line]
     assert len(headers) == 2  # the killed attempt and the rerun, one log
 
 
+@pytest.mark.slow  # torchrun
 def test_sigterm_to_torchrun_checkpoints_and_stops(data):
     """A scheduler stopping the job: torchrun passes SIGTERM to each rank's whole process group. The
     ranks stop at the next step with a checkpoint there; their DataLoader workers, out of that group,
@@ -302,7 +306,8 @@ def test_sigterm_to_torchrun_checkpoints_and_stops(data):
     job.thread.join(90)
     assert not job.thread.is_alive() and isinstance(job.error, DistillJobError)
     first = str(job.error).splitlines()[0]
-    match = re.fullmatch(rf"distill: interrupted: stopped at step (\d+); checkpoint in {out / 'checkpoint.pt'} .*", first)
+    checkpoint = out / "checkpoint.pt"
+    match = re.fullmatch(rf"distill: interrupted: stopped at step (\d+); checkpoint in {checkpoint} .*", first)
     assert match, first
     log = (out / JOB_LOG).read_text()
     assert "killed by signal" not in log and not re.search(r"\[rank\d\]: Traceback", log)  # no rank crashed
@@ -311,6 +316,7 @@ def test_sigterm_to_torchrun_checkpoints_and_stops(data):
     assert not any(alive(pid) for pid in ranks.values())
 
 
+@pytest.mark.slow  # torchrun
 def test_a_hung_rank_is_caught_by_the_collective_timeout(data):
     out = data["root"] / "hung"
     config = job_config(data, out, collective_timeout_s=5)

@@ -15,10 +15,31 @@ import pytest
 
 from curation.workspace import Workspace, atomic_path, temporary_name
 
-from .faultkit import (CORRUPTIONS, STAGES, STORAGE_FAULTS, Baseline, CrawlBaseline, ImageServer, Inputs,
-                       corrupt_catalog, crawl_storage_fault, import_seconds, kill_crawl, kill_stage, leftovers,
-                       records_match_files, run_cli, score_while_querying, stage_args, storage_fault, two_ingests,
-                       two_selects, workspace_digest)
+from .faultkit import (
+    CORRUPTIONS,
+    STAGES,
+    STORAGE_FAULTS,
+    Baseline,
+    CrawlBaseline,
+    ImageServer,
+    Inputs,
+    corrupt_catalog,
+    crawl_storage_fault,
+    import_seconds,
+    kill_crawl,
+    kill_stage,
+    leftovers,
+    records_match_files,
+    run_cli,
+    score_while_querying,
+    stage_args,
+    storage_fault,
+    two_ingests,
+    two_selects,
+    workspace_digest,
+)
+
+pytestmark = pytest.mark.slow  # every test kills or starves a real pipeline run (minutes)
 
 
 @pytest.fixture(scope="module")

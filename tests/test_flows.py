@@ -2,7 +2,6 @@
 against the failure fraction, and the Dask runner giving the local runner's results."""
 import json
 
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -11,6 +10,8 @@ from curation import catalog
 from curation.workspace import Workspace
 from flows.pipeline import PipelineConfigError, curation_flow, load_pipeline_config, pipeline_flow
 from flows.stages import StageFailed, ingest_flow
+
+pytestmark = pytest.mark.slow  # Prefect flows end to end, on a trained teacher
 
 TEACHER_EMBEDDER = "tests.models_for_tests:thumbnail"
 
@@ -43,11 +44,13 @@ def test_pipeline_runs_two_rounds_and_records_them(prefect_server, small_crawl, 
     assert [r["round"] for r in result["rounds"]] == [1, 2]
     for r in result["rounds"]:  # 120 crawled samples plus the round's synthetic set
         assert r["synthetic"]["size"] > 0 and r["selection"]["size"] == 120 + r["synthetic"]["size"]
-    students = catalog.query(ws, "SELECT name, selection, loss, eval_accuracy, checkpoint FROM students ORDER BY name").to_pylist()
+    students = catalog.query(ws, "SELECT name, selection, loss, eval_accuracy, checkpoint FROM students "
+                                 "ORDER BY name").to_pylist()
     assert [s["name"] for s in students] == ["t-round1", "t-round2"]
     assert all(s["loss"] == "kd" and 0 <= s["eval_accuracy"] <= 1 for s in students)
     # round 2 re-scored the pool with round 1's student: agreement and KD^3 columns exist
-    agree = catalog.query(ws, "SELECT count(agreement) AS a, count(*) AS n FROM scores WHERE run = 't-round2'").to_pylist()[0]
+    agree = catalog.query(ws, "SELECT count(agreement) AS a, count(*) AS n FROM scores "
+                              "WHERE run = 't-round2'").to_pylist()[0]
     assert agree["a"] == agree["n"] > 0
     assert catalog.query(ws, "SELECT count(*) AS n FROM scores WHERE run = 't-round1' AND agreement IS NOT NULL"
                          ).column("n")[0].as_py() == 0
@@ -135,8 +138,8 @@ def test_crawl_flow_then_ingest_flow_from_a_local_server(prefect_server, tmp_pat
     try:
         base = f"http://127.0.0.1:{server.server_address[1]}"
         urls = tmp_path / "urls.csv"
-        urls.write_text("url,caption\n" + "".join(f"{base}/{n},image {n}\n" for n in
-                                                    ["0.png", "1.png", "2.png", "3.png", "4.png", "page.png", "missing.png"]))
+        names = ["0.png", "1.png", "2.png", "3.png", "4.png", "page.png", "missing.png"]
+        urls.write_text("url,caption\n" + "".join(f"{base}/{n},image {n}\n" for n in names))
         out = tmp_path / "crawl"
         result = crawl_flow(str(urls), str(out), {"shard_size": 4, "allow_private": True, "timeout_s": 5})
         assert result["shards"] == 2 and result["successes"] == 5 and result["failures"] == 2

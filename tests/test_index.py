@@ -16,8 +16,20 @@ from curation import catalog
 from curation.dup_verify import MAX_RESIDUAL, PixelCheckError, load_thumbnails, pair_residuals, thumbnail
 from curation.embed import embed
 from curation.embedders import EmbedderError, make_embedder
-from curation.index import (BadIndexConfig, IndexConfig, build_index, kmeans_clusters, knn_score, leader_clusters,
-                            make_index, near_duplicates, search, similar_pairs, top_k_per_sample, vectors_of)
+from curation.index import (
+    BadIndexConfig,
+    IndexConfig,
+    build_index,
+    kmeans_clusters,
+    knn_score,
+    leader_clusters,
+    make_index,
+    near_duplicates,
+    search,
+    similar_pairs,
+    top_k_per_sample,
+    vectors_of,
+)
 from curation.ingest import ingest
 from curation.select import SelectConfig, select
 from curation.workspace import Workspace
@@ -73,7 +85,8 @@ def dup_crawl(tmp_path_factory):
 
 
 def _clusters(ws: Workspace) -> dict[str, str]:
-    rows = catalog.query(ws, f"SELECT key, cluster_id FROM dups JOIN samples USING (sample_id) WHERE embedder = '{EMB}'")
+    rows = catalog.query(ws, "SELECT key, cluster_id FROM dups JOIN samples USING (sample_id) "
+                             f"WHERE embedder = '{EMB}'")
     return {r["key"]: r["cluster_id"] for r in rows.to_pylist()}
 
 
@@ -98,14 +111,17 @@ def test_planted_duplicates_are_recovered(dup_crawl):
     assert precision > 0.95 and recall > 0.95, (precision, recall)
     assert summary["clusters"] == 300
     # identical bytes always share a cluster, and each cluster has exactly one representative
-    same_bytes = catalog.query(ws, "SELECT sha256, count(DISTINCT cluster_id) AS n FROM samples JOIN dups USING (sample_id) "
+    same_bytes = catalog.query(ws, "SELECT sha256, count(DISTINCT cluster_id) AS n "
+                                   "FROM samples JOIN dups USING (sample_id) "
                                    "GROUP BY sha256 HAVING count(*) > 1").to_pylist()
     assert same_bytes and all(r["n"] == 1 for r in same_bytes)
     reps = catalog.query(ws, "SELECT cluster_id, count(*) FILTER (WHERE is_representative) AS reps, "
-                             "bool_or(is_representative AND sample_id = cluster_id) AS named FROM dups GROUP BY ALL").to_pylist()
+                             "bool_or(is_representative AND sample_id = cluster_id) AS named "
+                             "FROM dups GROUP BY ALL").to_pylist()
     assert len(reps) == 300 and all(r["reps"] == 1 and r["named"] for r in reps)
 
 
+@pytest.mark.slow  # trains IVF and IVF-PQ indexes
 def test_ivf_and_ivfpq_paths_match_the_exact_clusters(dup_crawl):
     ws, family = dup_crawl
     exact = IndexConfig(dup_threshold=0.9)
@@ -268,7 +284,8 @@ def test_knn_kmeans_and_knn_scores(dup_crawl):
     result = kmeans_clusters(ws, EMB, IndexConfig(kmeans_k=5))
     assert result["k"] == 5 and sum(result["sizes"]) == 340
     catalog.refresh(ws)
-    assert catalog.query(ws, "SELECT count(DISTINCT cluster) AS k, count(*) AS n FROM clusters").to_pylist() == [{"k": 5, "n": 340}]
+    counts = catalog.query(ws, "SELECT count(DISTINCT cluster) AS k, count(*) AS n FROM clusters").to_pylist()
+    assert counts == [{"k": 5, "n": 340}]
 
     ref = vectors_of(ws, EMB, [near_id])
     knn_score(ws, EMB, "near_0301", ref, k=1)
@@ -278,6 +295,7 @@ def test_knn_kmeans_and_knn_scores(dup_crawl):
     assert {family[r["key"]] for r in top} == {family[near_key]}
 
 
+@pytest.mark.slow  # a dozen CLI processes, each loading torch
 def test_knn_and_knn_score_from_the_command_line(dup_crawl, tmp_path):
     ws, family = dup_crawl
     build_index(ws, EMB, IndexConfig())
@@ -322,7 +340,8 @@ def test_open_clip_embedder_loads_a_user_checkpoint(dup_crawl, tmp_path):
     got = embedder.encode_images(x)
     model.eval()
     with torch.no_grad():
-        norm = (x.float() / 255 - torch.tensor(embedder.mean).view(1, 3, 1, 1)) / torch.tensor(embedder.std).view(1, 3, 1, 1)
+        mean, std = torch.tensor(embedder.mean).view(1, 3, 1, 1), torch.tensor(embedder.std).view(1, 3, 1, 1)
+        norm = (x.float() / 255 - mean) / std
         want = torch.nn.functional.normalize(model.encode_image(norm), dim=-1)
     assert torch.allclose(got, want, atol=1e-5)
     text = embedder.encode_text(["a photo of the digit 3", "a shoe"])
@@ -353,6 +372,7 @@ def _look_alike_workspace(root):
     return Workspace(root), source, originals, near
 
 
+@pytest.mark.slow  # a pool built to be quadratic
 def test_a_pool_of_look_alikes_costs_the_cap_not_the_square(tmp_path):
     ws, source, originals, near = _look_alike_workspace(tmp_path / "ws")
     images, tight = len(np.unique(source)), source < 2700  # rows 0..2699 are the tight cluster
@@ -400,6 +420,7 @@ def test_the_pixel_check_keeps_its_clusters_when_every_pair_is_a_candidate(dup_c
     assert capped == 340
 
 
+@pytest.mark.slow  # embeds and indexes twice
 def test_dedup_without_an_index_keeps_one_sample_per_sha256(tmp_path):
     images = [encode(noise_image(seed), "PNG") for seed in range(4)]
     with_copies = [{"__key__": f"k{i}", "png": images[i % 4]} for i in range(7)]  # k4, k5, k6 copy k0, k1, k2

@@ -5,7 +5,7 @@ import inspect
 import re
 import sys
 import tomllib
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -263,10 +263,10 @@ def test_prefect_yaml_crons_parse_and_fire_when_expected():
     from prefect.cli.deploy._schedules import _schedule_config_to_deployment_schedule
     from prefect.client.schemas.schedules import CronSchedule
 
-    start = datetime(2025, 1, 1, tzinfo=timezone.utc)  # a Wednesday, 00:00 UTC
-    expected_next = {"flows/crawl_flow.py:crawl_config_flow": datetime(2025, 1, 1, 2, tzinfo=timezone.utc),
-                     "flows/pipeline.py:curation_flow": datetime(2025, 1, 1, 3, tzinfo=timezone.utc),
-                     "flows/pipeline.py:pipeline_flow": datetime(2025, 1, 5, 5, tzinfo=timezone.utc)}  # Sunday
+    start = datetime(2025, 1, 1, tzinfo=UTC)  # a Wednesday, 00:00 UTC
+    expected_next = {"flows/crawl_flow.py:crawl_config_flow": datetime(2025, 1, 1, 2, tzinfo=UTC),
+                     "flows/pipeline.py:curation_flow": datetime(2025, 1, 1, 3, tzinfo=UTC),
+                     "flows/pipeline.py:pipeline_flow": datetime(2025, 1, 5, 5, tzinfo=UTC)}  # Sunday
     for d in prefect_deployments():
         [config] = d["schedules"]
         schedule = _schedule_config_to_deployment_schedule(config)["schedule"]

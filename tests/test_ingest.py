@@ -65,7 +65,8 @@ def test_handmade_shard_exact_counts_and_reasons(tmp_path):
 
 
 def test_truncated_tar_keeps_readable_samples(tmp_path):
-    samples = [{"__key__": f"{i:03d}", "jpg": encode(noise_image(i, (96, 96)), "JPEG", quality=95), "json": meta(f"{i:03d}")}
+    samples = [{"__key__": f"{i:03d}", "jpg": encode(noise_image(i, (96, 96)), "JPEG", quality=95),
+                "json": meta(f"{i:03d}")}
                for i in range(10)]
     path = write_tar(tmp_path / "cut.tar", samples)
     with tarfile.open(path) as tar:
@@ -76,7 +77,8 @@ def test_truncated_tar_keeps_readable_samples(tmp_path):
     summary = ingest(ws, [str(path)], workers=1, progress=False)
     assert summary.accepted == 6 and not summary.failed
     catalog.refresh(ws)
-    assert catalog.query(ws, "SELECT key, reason FROM rejects").to_pylist() == [{"key": "006", "reason": "truncated_tar"}]
+    rejects = catalog.query(ws, "SELECT key, reason FROM rejects").to_pylist()
+    assert rejects == [{"key": "006", "reason": "truncated_tar"}]
 
 
 def test_garbage_file_named_tar_is_one_reject_not_a_crash(tmp_path):
@@ -87,7 +89,8 @@ def test_garbage_file_named_tar_is_one_reject_not_a_crash(tmp_path):
     summary = ingest(ws, [str(bad), str(good)], workers=2, progress=False)
     assert summary.accepted == 4 and not summary.failed
     catalog.refresh(ws)
-    assert catalog.query(ws, "SELECT reason FROM rejects WHERE shard = 'garbage'").to_pylist() == [{"reason": "truncated_tar"}]
+    rejects = catalog.query(ws, "SELECT reason FROM rejects WHERE shard = 'garbage'").to_pylist()
+    assert rejects == [{"reason": "truncated_tar"}]
 
 
 def test_demo_crawl_matches_ground_truth(small_crawl, tmp_path):
@@ -111,10 +114,12 @@ def test_demo_crawl_matches_ground_truth(small_crawl, tmp_path):
     assert got == planted
     # every planted exact duplicate whose original was accepted shares its sha256
     pairs = con.sql("""SELECT a.sha256 = b.sha256 FROM truth t
-        JOIN samples a ON a.key = t.key JOIN samples b ON b.key = t.duplicate_of WHERE t.dup_kind = 'exact'""").fetchall()
+        JOIN samples a ON a.key = t.key JOIN samples b ON b.key = t.duplicate_of
+        WHERE t.dup_kind = 'exact'""").fetchall()
     assert pairs and all(p for (p,) in pairs)
     near = con.sql("""SELECT a.sha256 <> b.sha256 FROM truth t
-        JOIN samples a ON a.key = t.key JOIN samples b ON b.key = t.duplicate_of WHERE t.dup_kind = 'near'""").fetchall()
+        JOIN samples a ON a.key = t.key JOIN samples b ON b.key = t.duplicate_of
+        WHERE t.dup_kind = 'near'""").fetchall()
     assert near and all(p for (p,) in near)
 
 
@@ -139,7 +144,8 @@ def test_rerun_is_idempotent_and_new_shards_are_incremental(small_crawl, tmp_pat
     from curation.validate import ValidationConfig
     redo = ingest(ws, [str(crawl / "00000.tar")], ValidationConfig(min_side=200), workers=1, progress=False)
     assert redo.skipped == 0
-    assert catalog.query(ws, "SELECT count(*) = count(DISTINCT sample_id) AS ok FROM samples").to_pylist() == [{"ok": True}]
+    unique = catalog.query(ws, "SELECT count(*) = count(DISTINCT sample_id) AS ok FROM samples").to_pylist()
+    assert unique == [{"ok": True}]
 
 
 def test_sample_ids_are_stable_across_locations(small_crawl, tmp_path):
@@ -176,7 +182,8 @@ def test_shards_over_http_and_brace_patterns(small_crawl, tmp_path):
 
 def test_missing_and_colliding_shards(small_crawl, tmp_path):
     ws = Workspace(tmp_path / "ws")
-    summary = ingest(ws, [str(tmp_path / "nope.tar"), str(small_crawl / "crawl" / "00000.tar")], workers=1, progress=False)
+    summary = ingest(ws, [str(tmp_path / "nope.tar"), str(small_crawl / "crawl" / "00000.tar")],
+                     workers=1, progress=False)
     assert summary.missing == [str(tmp_path / "nope.tar")] and len(summary.shards) == 1
     other = tmp_path / "other"
     other.mkdir()
@@ -187,6 +194,7 @@ def test_missing_and_colliding_shards(small_crawl, tmp_path):
     assert [r.shard for r in s.shards] == ["other-00000"]
 
 
+@pytest.mark.slow  # an ingest killed midway, then rerun
 def test_sigkill_midway_then_rerun_loses_and_duplicates_nothing(small_crawl, tmp_path):
     # `pipe:` shards that wait before streaming: slow enough to be killed between shards
     parts = tmp_path / "parts"

@@ -112,6 +112,7 @@ def peak_rss():
     assert grew < 300 * 1024, f"fuzzing grew the peak RSS by {grew} KiB"
 
 
+@pytest.mark.slow  # fuzzing
 @settings(FUZZ, max_examples=40)
 @given(tar=hostile_tar())
 def test_every_member_of_a_mutated_tar_is_accounted_for(tar, peak_rss):
@@ -141,6 +142,7 @@ def sandbox():
         yield box
 
 
+@pytest.mark.slow  # fuzzing
 @settings(FUZZ, max_examples=120)
 @given(data=image_bytes())
 def test_a_mutated_image_is_decoded_or_refused_with_a_reason(data, sandbox, peak_rss):

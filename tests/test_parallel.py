@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 
 from curation.errors import WorkerDied
 from curation.ingest import ingest
@@ -54,6 +55,7 @@ def _spawned_workers(pid: int) -> list[psutil.Process]:
     return out
 
 
+@pytest.mark.slow  # a real ingest whose worker is killed
 def test_ingest_survives_a_worker_killed_from_outside(tmp_path):
     specs = _slow_shards(tmp_path, 4, 0.5)
     killed = []
@@ -76,6 +78,7 @@ def test_ingest_survives_a_worker_killed_from_outside(tmp_path):
     assert summary.accepted == 12 and summary.rejected == 0
 
 
+@pytest.mark.slow  # a parent process killed under its workers
 def test_workers_die_with_their_parent_and_commit_nothing_after(tmp_path):
     specs = _slow_shards(tmp_path, 10, 1.0)
     ws = tmp_path / "ws"

@@ -9,8 +9,14 @@ import pytest
 from scipy.stats import chisquare
 
 from curation.errors import WebdistillError
-from curation.policies import (PolicyError, PolicyStep, apply_policies, expressions, parse_policy,
-                               policy_expression_column)
+from curation.policies import (
+    PolicyError,
+    PolicyStep,
+    apply_policies,
+    expressions,
+    parse_policy,
+    policy_expression_column,
+)
 
 
 def frame(**columns) -> pd.DataFrame:
@@ -91,7 +97,7 @@ def test_expression_columns_are_stable_sql_names_duckdb_accepts():
     assert name != policy_expression_column("least(msp, energy)")
     assert name.startswith("_expr_") and name.isidentifier()
     # the select stage evaluates each expression in DuckDB under that name; the policy finds it
-    candidates = frame(msp=[0.1, 0.9, 0.5], energy=[0.8, 0.2, 0.3])  # DuckDB reads this frame by name
+    candidates = frame(msp=[0.1, 0.9, 0.5], energy=[0.8, 0.2, 0.3])  # noqa: F841 - DuckDB reads this frame by name
     computed = duckdb.sql(f"SELECT *, greatest(msp, energy) AS {name} FROM candidates").df()
     assert ids(select(computed, "topk:k=2;by=greatest(msp, energy)")) == ["s000", "s001"]
     with pytest.raises(PolicyError, match="empty score expression"):
@@ -150,7 +156,8 @@ def test_dedup_refuses_candidates_without_near_duplicate_clusters():
 
 def test_dedup_falls_back_on_sha256_without_clusters_and_says_so():
     hashes = ["h1", "h2", "h1", "h3", "h2", None]
-    for no_clusters in (dup_frame().iloc[:6].drop(columns=["cluster_id"]), dup_frame().iloc[:6].assign(cluster_id=None)):
+    six = dup_frame().iloc[:6]
+    for no_clusters in (six.drop(columns=["cluster_id"]), six.assign(cluster_id=None)):
         df = no_clusters.drop(columns=["is_representative"]).assign(sha256=hashes)
         notes = []
         kept = apply_policies(df, parse_policy("dedup"), notes=notes)

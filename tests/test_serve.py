@@ -10,12 +10,15 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 import yaml
 
 from curation import catalog
 from curation.workspace import Workspace
 
 from .conftest import ROOT
+
+pytestmark = pytest.mark.slow  # a Prefect server and a served deployment run to completion
 
 PREFECT = str(Path(sys.executable).parent / "prefect")
 
@@ -95,7 +98,8 @@ def test_serve_registers_a_cron_deployment_that_runs_to_completion(tmp_path, sma
         final = _wait(finished, 300, "the flow run", serve)
         assert final == "COMPLETED", (tmp_path / "serve.log").read_text()[-3000:]
         ws = Workspace(tmp_path / "ws")
-        assert catalog.query(ws, "SELECT size FROM selections WHERE name = 'nightly-round1'").to_pylist() == [{"size": 50}]
+        sizes = catalog.query(ws, "SELECT size FROM selections WHERE name = 'nightly-round1'").to_pylist()
+        assert sizes == [{"size": 50}]
     finally:
         if serve is not None:
             _stop(serve)  # the serve process first, then the server it talks to

@@ -4,8 +4,8 @@ import pickle
 import pytest
 import torch
 
-from distill.models import mnist_teacher
 from distill.model_files import save_exported_program
+from distill.models import mnist_teacher
 from distill.spec import ModelSpecError, UntrustedModelCode, load_model
 
 from .conftest import run_cli
@@ -63,6 +63,7 @@ def test_unsafe_or_wrong_specs_are_refused(tmp_path):
         load_model("no.such.module:factory", trust_model_code=True)
 
 
+@pytest.mark.slow  # two CLI embed processes, each loading torch
 def test_bad_teacher_spec_on_the_command_line(tmp_path):
     for trust in ([], ["--trust-model-code"]):
         res = run_cli("embed", "-w", str(tmp_path), "--embedder", "teacher", "--teacher", "no.such:thing", *trust)

@@ -18,8 +18,16 @@ from torch import nn
 from curation.errors import WebdistillError
 from curation.ingest import ingest
 from curation.score import ScoreConfig, score
-from curation.synthesize import (CVAE, SynthConfig, initial_offsets, keep_confident, latent_search,
-                                 prior_radius, synthesize, train_cvae)
+from curation.synthesize import (
+    CVAE,
+    SynthConfig,
+    initial_offsets,
+    keep_confident,
+    latent_search,
+    prior_radius,
+    synthesize,
+    train_cvae,
+)
 from curation.workspace import Workspace
 from distill.preprocess import image_to_tensor
 from distill.spec import load_model
@@ -188,7 +196,8 @@ def scored_ws(tmp_path_factory, teacher_spec) -> Workspace:
         write_tar(root / "crawl" / f"{shard:05d}.tar", samples)
     ws = Workspace(root / "ws")
     ingest(ws, [str(root / "crawl")], workers=1, progress=False)
-    score(ws, ScoreConfig(teacher=teacher_spec, name="s0", batch_size=64, workers=0, odin=False, trust_model_code=True), progress=False)
+    score(ws, ScoreConfig(teacher=teacher_spec, name="s0", batch_size=64, workers=0, odin=False, trust_model_code=True),
+          progress=False)
     return ws
 
 
@@ -251,7 +260,8 @@ def test_rerun_is_idempotent_and_a_new_config_replaces_the_set(scored_ws, teache
     manifest, samples = read_back(changed.path)
     assert manifest["total"] == len(samples) == 8 and manifest["counts_per_class"] == {"0": 2, "1": 2, "2": 2, "3": 2}
     assert sorted(p.name for p in changed.path.glob("*.tar")) == ["syn-000000.tar"]  # the old shards are gone
-    assert sorted(p.name for p in (scored_ws.root / "synthetic").iterdir()) == [".lock-syn", "syn"]  # no temporary folder left
+    # no temporary folder left
+    assert sorted(p.name for p in (scored_ws.root / "synthetic").iterdir()) == [".lock-syn", "syn"]
 
 
 def _one_line_error(fn) -> str:
@@ -268,8 +278,8 @@ def test_bad_inputs_raise_one_line_errors(tmp_path, scored_ws, teacher_spec):
                                                                    progress=False))
     assert "no scored pool" in _one_line_error(lambda: synthesize(scored_ws, config(teacher_spec, score_run="nope"),
                                                                    progress=False))
-    assert "scoring run name '../ws' is not allowed" in _one_line_error(lambda: synthesize(scored_ws, config(teacher_spec, score_run="../ws"),
-                                                                    progress=False))
+    assert "scoring run name '../ws' is not allowed" in _one_line_error(
+        lambda: synthesize(scored_ws, config(teacher_spec, score_run="../ws"), progress=False))
     assert "rank_by" in _one_line_error(lambda: synthesize(scored_ws, config(teacher_spec, rank_by="url"),
                                                            progress=False))
     assert "name" in _one_line_error(lambda: synthesize(scored_ws, config(teacher_spec, name="../x"), progress=False))

@@ -11,8 +11,8 @@ import hashlib
 import io
 import json
 import os
-import signal
 import random
+import signal
 import subprocess
 import threading
 import time
@@ -154,6 +154,7 @@ def two_process_run(data) -> dict:
     return {"out": out, "summary": summary}
 
 
+@pytest.mark.slow  # torchrun
 def test_two_process_run_learns_from_the_stored_logits(two_process_run):
     summary, out = two_process_run["summary"], two_process_run["out"]
     steps_per_epoch = 400 // 2 // 16  # manifest total // world size // batch size
@@ -183,6 +184,7 @@ def alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow  # torchrun
 def test_resume_after_sigkill_follows_the_uninterrupted_trajectory(data, two_process_run):
     out = data["root"] / "runs" / "killed"
     config = job_config(data, out)

@@ -123,7 +123,8 @@ def test_cli_allow_network_opens_the_named_network_and_its_redirects(server, tmp
     assert rc == 0 and [r["status"] for r in rows] == ["success"] * 2  # /hop followed to /a.png
     assert (hits["/a.png"], hits["/hop"]) == (2, 1)
 
-    rc, rows = crawl_rows(tmp_path, "neighbour", base, "--allow-network", "127.0.0.2/32", "--allow-network", "fe80::/10")
+    rc, rows = crawl_rows(tmp_path, "neighbour", base,
+                          "--allow-network", "127.0.0.2/32", "--allow-network", "fe80::/10")
     assert [r["error_kind"] for r in rows] == ["blocked_address"] * 2 and (hits["/a.png"], hits["/hop"]) == (2, 1)
 
     rc, rows = crawl_rows(tmp_path, "private", base, "--allow-private")

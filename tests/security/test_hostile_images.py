@@ -15,8 +15,7 @@ from curation.decode_sandbox import DecodeSandbox
 from curation.validate import Rejected, ValidationConfig, validate_image
 
 from ..conftest import encode, noise_image
-from ..hostile_inputs import (gif_header_lie, jpeg_cut_with_eoi, jpeg_header_lie, jpeg_many_scans,
-                              png_short_stream)
+from ..hostile_inputs import gif_header_lie, jpeg_cut_with_eoi, jpeg_header_lie, jpeg_many_scans, png_short_stream
 
 CFG = ValidationConfig()
 PHOTO = noise_image(5, (64, 64))
@@ -67,7 +66,8 @@ def test_look_alikes_of_padding_are_accepted():
         "jpeg, all grey 2000x1500": (encode(np.full((1500, 2000), 128, np.uint8), "JPEG"), "accepted 2000x1500"),
         "png, black bottom rows": (encode(black_bottom, "PNG"), "accepted 64x64"),
         "png, all black 1500x1500": (encode(np.zeros((1500, 1500, 3), np.uint8), "PNG"), "accepted 1500x1500"),
-        "gif, flat 2000x2000 (LZW at its best)": (encode(np.zeros((2000, 2000), np.uint8), "GIF"), "accepted 2000x2000"),
+        "gif, flat 2000x2000 (LZW at its best)": (encode(np.zeros((2000, 2000), np.uint8), "GIF"),
+                                                  "accepted 2000x2000"),
         "jpeg, 10 progressive scans": (encode(PHOTO, "JPEG", progressive=True), "accepted 64x64"),
     }
     assert {k: outcome(data)[0] for k, (data, _) in cases.items()} == {k: want for k, (_, want) in cases.items()}

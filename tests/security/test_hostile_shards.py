@@ -11,6 +11,7 @@ import tarfile
 import textwrap
 
 import pyarrow.parquet as pq
+import pytest
 
 from curation.ingest import ingest
 from curation.shards import expand_shards, printable
@@ -31,6 +32,7 @@ def rows(ws: Workspace, shard: str) -> tuple[dict, dict]:
     return samples, rejects
 
 
+@pytest.mark.slow  # six GiB-sized shards, and an ingest process of its own
 def test_gigabyte_members_are_refused_from_their_header_without_reading_them(tmp_path):
     crawl = tmp_path / "crawl"
     good_after = [("001.jpg", GOOD), ("001.json", meta("001"))]
@@ -43,14 +45,14 @@ def test_gigabyte_members_are_refused_from_their_header_without_reading_them(tmp
     huge_member_tar(crawl / "pax.tar", GiB, after=good_after, name="././@PaxHeader", kind=tarfile.XHDTYPE)
     listing = sorted(p.name for p in crawl.iterdir())
     # peak RSS of the ingest itself, in a process of its own, above what its imports cost
-    script = textwrap.dedent(f"""
+    script = textwrap.dedent("""
         import json, resource, sys
         from curation.ingest import ingest
         from curation.workspace import Workspace
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         s = ingest(Workspace(sys.argv[1]), [sys.argv[2]], workers=1, progress=False)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        print(json.dumps({{"grew_kib": peak - base, "failed": s.failed, "accepted": s.accepted}}))
+        print(json.dumps({"grew_kib": peak - base, "failed": s.failed, "accepted": s.accepted}))
     """)
     ws = Workspace(tmp_path / "ws")
     out = subprocess.run([sys.executable, "-c", script, str(ws.root), str(crawl)], capture_output=True, text=True,
@@ -164,6 +166,7 @@ def test_too_many_members_in_a_shard_stop_the_read_with_one_row(tmp_path):
     assert rejects == {"004.jpg": "too_many_members"}
 
 
+@pytest.mark.slow  # two CLI ingests
 def test_non_files_named_tar_are_refused_without_being_opened(tmp_path):
     crawl = tmp_path / "crawl"
     write_tar(crawl / "good.tar", [{"__key__": "000", "jpg": GOOD}])

@@ -11,7 +11,6 @@ import pickle
 import struct
 import zipfile
 from pathlib import Path
-from typing import Tuple
 
 import pytest
 import torch
@@ -43,11 +42,11 @@ class SetStateWrites(nn.Module):
         self.marker = marker
 
     @torch.jit.export
-    def __getstate__(self) -> Tuple[str, bool]:
+    def __getstate__(self) -> tuple[str, bool]:
         return (self.marker, self.training)
 
     @torch.jit.export
-    def __setstate__(self, state: Tuple[str, bool]) -> None:
+    def __setstate__(self, state: tuple[str, bool]) -> None:
         self.marker = state[0]
         written = torch.from_file(self.marker, shared=True, size=8).numel()
         self.training = state[1] if written >= 0 else False
@@ -168,10 +167,12 @@ def test_torchscript_runs_only_with_trust(tmp_path, workspace, capsys):
         with pytest.raises(EmbedderError, match="TorchScript"):
             make_embedder("teacher", teacher=spec, device="cpu")
         with pytest.raises(ScoreError, match="TorchScript"):
-            score(workspace, ScoreConfig(teacher="distill.models:tiny_student", student=spec, name="ts"), progress=False)
+            score(workspace, ScoreConfig(teacher="distill.models:tiny_student", student=spec, name="ts"),
+                  progress=False)
     with pytest.raises(ModelSpecError, match="not a state_dict"):  # as weights: never handed to torch.jit.load
         load_model(f"distill.models:tiny_student@{specs[0]}")
-    code, err = cli(capsys, "score", "-w", str(workspace.root), "--teacher", specs[0], "--name", "ts", "--device", "cpu")
+    code, err = cli(capsys, "score", "-w", str(workspace.root), "--teacher", specs[0], "--name", "ts",
+                    "--device", "cpu")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "--trust-model-code" in err, err
     code, err = cli(capsys, "embed", "-w", str(workspace.root), "--embedder", "teacher", "--teacher", specs[1])
     assert code == 2 and len(err.strip().splitlines()) == 1 and "--trust-model-code" in err, err
@@ -206,7 +207,8 @@ def test_factories_outside_the_allowlist_need_trust(tmp_path, workspace, capsys)
             build_student(factory, 10)
     assert not MARKERS["factory"].exists()
     # through the CLI: os:abort would kill the process (exit -6), code:interact would wait on stdin
-    code, err = cli(capsys, "score", "-w", str(workspace.root), "--teacher", str(tmp_path / "spec0.json"), "--name", "f")
+    code, err = cli(capsys, "score", "-w", str(workspace.root), "--teacher", str(tmp_path / "spec0.json"),
+                    "--name", "f")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "'os'" in err and "--trust-model-code" in err, err
     code, err = cli(capsys, "synthesize", "-w", str(workspace.root), "--teacher", "code:interact", "--name", "f")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "'code'" in err, err
@@ -285,10 +287,12 @@ def _hostile_programs(tmp_path: Path) -> dict[str, tuple[Path, Path]]:
         return edit
 
     def placeholder(p):  # fx writes placeholder names into the Python source of forward()
-        p["graph_module"]["graph"]["inputs"][-1]["as_tensor"]["name"] = f"x):\n import os; os.system('touch {m['misc']}')\n def f(y"
+        injected = f"x):\n import os; os.system('touch {m['misc']}')\n def f(y"
+        p["graph_module"]["graph"]["inputs"][-1]["as_tensor"]["name"] = injected
 
     def stack_trace(p):
-        _nodes(p)[0]["metadata"]["stack_trace"] = f'File "a\rimport os; os.system(\'touch {m["misc"]}\')#", line 1, in f\n  x'
+        injected = f'File "a\rimport os; os.system(\'touch {m["misc"]}\')#", line 1, in f\n  x'
+        _nodes(p)[0]["metadata"]["stack_trace"] = injected
 
     evil_sample = io.BytesIO()
     torch.save(((_Evil(m["sample"]),), {}), evil_sample)
@@ -452,7 +456,8 @@ def test_bad_specs_and_weights_are_one_typed_error(tmp_path, workspace, capsys):
     os.mkfifo(tmp_path / "fifo.pt2")
     (tmp_path / "zero.pt2").symlink_to("/dev/zero")
     specs += [str(tmp_path / n) for n in ("folder.json", "fifo.json", "fifo.pt2", "zero.pt2")] + [str(tmp_path)]
-    specs += [f"distill.models:mnist_teacher@{tmp_path / 'w.pt'}", f"distill.models:tiny_student@{tmp_path / 'fifo.pt2'}"]
+    specs += [f"distill.models:mnist_teacher@{tmp_path / 'w.pt'}",
+              f"distill.models:tiny_student@{tmp_path / 'fifo.pt2'}"]
 
     def wrong_arguments(program):  # passes the safety checks, does not deserialize
         _nodes(program)[0]["inputs"] = [{"name": "nope", "arg": {"as_int": 3}, "kind": 1}]
@@ -470,8 +475,8 @@ def test_bad_specs_and_weights_are_one_typed_error(tmp_path, workspace, capsys):
     # through the CLI: a FIFO does not hang it, a trusted non-module factory is one line
     proc = run_cli("score", "-w", str(workspace.root), "--teacher", str(tmp_path / "fifo.json"), "--name", "b")
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    code, err = cli(capsys, "score", "-w", str(workspace.root), "--teacher", "tests.security.test_model_files:not_a_module",
-                    "--trust-model-code", "--name", "b")
+    code, err = cli(capsys, "score", "-w", str(workspace.root),
+                    "--teacher", "tests.security.test_model_files:not_a_module", "--trust-model-code", "--name", "b")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "nn.Module" in err, err
     not_fitting = len(bad_json) + bad_values.index({"factory": "distill.models:mnist_teacher"})
     for i in (1, 4, not_fitting, -1):  # not an object, invalid JSON, weights that do not fit, a malformed .pt2

@@ -7,7 +7,6 @@ import hashlib
 import json
 import shutil
 
-import numpy as np
 import pytest
 
 from curation.errors import UnsafeName

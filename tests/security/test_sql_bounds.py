@@ -31,7 +31,8 @@ def ws(tmp_path_factory) -> Workspace:
     """A catalog over one scoring run whose rows hold list columns, NaN and infinity."""
     ws = Workspace(tmp_path_factory.mktemp("boundsws") / "ws")
     rows = [{"run": "r1", "sample_id": f"s{i}", "shard": "00000", "row": i, "decoded": True, "teacher_label": i,
-             "msp": [0.5, NAN, INF][i], "energy": [-1.0, -2.0, -INF][i], "teacher_logits": [[0.1, 2.0], [NAN, 1.0], None][i]}
+             "msp": [0.5, NAN, INF][i], "energy": [-1.0, -2.0, -INF][i],
+             "teacher_logits": [[0.1, 2.0], [NAN, 1.0], None][i]}
             for i in range(3)]
     write_parquet_atomic(pa.Table.from_pylist(rows, schema=schemas.SCORES), ws.owned("scores", "r1") / "00000.parquet")
     catalog.refresh(ws)

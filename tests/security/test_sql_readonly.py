@@ -12,7 +12,6 @@ from curation import catalog
 from curation.errors import SQLError, SQLRefused
 
 from ..conftest import run_cli
-from ..test_sql import outside, ws  # noqa: F401 - fixtures: an ingested workspace, a folder beside it
 
 
 def writing_variants(ws, outside) -> dict[str, str]:
@@ -37,7 +36,8 @@ def writing_variants(ws, outside) -> dict[str, str]:
         # SELECTs that write: data-modifying CTEs, anywhere in the tree
         "cte_insert": "WITH x AS (INSERT INTO runs (run_id) VALUES ('x') RETURNING *) SELECT * FROM x",
         "cte_delete": "WITH x AS (DELETE FROM runs RETURNING *) SELECT * FROM x",
-        "scalar_subquery_cte_update": "SELECT (WITH x AS (UPDATE runs SET stage = 'x' RETURNING stage) SELECT stage FROM x)",
+        "scalar_subquery_cte_update":
+            "SELECT (WITH x AS (UPDATE runs SET stage = 'x' RETURNING stage) SELECT stage FROM x)",
         "cte_copy": f"WITH x AS ({copy}) SELECT 1",
         # PIVOT: a statement of several parts
         "pivot": "PIVOT runs ON stage USING count(*)",
@@ -122,8 +122,9 @@ def test_every_writing_wrapping_is_refused(ws, outside):
     assert catalog.query(ws, "SELECT count(*) AS n FROM runs").to_pylist() == [{"n": 0}]
 
 
-@pytest.mark.parametrize("name", ["explain_analyze_copy", "explain_analyze_copy_catalog", "explain_options_with_comment",
-                                  "cte_insert", "query_copy", "copy_pivot", "two_statements_comments"])
+@pytest.mark.parametrize("name", ["explain_analyze_copy", "explain_analyze_copy_catalog",
+                                  "explain_options_with_comment", "cte_insert", "query_copy", "copy_pivot",
+                                  "two_statements_comments"])
 def test_cli_refuses_in_one_line_and_writes_nothing(ws, outside, name):
     before = snapshot(ws, outside)
     res = run_cli("sql", "-w", str(ws.root), writing_variants(ws, outside)[name])
@@ -147,7 +148,8 @@ READS = {
     "from_only": ("FROM rejects", lambda t: t.num_rows > 0),
     "cte": ("WITH r AS (SELECT reason FROM rejects) SELECT count(DISTINCT reason) AS n FROM r",
             lambda t: t.to_pylist()[0]["n"] >= 4),
-    "recursive_cte": ("WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r WHERE n < 5) SELECT max(n) AS m FROM r",
+    "recursive_cte": ("WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r WHERE n < 5) "
+                      "SELECT max(n) AS m FROM r",
                       lambda t: t.to_pylist() == [{"m": 5}]),
     "summarize": ("SUMMARIZE samples", lambda t: "column_name" in t.column_names),
     "describe": ("DESCRIBE samples", lambda t: "sample_id" in t.column("column_name").to_pylist()),

@@ -55,7 +55,8 @@ def same_samples(copy: Path, original: Path) -> bool:
 
 
 def shard_samples(prefix: str, n: int, seed: int) -> list[dict]:
-    return [{"__key__": f"{prefix}{i}", "png": encode(noise_image(seed + i, (24, 20)), "PNG"), "json": meta(f"{prefix}{i}")}
+    return [{"__key__": f"{prefix}{i}", "png": encode(noise_image(seed + i, (24, 20)), "PNG"),
+             "json": meta(f"{prefix}{i}")}
             for i in range(n)]
 
 
@@ -181,7 +182,8 @@ def test_embedding_and_dup_checks_flag_the_planted_shard_and_go_on(typed, tmp_pa
         assert not any(f for (shard, _), f in ok.items() if shard == "b") and len(ok) == 7
 
         located = [(row["shard_url"], row["key"], row["ext"])
-                   for shard in ("a", "b") for row in pq.read_table(ws.root / "samples" / f"{shard}.parquet").to_pylist()]
+                   for shard in ("a", "b")
+                   for row in pq.read_table(ws.root / "samples" / f"{shard}.parquet").to_pylist()]
         _, seen = load_thumbnails(located)
         assert seen.tolist() == [True] * 4 + [False] * 3, url
     assert not marker.exists()
