@@ -21,7 +21,8 @@ import duckdb
 import pyarrow as pa
 
 from . import schemas
-from .errors import CatalogBusy, CatalogCorrupt, WebdistillError, storage_error
+from .errors import CatalogBusy, CatalogCorrupt, WebdistillError, first_line, storage_error
+from .user_sql import sql_literal
 from .workspace import Workspace, discard, storage_errors, sweep_stale_temporaries, temporary_name
 
 
@@ -74,7 +75,7 @@ def catalog_error(ws: Workspace, exc: BaseException) -> WebdistillError | None:
         return storage
     text = str(exc).lower()
     if any(marker in text for marker in _CORRUPT):
-        return CatalogCorrupt(f"{ws.catalog_path} is corrupt ({str(exc).strip().splitlines()[0]})")
+        return CatalogCorrupt(f"{ws.catalog_path} is corrupt ({first_line(exc)})")
     return None
 
 
@@ -158,8 +159,8 @@ def _duckdb_types(schema: pa.Schema) -> list[tuple[str, str]]:
 
 def _view_sql(ws: Workspace, name: str, spec: ViewSpec) -> str:
     if any(ws.root.glob(spec.pattern)):
-        glob = str(ws.root / spec.pattern).replace("'", "''")
-        return f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM read_parquet('{glob}', union_by_name=true)"
+        glob = sql_literal(ws.root / spec.pattern)
+        return f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM read_parquet({glob}, union_by_name=true)"
     cols = ", ".join(f'CAST(NULL AS {t}) AS "{c}"' for c, t in _duckdb_types(spec.schema))
     return f"CREATE OR REPLACE VIEW {name} AS SELECT {cols} WHERE false"
 
@@ -212,21 +213,17 @@ def candidate_sources(ws: Workspace) -> dict:
             "knn": sorted(p.stem for p in ws.root.glob("knn_scores/*.parquet"))}
 
 
-def _quote(value: str | None) -> str:
-    return "NULL" if value is None else "'" + value.replace("'", "''") + "'"
-
-
 def _candidates_sql(src: dict) -> str:
     knn_cols = "".join(f', k{i}.knn_sim AS "knn_{n}"' for i, n in enumerate(src["knn"]))
-    knn_joins = "".join(f" LEFT JOIN (SELECT sample_id, knn_sim FROM knn_scores WHERE name = {_quote(n)}) k{i} USING (sample_id)"
+    knn_joins = "".join(f" LEFT JOIN (SELECT sample_id, knn_sim FROM knn_scores WHERE name = {sql_literal(n)}) k{i} USING (sample_id)"
                         for i, n in enumerate(src["knn"]))
     return f"""CREATE OR REPLACE VIEW candidates AS
         SELECT s.*, d.cluster_id, d.cluster_size, d.is_representative, c.cluster, c.centroid_sim,
                sc.* EXCLUDE (sample_id, shard, "row"){knn_cols}
         FROM samples s
-        LEFT JOIN (SELECT * FROM dups WHERE embedder = {_quote(src["dups_embedder"])}) d USING (sample_id)
-        LEFT JOIN (SELECT * FROM clusters WHERE embedder = {_quote(src["clusters_embedder"])}) c USING (sample_id)
-        LEFT JOIN (SELECT * FROM scores WHERE run = {_quote(src["score_run"])}) sc USING (sample_id){knn_joins}"""
+        LEFT JOIN (SELECT * FROM dups WHERE embedder = {sql_literal(src["dups_embedder"])}) d USING (sample_id)
+        LEFT JOIN (SELECT * FROM clusters WHERE embedder = {sql_literal(src["clusters_embedder"])}) c USING (sample_id)
+        LEFT JOIN (SELECT * FROM scores WHERE run = {sql_literal(src["score_run"])}) sc USING (sample_id){knn_joins}"""
 
 
 def record_run(ws: Workspace, stage: str, started_at: datetime, params: dict, summary: dict) -> str:

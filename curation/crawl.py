@@ -49,7 +49,7 @@ from aiohttp.abc import AbstractResolver
 from tqdm import tqdm
 from yarl import URL
 
-from .errors import StorageError, WebdistillError
+from .errors import StorageError, WebdistillError, first_line
 from .validate import Rejected, ValidationConfig, validate_image
 from .workspace import atomic_path, config_hash, read_parquet_metadata, storage_errors, write_parquet_atomic
 
@@ -177,7 +177,7 @@ def read_url_list(path: str | os.PathLike, url_col: str = "url", caption_col: st
     try:
         table = _read_table(path)
     except (pa.ArrowInvalid, OSError) as exc:
-        raise CrawlError(f"cannot read URL list {path}: {str(exc).splitlines()[0]}") from None
+        raise CrawlError(f"cannot read URL list {path}: {first_line(exc)}") from None
     if url_col not in table.column_names:
         raise CrawlError(f"URL list {path} has no {url_col!r} column (columns: {', '.join(table.column_names)})")
     urls = table.column(url_col).to_pylist()

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision import transforms
 
-from .errors import WebdistillError
+from .errors import WebdistillError, first_line
 from .workspace import Workspace, check_name
 
 MODEL_CONFIGS = Path(__file__).parent / "model_configs"  # our own open_clip configs (the demo's tiny CLIP)
@@ -130,7 +130,7 @@ class OpenClipEmbedder(Embedder):
                 model_name, pretrained=pretrained or None, device=device, weights_only=True)
         except RuntimeError as exc:  # an unknown tag, or a checkpoint that does not fit the model
             raise EmbedderError(f"cannot load open_clip {model_name} with pretrained={pretrained}: "
-                                f"{str(exc).splitlines()[0]}") from exc
+                                f"{first_line(exc)}") from exc
         finally:
             logging.disable(logging.NOTSET)
         self.model = model.eval()

@@ -1,11 +1,25 @@
-"""Typed errors. The CLI turns each into one line on stderr and a non-zero exit."""
+"""Typed errors, and the one line a user reads for any error. The CLI turns each into one line on
+stderr and a non-zero exit. Standard library only: distill's errors derive from these too."""
 import errno
 import os
 import re
 
 
 class WebdistillError(Exception):
-    """Base class for every error a user can cause and fix."""
+    """Base class for every error a user can cause and fix (curation's and distill's alike)."""
+
+
+def first_line(exc: BaseException, limit: int | None = None) -> str:
+    """The line a user reads for an error: its message's first line (its class name when it has no
+    message), cut to `limit` characters. A DataLoader worker's error arrives wrapped in the worker's
+    traceback ("Original Traceback"), whose last line holds the real message: that line it is."""
+    text = str(exc).strip()
+    if "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        line = last.split(": ", 1)[1] if ": " in last else last
+    else:
+        line = text.splitlines()[0] if text else exc.__class__.__name__
+    return line if limit is None else line[:limit]
 
 
 class ShardNotFound(WebdistillError):
@@ -84,7 +98,7 @@ def storage_error(exc: BaseException, path: object = None, writing: bool = False
         quoted = re.search(r'"([^"]+)"', text)  # DuckDB: Could not write file "/path": ...
         target = quoted.group(1) if quoted else None
     if target is None:
-        return StorageError(f"{what} ({text.strip().splitlines()[0]})")
+        return StorageError(f"{what} ({first_line(exc)})")
     ambiguous = what in ("permission denied", "operation not permitted") and not writing
     return StorageError((f"{what}: {target}" if ambiguous else f"{what} writing {target}") + note)
 

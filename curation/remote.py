@@ -24,7 +24,8 @@ from typing import Iterator
 import fsspec
 
 from .errors import WebdistillError
-from .workspace import atomic_path, inside
+from .files import atomic_path, is_remote  # noqa: F401 - is_remote: callers ask this module what is remote
+from .workspace import inside
 
 INDEX = "_index.json"
 CACHE = Path(os.environ.get("WEBDISTILL_CACHE", Path.home() / ".cache" / "webdistill"))
@@ -32,10 +33,6 @@ CACHE = Path(os.environ.get("WEBDISTILL_CACHE", Path.home() / ".cache" / "webdis
 
 class RemoteWorkspaceError(WebdistillError):
     """The remote workspace cannot be read or written."""
-
-
-def is_remote(path: str | os.PathLike | None) -> bool:
-    return isinstance(path, str) and "://" in path and not path.startswith("file://")
 
 
 def cache_dir(url: str) -> Path:
@@ -141,6 +138,8 @@ def push(url: str, root: Path, pulled: dict[str, str]) -> int:
 @contextmanager
 def synced(url: str) -> Iterator[Path]:
     """Pull the remote workspace into its mirror, yield the mirror's path, push what changed."""
+    if url.startswith("pipe:"):  # remote, but a command: never a place to keep a workspace
+        raise RemoteWorkspaceError(f"the workspace {url!r} is a pipe: command: give a folder or an fsspec URL")
     root = cache_dir(url)
     root.mkdir(parents=True, exist_ok=True)
     try:

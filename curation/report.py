@@ -20,10 +20,12 @@ def score_quality(ws: Workspace, truth: Path, ks: list[int], score_run: str | No
     every kNN score, for the ground truth's in_domain."""
     run = score_run or catalog.candidate_sources(ws)["score_run"]
     frame = catalog.query(ws, "SELECT sample_id, shard, key, COLUMNS('^knn_') FROM candidates").to_pandas()
-    scores = catalog.query(ws, f"SELECT * EXCLUDE (teacher_logits, shard) FROM scores WHERE run = '{run}'").to_pandas()
+    scores = catalog.query(ws, "SELECT * EXCLUDE (teacher_logits, shard) FROM scores WHERE run = $run",
+                           params={"run": run}).to_pandas()
     frame = frame.drop(columns=[c for c in frame.columns if c in scores.columns and c != "sample_id"])
     frame = frame.merge(scores, on="sample_id", how="left")
-    labels = duckdb.connect().execute(f"SELECT shard, key, in_domain FROM read_parquet('{truth}')").df()
+    labels = duckdb.connect().execute("SELECT shard, key, in_domain FROM read_parquet($truth)",
+                                      {"truth": str(truth)}).df()
     frame = frame.merge(labels, on=["shard", "key"], how="inner")
     y = frame["in_domain"].astype(bool).to_numpy()
     columns = [c for c in frame.columns if (c in SCORE_COLUMNS and c not in NOT_SCORES) or c.startswith("knn_")]

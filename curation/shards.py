@@ -33,6 +33,7 @@ from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext
 
 from .errors import ShardNotFound, ShardReadError, UnsafeShardURL
+from .files import is_remote
 from .validate import ValidationConfig
 from .workspace import atomic_path, check_name
 
@@ -75,7 +76,9 @@ def shard_name(url: str, source: str | None = None) -> str:
 
 
 def _is_url(spec: str) -> bool:
-    return "://" in spec or spec.startswith("pipe:")
+    """Not a bare path: a remote location or command, or a file:// URL (which fsspec reads, so that its
+    fingerprint stays fsspec's)."""
+    return is_remote(spec) or spec.startswith("file://")
 
 
 def _fingerprint(url: str) -> str:

@@ -26,7 +26,7 @@ from typing import Iterator
 import duckdb
 import pyarrow as pa
 
-from .errors import CatalogCorrupt, CatalogMissing, SQLError, SQLLimit, SQLRefused
+from .errors import CatalogCorrupt, CatalogMissing, SQLError, SQLLimit, SQLRefused, first_line
 from .workspace import Workspace, remove_tree
 
 USER_THREADS = 2
@@ -62,9 +62,10 @@ class Limits:
 USER_LIMITS = Limits(timeout_s=60.0, max_rows=100_000, max_bytes=256 * 2**20)
 
 
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else exc.__class__.__name__
+def sql_literal(value: object) -> str:
+    """`value` (a string or a path; None: NULL) as a SQL string literal. Only for the statements that
+    cannot take parameters (view DDL, SET): everything else passes values as query parameters."""
+    return "NULL" if value is None else "'" + str(value).replace("'", "''") + "'"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -264,13 +265,12 @@ def connect_readonly(ws: Workspace, temp_dir: Path | None = None,
         con = duckdb.connect(str(ws.catalog_path), read_only=True)
     except duckdb.Error as exc:
         raise _open_error(ws, exc) from exc
-    allowed = str(ws.root).replace("'", "''") + "/"
     settings = []
     if temp_dir is not None:  # before external access goes off: DuckDB refuses to change it after
-        settings += [f"SET temp_directory='{str(temp_dir).replace(chr(39), chr(39) * 2)}'",
+        settings += [f"SET temp_directory={sql_literal(temp_dir)}",
                      f"SET max_temp_directory_size='{int(limits.max_temp_bytes)}B'"]
     settings += [
-        f"SET allowed_directories=['{allowed}']",
+        f"SET allowed_directories=[{sql_literal(str(ws.root) + '/')}]",
         "SET enable_external_access=false",
         "SET autoinstall_known_extensions=false",
         "SET autoload_known_extensions=false",
@@ -346,14 +346,17 @@ def _failure(exc: BaseException, deadline: _Deadline, limits: Limits) -> Excepti
     return SQLError(message)
 
 
-def stream(ws: Workspace, sql: str, limits: Limits = Limits()) -> Iterator[pa.RecordBatch]:
+def stream(ws: Workspace, sql: str, limits: Limits = Limits(), params: dict | list | None = None
+           ) -> Iterator[pa.RecordBatch]:
     """Run read-only user SQL; yield its result in Arrow batches, within `limits`. Close the generator
-    (or read it out) to end the query: its connection and temp folder go with it."""
+    (or read it out) to end the query: its connection and temp folder go with it. `params` fill the
+    query's `$name` (a dict) or `?` (a list) placeholders: values from data (names, sample ids) go
+    there, never into the SQL text."""
     text = runnable(sql)
     with _session(ws, limits) as con, _Deadline(con, limits.timeout_s) as deadline:
         rows = nbytes = 0
         try:
-            reader = con.sql(text).to_arrow_reader(BATCH_ROWS)
+            reader = con.sql(text, params=params).to_arrow_reader(BATCH_ROWS)
         except (duckdb.Error, pa.ArrowException, OSError) as exc:
             raise _failure(exc, deadline, limits) from exc
         batches, seen = iter(reader), False
@@ -377,9 +380,10 @@ def stream(ws: Workspace, sql: str, limits: Limits = Limits()) -> Iterator[pa.Re
             yield batch
 
 
-def query(ws: Workspace, sql: str, limits: Limits = Limits()) -> pa.Table:
-    """Run read-only user SQL against the catalog and return an Arrow table (within `limits`)."""
-    with closing(stream(ws, sql, limits)) as results:
+def query(ws: Workspace, sql: str, limits: Limits = Limits(), params: dict | list | None = None) -> pa.Table:
+    """Run read-only user SQL against the catalog and return an Arrow table (within `limits`); `params`
+    as for `stream`."""
+    with closing(stream(ws, sql, limits, params)) as results:
         return pa.Table.from_batches(list(results))
 
 

@@ -25,11 +25,13 @@ from typing import Any, Callable
 import yaml
 from braceexpand import braceexpand
 
-from .data import is_remote
+from curation.errors import WebdistillError, first_line
+from curation.files import is_remote
+
 from .students import STUDENTS, is_student_name
 
 
-class ConfigError(ValueError):
+class ConfigError(WebdistillError, ValueError):
     """A config key is unknown, missing, or has a value that does not fit. One line, naming the key."""
 
 
@@ -162,6 +164,7 @@ def _resolve_paths(cfg: DistillConfig, base: Path) -> None:
     def resolve(p: str) -> str:
         if is_remote(p):
             return p
+        p = p.removeprefix("file://")  # a local path spelled as a URL
         return str((base / Path(p).expanduser()).resolve()) if not Path(p).expanduser().is_absolute() else p
 
     cfg.out = resolve(cfg.out)
@@ -216,8 +219,7 @@ def load_config(path: str | Path) -> DistillConfig:
     try:
         raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise ConfigError(f"{path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {first}") from exc
+        raise ConfigError(f"{path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {first_line(exc)}") from exc
     return config_from_dict(raw, path.resolve().parent)
 
 

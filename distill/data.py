@@ -39,18 +39,15 @@ import webdataset as wds
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from curation.errors import WebdistillError
+
 from .preprocess import image_to_tensor
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 LOGIT_KEYS = ("logits.npy", "teacher.npy")
 
 
-def is_remote(url: str) -> bool:
-    """An fsspec URL or a pipe: command, not a local path."""
-    return "://" in url or url.startswith("pipe:")
-
-
-class DataError(ValueError):
+class DataError(WebdistillError, ValueError):
     """A selection's manifest or shards cannot be trained on (missing, malformed, lacking logits)."""
 
 

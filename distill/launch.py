@@ -24,6 +24,8 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
+from curation.errors import WebdistillError
+
 from .config import load_config
 from .data import load_manifest
 from .joblog import JobLog, last_lines
@@ -37,7 +39,7 @@ EXCEPTION_LINE = re.compile(r"^(?:\[rank\d+\]: )?([A-Za-z_.]*(?:Error|Exception)
 TAIL_LINES = 20
 
 
-class DistillJobError(RuntimeError):
+class DistillJobError(WebdistillError, RuntimeError):
     """The job failed. The first line of the message is the reason and where the whole output is
     (job.log: what a CLI prints); the next ones are the output's last lines, which `tail` holds too."""
 

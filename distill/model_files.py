@@ -35,6 +35,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from curation.errors import WebdistillError, first_line
+from curation.files import atomic_path
+
 MAX_MODEL_BYTES = 4 * 2**30   # one model file, read into memory
 MAX_SPEC_BYTES = 2**20        # a JSON spec or sidecar
 MAX_ZIP_MEMBERS = 200_000
@@ -43,7 +46,7 @@ MAX_FLOPS = 10**12        # and floating-point operations per image (ViT-H/14 at
 MAX_DEFLATED_BYTES = 256 * 2**20  # declared unpacked size of compressed members (code, pickles)
 
 
-class ModelSpecError(ValueError):
+class ModelSpecError(WebdistillError, ValueError):
     """The spec names nothing loadable, or its files are unsafe, corrupt or do not fit."""
 
 
@@ -84,7 +87,7 @@ def read_json_object(path: str | Path, what: str) -> dict:
     try:
         cfg = json.loads(path.read_bytes())
     except (ValueError, RecursionError) as exc:  # JSONDecodeError and bad UTF-8 are ValueErrors
-        raise ModelSpecError(f"{what} {path} is not valid JSON: {str(exc).splitlines()[0][:200]}") from exc
+        raise ModelSpecError(f"{what} {path} is not valid JSON: {first_line(exc, 200)}") from exc
     if not isinstance(cfg, dict):
         raise ModelSpecError(f"{what} {path} must be a JSON object, got {type(cfg).__name__}")
     return cfg
@@ -147,7 +150,7 @@ def load_state_dict(path: str | Path) -> dict:
         raise ModelSpecError(f"{path} is not a plain state_dict: it would need code to unpickle, which is "
                              "refused (torch.load weights_only=True)") from exc
     except (RuntimeError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as exc:
-        raise ModelSpecError(f"cannot read weights {path}: {str(exc).splitlines()[0][:200]}") from exc
+        raise ModelSpecError(f"cannot read weights {path}: {first_line(exc, 200)}") from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]  # common checkpoint layout
     if not isinstance(state, dict):
@@ -162,7 +165,7 @@ def load_torchscript(data: bytes, path) -> nn.Module:
     try:
         return torch.jit.load(io.BytesIO(data), map_location="cpu")
     except Exception as exc:  # noqa: BLE001 - torch raises anything on a broken archive
-        raise ModelSpecError(f"cannot load TorchScript {path}: {str(exc).strip().splitlines()[0][:200]}") from exc
+        raise ModelSpecError(f"cannot load TorchScript {path}: {first_line(exc, 200)}") from exc
 
 
 # -- torch.export archives -----------------------------------------------------------------------
@@ -373,9 +376,8 @@ def save_exported_program(model: nn.Module, example: torch.Tensor, path: Path) -
     program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim.DYNAMIC},))
     buf = io.BytesIO()
     torch.export.save(program, buf)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(buf.getvalue())
-    tmp.replace(path)
+    with atomic_path(Path(path)) as tmp:
+        tmp.write_bytes(buf.getvalue())
 
 
 class ExportedModule(nn.Module):
@@ -442,10 +444,10 @@ def _check_forward_cost(program, input_size: int, path) -> None:
     try:
         one, two = _cost(program, 1, input_size), _cost(program, 2, input_size)
     except ModelSpecError as exc:  # fx adds the node's traceback as further lines
-        raise _refuse(path, str(exc).strip().splitlines()[0]) from exc
+        raise _refuse(path, first_line(exc)) from exc
     except Exception as exc:  # noqa: BLE001 - shapes that do not propagate: the cost cannot be bounded
         raise _refuse(path, f"its cost cannot be bounded ({type(exc).__name__}: "
-                      f"{(str(exc).strip().splitlines() or [''])[0][:120]})") from exc
+                      f"{first_line(exc, 120)})") from exc
     if two[0] > 2 * one[0] or two[1] > 2 * one[1]:
         raise _refuse(path, "its graph grows faster than the batch")
 
@@ -472,5 +474,5 @@ def load_exported_program(data: bytes, path, input_size: int = 224, checked: boo
         module = program.module()
     except Exception as exc:  # noqa: BLE001
         raise ModelSpecError(f"cannot load exported program {path}: "
-                             f"{(str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]}") from exc
+                             f"{first_line(exc, 200)}") from exc
     return ExportedModule(module).eval()

@@ -28,6 +28,8 @@ from pathlib import Path
 
 from torch import nn
 
+from curation.errors import first_line
+
 from .model_files import (ModelSpecError, UntrustedModelCode, archive_kind, check_zip, load_exported_program,
                           load_state_dict, load_torchscript, read_json_object, read_model_file, trust_hint)
 from .models import mnist_teacher, tiny_student
@@ -114,7 +116,7 @@ def _with_weights(model: nn.Module, weights: str | Path | None, spec: str) -> nn
         try:
             model.load_state_dict(state)
         except (RuntimeError, TypeError, ValueError, AttributeError, KeyError) as exc:  # keys, shapes, non-tensors
-            raise ModelSpecError(f"weights {weights} do not fit {spec}: {str(exc).strip().splitlines()[0][:300]}") from exc
+            raise ModelSpecError(f"weights {weights} do not fit {spec}: {first_line(exc, 300)}") from exc
     return model.eval()
 
 

@@ -14,6 +14,8 @@ from typing import Callable
 
 from torch import nn
 
+from curation.errors import WebdistillError
+
 from .models import mnist_teacher, tiny_student
 from .spec import ModelSpecError, build_architecture
 
@@ -23,7 +25,7 @@ STUDENTS: dict[str, Callable[[int], nn.Module]] = {
 }
 
 
-class StudentError(ValueError):
+class StudentError(WebdistillError, ValueError):
     """The student name builds nothing, or its classifier head cannot be sized."""
 
 

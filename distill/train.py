@@ -38,7 +38,7 @@ import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,20 +46,22 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
+from curation.errors import WebdistillError, first_line
+from curation.files import atomic_path
+
 from .config import ConfigError, DistillConfig, load_config
 from .data import (DataError, EpochPlan, EpochStream, Manifest, Preprocess, check_shards, derive_seed,
                    epoch_batches, eval_batches, load_manifest)
-from .losses import Distiller, LogitDistiller, LossConfigError, build_distiller
+from .losses import Distiller, LogitDistiller, build_distiller
 from .model_files import save_exported_program
 from .spec import ModelSpecError, load_model
-from .students import StudentError, build_student
+from .students import build_student
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
-USER_ERRORS = (ConfigError, DataError, LossConfigError, ModelSpecError, StudentError)
 
 
-class JobError(RuntimeError):
+class JobError(WebdistillError, RuntimeError):
     """The run cannot go on as configured (a checkpoint of another config, a teacher that does not fit...)."""
 
 
@@ -127,7 +129,7 @@ def init_distributed(timeout_s: float = 300.0) -> Dist:
     return Dist(dist.get_rank(), dist.get_world_size(), local_rank, device, timeout_s)
 
 
-class PeerLost(RuntimeError):
+class PeerLost(WebdistillError, RuntimeError):
     """A collective failed because another rank died or hung; the last checkpoint is intact."""
 
 
@@ -142,7 +144,7 @@ def peer_failure(exc: BaseException, d: Dist) -> PeerLost | None:
                         "'collective_timeout_s'): a rank hung or stopped; rerun to resume from the last checkpoint")
     if not re.search(r"Connection (closed|reset)|Broken pipe|peer", text):
         return None  # the backend refused this rank's own call: a bug, with its traceback
-    why = re.sub(r"^\[[^\]]*\] ", "", text.strip().splitlines()[0]).split(". This is typically")[0]
+    why = re.sub(r"^\[[^\]]*\] ", "", first_line(exc)).split(". This is typically")[0]
     return PeerLost(f"rank {d.rank} lost another rank ({why}): it died or was killed; rerun to resume "
                     "from the last checkpoint")
 
@@ -155,7 +157,7 @@ def leave_process_group() -> None:
     try:
         dist.destroy_process_group()
     except Exception as exc:  # noqa: BLE001 - teardown only: the result is on disk or the error reported
-        say(f"distill: warning: leaving the process group: {one_line(exc)}")
+        say(f"distill: warning: leaving the process group: {first_line(exc)}")
 
 
 def exit_with_launcher() -> None:
@@ -202,13 +204,6 @@ def restore_rng(rng: dict) -> None:
 
 
 # -- files --------------------------------------------------------------------------------------
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """`write(tmp)` then rename: a crash leaves the old file or the new one, never half of one."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 class MetricsLog:
     """metrics.jsonl, written by rank 0 only; a resume cuts it back to the checkpoint's line count."""
 
@@ -218,7 +213,8 @@ class MetricsLog:
     def truncate(self, lines: int) -> None:
         if self.enabled and self.path.is_file():
             kept = self.path.read_text().splitlines(keepends=True)[:lines]
-            atomic_write(self.path, lambda tmp: tmp.write_text("".join(kept)))
+            with atomic_path(self.path) as tmp:
+                tmp.write_text("".join(kept))
         self.lines = lines
 
     def write(self, record: dict) -> None:
@@ -226,15 +222,6 @@ class MetricsLog:
             with open(self.path, "a") as fh:
                 fh.write(json.dumps(record) + "\n")
         self.lines += 1
-
-
-def one_line(exc: BaseException) -> str:
-    """The user-facing line of an error; DataLoader workers wrap theirs in a traceback, keep its last line."""
-    text = str(exc).strip()
-    if "Original Traceback" in text:
-        last = text.splitlines()[-1]
-        return last.split(": ", 1)[1] if ": " in last else last
-    return text.splitlines()[0] if text else exc.__class__.__name__
 
 
 # -- building -----------------------------------------------------------------------------------
@@ -324,10 +311,12 @@ def export_student(distiller: Distiller, out: Path, prep: Preprocess, classes: l
     the feature API), else student.pt2, else None. An export that fails costs a warning, not the run."""
     model = copy.deepcopy(distiller.deployable()).cpu().eval()
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    atomic_write(out / "student.pt", lambda tmp: torch.save(state, tmp))
+    with atomic_path(out / "student.pt") as tmp:
+        torch.save(state, tmp)
     spec = student_spec(distiller, student, num_classes) | {
         "input_size": prep.size, "mean": list(prep.mean), "std": list(prep.std), "classes": classes, **extra}
-    atomic_write(out / "student.json", lambda tmp: tmp.write_text(json.dumps(spec, indent=2)))
+    with atomic_path(out / "student.json") as tmp:
+        tmp.write_text(json.dumps(spec, indent=2))
     example = torch.randn(2, 3, prep.size, prep.size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = model(example)
@@ -336,14 +325,14 @@ def export_student(distiller: Distiller, out: Path, prep: Preprocess, classes: l
         save_exported_program(model, example, out / "student.pt2")
         checkpoint = out / "student.pt2"
     except Exception as exc:  # noqa: BLE001 - torch.export cannot trace every model
-        say(f"distill: warning: student.pt2 not written: {one_line(exc)}")
+        say(f"distill: warning: student.pt2 not written: {first_line(exc)}")
     try:
         with torch.no_grad():
             rebuilt = load_model(str(out / "student.json"), trust_model_code).module(example)
         if torch.allclose(rebuilt, want, atol=1e-5, rtol=1e-4):
             checkpoint = out / "student.json"
     except ModelSpecError as exc:
-        say(f"distill: warning: student.json does not rebuild the student: {one_line(exc)}")
+        say(f"distill: warning: student.json does not rebuild the student: {first_line(exc)}")
     return checkpoint
 
 
@@ -370,7 +359,7 @@ def load_initial_weights(model: nn.Module, path: str) -> None:
         model.load_state_dict(load_state_dict(path))
     except (ModelSpecError, RuntimeError) as exc:
         raise ConfigError(f"config key 'init_from': {path} does not fit this student: "
-                          f"{str(exc).splitlines()[0]}") from exc
+                          f"{first_line(exc)}") from exc
 
 
 class Job:
@@ -430,7 +419,8 @@ class Job:
                  "epoch_started": self.epoch_started, "distiller": self.distiller.state_dict(),
                  "optimizer": self.optimizer.state_dict(), "rng": rngs, "buffers": buffers,
                  "metrics_lines": self.metrics.lines, "seconds": self.seconds, "eval_accuracy": self.eval_accuracy}
-        atomic_write(self.out / CHECKPOINT, lambda tmp: torch.save(state, tmp))
+        with atomic_path(self.out / CHECKPOINT) as tmp:
+            torch.save(state, tmp)
 
     def find_checkpoint(self) -> None:
         """Read the run folder's checkpoint, if any, and take its position; state is restored per epoch."""
@@ -537,7 +527,8 @@ class Job:
     def run(self, stop: StopFlag) -> dict:
         if self.d.main:
             self.out.mkdir(parents=True, exist_ok=True)
-            atomic_write(self.out / "config.json", lambda tmp: tmp.write_text(json.dumps(self.cfg.to_dict(), indent=2)))
+            with atomic_path(self.out / "config.json") as tmp:
+                tmp.write_text(json.dumps(self.cfg.to_dict(), indent=2))
         self.d.barrier()
         self.find_checkpoint()
         resumed_at = self.global_step
@@ -573,7 +564,8 @@ class Job:
                                         {"student": cfg.student, "loss": cfg.loss["method"], "selection": cfg.selection},
                                         cfg.student, self.manifest.num_classes, cfg.trust_model_code)
             summary["checkpoint"] = str(checkpoint) if checkpoint else None
-            atomic_write(self.out / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))
+            with atomic_path(self.out / "summary.json") as tmp:
+                tmp.write_text(json.dumps(summary, indent=2))
         return summary
 
 
@@ -617,11 +609,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         summary = run(load_config(argv[0]))
-    except (*USER_ERRORS, JobError, PeerLost) as exc:
-        say(f"distill: error: {one_line(exc)}")
+    except WebdistillError as exc:  # distill's own errors (config, data, models, peers) and a full disk
+        say(f"distill: error: {first_line(exc)}")
         return 2
     except Interrupted as exc:
-        say(f"distill: interrupted: {one_line(exc)}")
+        say(f"distill: interrupted: {first_line(exc)}")
         return 130
     if int(os.environ.get("RANK", 0)) == 0:
         print(json.dumps(summary))

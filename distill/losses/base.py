@@ -15,8 +15,10 @@ from typing import Any, Callable, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from curation.errors import WebdistillError
 
-class LossConfigError(ValueError):
+
+class LossConfigError(WebdistillError, ValueError):
     """A loss config names an unknown method, term or parameter, or a value that does not fit."""
 
 
