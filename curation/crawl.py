@@ -33,11 +33,12 @@ import socket
 import threading
 import time
 from collections import Counter, deque
+from collections.abc import Callable, Coroutine, Iterable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Callable, Coroutine, Iterable, TypeVar
+from typing import TypeVar
 
 import aiohttp
 import pyarrow as pa
@@ -225,7 +226,7 @@ class AddressPolicy:
     allowed: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
     @classmethod
-    def from_config(cls, config: CrawlConfig) -> "AddressPolicy":
+    def from_config(cls, config: CrawlConfig) -> AddressPolicy:
         return cls(config.allow_private, config.networks())
 
     def refusal(self, address: str) -> str | None:
@@ -560,7 +561,7 @@ class ShardPaths:
     parquet: Path
 
     @classmethod
-    def of(cls, out_dir: str | os.PathLike, name: str) -> "ShardPaths":
+    def of(cls, out_dir: str | os.PathLike, name: str) -> ShardPaths:
         out = Path(out_dir)
         return cls(out / f"{name}.tar", out / f"{name}_stats.json", out / f"{name}.parquet")
 
@@ -596,7 +597,7 @@ def crawl_shard(plan: ShardPlan, out_dir: str | os.PathLike, config: CrawlConfig
         return ShardResult(plan.name, len(plan.rows), skipped=True)
     with storage_errors(paths.tar):  # removing a file on a read-only mount fails too, even a missing one
         _clear(paths)
-    started = datetime.now(timezone.utc)
+    started = datetime.now(UTC)
     t0 = time.perf_counter()
     records: list[dict] = []
     with atomic_path(paths.tar) as tmp_tar:
@@ -616,7 +617,7 @@ def crawl_shard(plan: ShardPlan, out_dir: str | os.PathLike, config: CrawlConfig
     stats = {
         "shard": plan.name, "count": len(records), "successes": status[SUCCESS],
         "failed_to_download": status[FAILED_TO_DOWNLOAD], "failed_to_decode": status[FAILED_TO_DECODE],
-        "duration": seconds, "start_time": started.isoformat(), "end_time": datetime.now(timezone.utc).isoformat(),
+        "duration": seconds, "start_time": started.isoformat(), "end_time": datetime.now(UTC).isoformat(),
         "status_dict": dict(Counter(r["error_message"] or SUCCESS for r in records)),
         "error_kinds": dict(kinds), "retries": retries,
         "bytes": sum(r.get("bytes") or 0 for r in records),

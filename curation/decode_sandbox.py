@@ -22,8 +22,9 @@ import threading
 import time
 import weakref
 from collections import deque
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator, TypeVar
+from typing import TypeVar
 
 from .parallel import die_with_parent
 from .validate import ImageInfo, Rejected, ValidationConfig, validate_image
@@ -46,7 +47,7 @@ class DecodeSandbox:
         self._dead = False  # a write failed: the next read finds out why
         self.restarts = 0
 
-    def __enter__(self) -> "DecodeSandbox":
+    def __enter__(self) -> DecodeSandbox:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -83,7 +84,8 @@ class DecodeSandbox:
                     source, error = None, exc
                     break
                 if len(data) > self.config.max_image_bytes:  # cheap refusals need no child
-                    queue.append([tag, b"", Rejected("too_large", f"{len(data)} bytes > {self.config.max_image_bytes}")])
+                    too_large = Rejected("too_large", f"{len(data)} bytes > {self.config.max_image_bytes}")
+                    queue.append([tag, b"", too_large])
                     continue
                 queue.append([tag, data, None])
                 self._send(data)

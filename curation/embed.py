@@ -10,9 +10,9 @@ stamp and embedder config.
 from __future__ import annotations
 
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Collection
 
 import numpy as np
 import pyarrow as pa
@@ -40,7 +40,8 @@ def _paths(ws: Workspace, embedder: str, shard: str) -> tuple[Path, Path]:
     return d / f"{check_name(shard, 'shard name')}.npy", d / f"{shard}.parquet"
 
 
-def plan_jobs(ws: Workspace, embedder: Embedder, only: Collection[str] | None = None) -> tuple[list[ShardJob], list[str]]:
+def plan_jobs(ws: Workspace, embedder: Embedder,
+              only: Collection[str] | None = None) -> tuple[list[ShardJob], list[str]]:
     """Shards that need embedding, and those already done for the same inputs and config
     (`only`: restrict to these shard names, for one task per shard)."""
     chash = config_hash(embedder.config | {"version": EMBED_VERSION})

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -142,7 +142,8 @@ class OpenClipEmbedder(Embedder):
         size = size[0] if isinstance(size, (tuple, list)) else size
         cfg = model.visual.preprocess_cfg
         self.mean, self.std = tuple(cfg["mean"]), tuple(cfg["std"])
-        geometry = [t for t in val_transform.transforms if type(t).__name__ in ("Resize", "CenterCrop", "ResizeKeepRatio")]
+        geometric = ("Resize", "CenterCrop", "ResizeKeepRatio")
+        geometry = [t for t in val_transform.transforms if type(t).__name__ in geometric]
         self.preprocess = Geometry(int(size), transforms.Compose(geometry))
         self.device, self.precision = torch.device(device), precision
         self.dim = int(self.encode_images(torch.zeros(1, 3, size, size, dtype=torch.uint8)).shape[1])
@@ -248,5 +249,6 @@ def embedder_from_workspace(ws_root: Path, name: str, device: str | None = None,
     if not isinstance(meta, dict) or not isinstance(meta.get("name"), str) or not all(
             isinstance(meta.get(k), (str, type(None))) for k in ("pretrained", "teacher", "precision")):
         raise EmbedderError(f"embeddings for {name!r} do not record how they were made; embed again")
-    return make_embedder(meta["name"], meta.get("pretrained"), meta.get("teacher"), device, meta.get("precision") or "fp32",
+    return make_embedder(meta["name"], meta.get("pretrained"), meta.get("teacher"), device,
+                         meta.get("precision") or "fp32",
                          trust_model_code)

@@ -305,7 +305,8 @@ def _thumbnail_pairs(thumbs: np.ndarray, config: IndexConfig, dims: int = 64,
     if n < 2:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     # an uncentred SVD basis keeps inner products (so cosine search still means something) in fewer dims
-    sample = dup_verify.descriptors(thumbs[np.random.default_rng(config.seed).choice(n, min(n, 20_000), replace=False)])[0]
+    picked = np.random.default_rng(config.seed).choice(n, min(n, 20_000), replace=False)
+    sample = dup_verify.descriptors(thumbs[picked])[0]
     basis = np.linalg.svd(sample, full_matrices=False)[2][:dims].T
     whole, centre = (np.empty((n, basis.shape[1]), np.float32) for _ in range(2))
     for start in range(0, n, chunk):  # descriptors are float: a chunk at a time, only the projections stay
@@ -448,7 +449,8 @@ def kmeans_clusters(ws: Workspace, embedder: str, config: IndexConfig = IndexCon
     return {"skipped": False, "k": k, "sizes": np.bincount(label[:, 0], minlength=k).tolist()}
 
 
-def search(ws: Workspace, embedder: str, queries: np.ndarray, k: int = 10, nprobe: int = 32) -> list[list[tuple[str, float]]]:
+def search(ws: Workspace, embedder: str, queries: np.ndarray, k: int = 10,
+           nprobe: int = 32) -> list[list[tuple[str, float]]]:
     """The k nearest samples of each query vector: [(sample_id, cosine similarity), ...] per query."""
     index, ids, _ = open_index(ws, embedder, nprobe)
     k = max(1, min(k, index.ntotal))  # faiss allocates queries x k: never more than the index holds

@@ -17,17 +17,16 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow as pa
 
 from . import schemas
+from .decode_sandbox import shared_sandbox
 from .errors import ShardReadError, WorkerDied
 from .parallel import map_shards
-from .shards import (ShardRef, SpooledShard, TruncatedShard, expand_shards, iter_samples, open_shard,
-                     stored_url_refusal)
-from .decode_sandbox import shared_sandbox
+from .shards import ShardRef, SpooledShard, TruncatedShard, expand_shards, iter_samples, open_shard, stored_url_refusal
 from .validate import IMAGE_EXTS, Rejected, ValidationConfig
 from .workspace import Workspace, config_hash, read_parquet_metadata, write_parquet_atomic
 
@@ -192,7 +191,7 @@ def ingest_shard(ws_root: str, ref: ShardRef, config: ValidationConfig) -> Shard
         "n_accepted": len(rows),
         "n_rejected": len(rejects),
         "seconds": seconds,
-        "ingested_at": datetime.now(timezone.utc),
+        "ingested_at": datetime.now(UTC),
     }
     write_parquet_atomic(pa.Table.from_pylist([record], schema=schemas.SHARDS), paths["shards"], stamp)
     reasons: dict[str, int] = {}
@@ -216,7 +215,8 @@ def ingest(
     work = functools.partial(ingest_shard, str(ws.root), config=config)
     for ref, result in map_shards(work, refs, workers=workers, desc="ingest", progress=progress):
         if isinstance(result, BaseException):
-            msg = str(result) if isinstance(result, (ShardReadError, WorkerDied)) else f"{result.__class__.__name__}: {result}"
+            known = isinstance(result, (ShardReadError, WorkerDied))
+            msg = str(result) if known else f"{result.__class__.__name__}: {result}"
             summary.failed[ref.url] = msg
         else:
             summary.shards.append(result)

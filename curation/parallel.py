@@ -11,9 +11,10 @@ import multiprocessing as mp
 import os
 import signal
 from collections import deque
+from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from typing import Callable, Generator, Iterable, Iterator, TypeVar
+from typing import TypeVar
 
 from .errors import WorkerDied
 

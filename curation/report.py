@@ -36,7 +36,8 @@ def score_quality(ws: Workspace, truth: Path, ks: list[int], score_run: str | No
             continue
         s = np.where(np.isnan(s), -np.inf, s)  # an unscored sample ranks last
         order = np.argsort(-s, kind="stable")
-        row = {"score": col, "auroc": round(float(roc_auc_score(y, np.nan_to_num(s, neginf=np.nanmin(s[np.isfinite(s)]) - 1))), 4)}
+        finite = np.nan_to_num(s, neginf=np.nanmin(s[np.isfinite(s)]) - 1)
+        row = {"score": col, "auroc": round(float(roc_auc_score(y, finite)), 4)}
         row |= {f"precision@{k}": round(float(y[order[:k]].mean()), 4) for k in ks}
         results.append(row)
     results.sort(key=lambda r: -r["auroc"])

@@ -67,13 +67,16 @@ SCORE_COLUMNS: dict[str, str] = {
     "energy": "negative free energy T*logsumexp(z/T) of the teacher's logits (Liu et al. 2020)",
     "neg_entropy": "minus the entropy of the teacher's softmax",
     "gen": "GEN: minus the generalised entropy sum p^0.1 (1-p)^0.1 over the top-100 classes (Liu et al. 2023)",
-    "odin": "ODIN: softmax score at temperature T after an input step of size epsilon toward the predicted class (Liang et al. 2018)",
-    "bn_score": "BatchNorm-statistics score: -sum over BN layers and channels of mean_hw(u)^2, u=(a-beta)/gamma; white-box, needs no data",
+    "odin": "ODIN: softmax score at temperature T after an input step of size epsilon toward the predicted class "
+            "(Liang et al. 2018)",
+    "bn_score": "BatchNorm-statistics score: -sum over BN layers and channels of mean_hw(u)^2, u=(a-beta)/gamma; "
+                "white-box, needs no data",
     "mahalanobis": "minus the Mahalanobis distance of teacher features to the nearest class mean (tied covariance), "
                    "class statistics from the pool's confidently pseudo-labelled samples (Lee et al. 2018)",
     "rel_mahalanobis": "minus the relative Mahalanobis distance: class distance minus the distance to the background "
                        "Gaussian of the reference samples (Ren et al. 2021)",
-    "knn_teacher": "cosine similarity of teacher features to the k-th nearest confident reference sample (Sun et al. 2022)",
+    "knn_teacher": "cosine similarity of teacher features to the k-th nearest confident reference sample "
+                   "(Sun et al. 2022)",
     "teacher_label": "the teacher's pseudo-label (argmax)",
     "teacher_conf": "the teacher's confidence in its pseudo-label (= msp)",
     "teacher_logits": "the teacher's logits, float16 (they go into the curated shards as logits.npy)",

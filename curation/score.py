@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Collection
 
 import faiss
 import numpy as np
@@ -134,7 +134,8 @@ class BatchScorer:
             "neg_entropy": sf.neg_entropy(logits).cpu().numpy(),
             "gen": sf.gen(logits).cpu().numpy(),
             "bn_score": (tap.score.cpu().numpy() if tap.score is not None else np.full(len(x), np.nan)),
-            "features": (feats.float().half().cpu().numpy() if feats is not None else np.zeros((len(x), 0), np.float16)),
+            "features": (feats.float().half().cpu().numpy() if feats is not None
+                         else np.zeros((len(x), 0), np.float16)),
         }
         out["odin"] = (sf.odin(t.module, x, t.std, cfg.odin_temperature, cfg.odin_epsilon).cpu().numpy()
                        if cfg.odin else np.full(len(x), np.nan))
@@ -233,7 +234,8 @@ def score_pass2(ws: Workspace, config: ScoreConfig, summary: ScoreSummary) -> No
     stamp = config_hash({"pass1": [read_parquet_metadata(f).get("stamp") for f in files], **config.pass2_part()})
     if all(read_parquet_metadata(run / f"{s}.parquet").get("stamp") == stamp for s in shards):
         return
-    light = [pq.read_table(f, columns=["teacher_label", "teacher_conf", "kd3_label", "kd3_conf", "decoded"]) for f in files]
+    light_columns = ["teacher_label", "teacher_conf", "kd3_label", "kd3_conf", "decoded"]
+    light = [pq.read_table(f, columns=light_columns) for f in files]
     n_classes = pq.read_schema(files[0]).field("teacher_logits").type.list_size
     all_light = pa.concat_tables(light)
     decoded = all_light["decoded"].to_numpy(zero_copy_only=False)
@@ -266,7 +268,8 @@ def score_pass2(ws: Workspace, config: ScoreConfig, summary: ScoreSummary) -> No
         extra = {"mahalanobis": maha, "rel_mahalanobis": rel, "knn_teacher": knn_sim}
         for name, values in extra.items():
             table = table.append_column(name, pa.array(values, mask=~ok | np.isnan(values)))
-        table = table.append_column("kd3_threshold", pa.array(thresholds[np.nan_to_num(labels).astype(np.int64)].astype(np.float32), mask=~ok))
+        per_sample = thresholds[np.nan_to_num(labels).astype(np.int64)].astype(np.float32)
+        table = table.append_column("kd3_threshold", pa.array(per_sample, mask=~ok))
         table = table.append_column("kd3_pass", pa.array(passes))
         table = table.add_column(0, "run", pa.array([config.name] * n))
         write_parquet_atomic(table, run / f"{shard}.parquet", {"stamp": stamp})
@@ -281,7 +284,8 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def _reference_set(run: Path, shards: list[str], light: list[pa.Table], config: ScoreConfig) -> tuple[np.ndarray, np.ndarray]:
+def _reference_set(run: Path, shards: list[str], light: list[pa.Table],
+                   config: ScoreConfig) -> tuple[np.ndarray, np.ndarray]:
     """Teacher features and pseudo-labels of the pool's most confident samples."""
     feats, labels, confs = [], [], []
     for shard, t in zip(shards, light):
@@ -302,7 +306,7 @@ def _reference_set(run: Path, shards: list[str], light: list[pa.Table], config: 
 
 def score(ws: Workspace, config: ScoreConfig, progress: bool = True) -> ScoreSummary:
     """Score every ingested sample (pass 1 per shard, then pass 2 over the pool)."""
-    started = datetime.now(timezone.utc)
+    started = datetime.now(UTC)
     summary = score_pass1(ws, config, progress)
     return finish(ws, config, summary, started)
 
@@ -326,7 +330,7 @@ def finish(ws: Workspace, config: ScoreConfig, summary: ScoreSummary, started: d
     with atomic_path(run / "run.json") as tmp:
         tmp.write_text(json.dumps({"name": config.name, "config": asdict(config), "teacher": summary.teacher,
                                    "started_at": started.isoformat(),
-                                   "finished_at": datetime.now(timezone.utc).isoformat(),
+                                   "finished_at": datetime.now(UTC).isoformat(),
                                    "summary": asdict(summary)}, indent=2, default=str))
     return summary
 

@@ -117,7 +117,8 @@ def logits_and_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor
     if hasattr(model, "embed") and hasattr(model, "classifier"):
         feats = model.embed(x)
         return model.classifier(feats), feats
-    linears = [] if isinstance(model, torch.jit.ScriptModule) else [m for m in model.modules() if isinstance(m, nn.Linear)]
+    scripted = isinstance(model, torch.jit.ScriptModule)
+    linears = [] if scripted else [m for m in model.modules() if isinstance(m, nn.Linear)]
     if not linears:
         return model(x), None
     captured: dict[str, torch.Tensor] = {}

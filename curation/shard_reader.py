@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Collection
 from dataclasses import dataclass
-from typing import Collection
 
 import numpy as np
 import pyarrow.parquet as pq

@@ -22,10 +22,11 @@ import stat
 import sys
 import tarfile
 import zlib
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator
+from typing import BinaryIO
 
 import braceexpand
 import fsspec
@@ -349,7 +350,8 @@ def iter_samples(stream: BinaryIO, config: ValidationConfig | None = None,
             if cur.refusal is None and len(cur.exts) > config.max_members_per_sample:
                 cur.refusal = ("too_many_members", f"more than {config.max_members_per_sample} members")
             if cur.refusal is None and info.size > limit:
-                cur.refusal = ("too_large", f"member {name} declares {info.size} bytes (the limit for .{ext} is {limit})")
+                cur.refusal = ("too_large",
+                               f"member {name} declares {info.size} bytes (the limit for .{ext} is {limit})")
             if cur.refusal is None:
                 data = tar.extractfile(info).read(info.size)  # at most `limit` bytes
                 if len(data) != info.size:
@@ -374,4 +376,5 @@ def _check_no_trailing_data(tar: tarfile.TarFile) -> None:
         if not block:
             return
         if block.count(0) != len(block):
-            raise tarfile.ReadError(f"an invalid tar header at offset {tar.offset}: the rest of the shard is unreadable")
+            raise tarfile.ReadError(
+                f"an invalid tar header at offset {tar.offset}: the rest of the shard is unreadable")

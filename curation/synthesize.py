@@ -38,7 +38,7 @@ import json
 import math
 import time
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -467,7 +467,7 @@ def synthesize(ws: Workspace, config: SynthConfig, progress: bool = True) -> Syn
             "passed_per_class": {str(c): int(passed[c]) for c in classes},
             "seconds": {phase: round(b - a, 1) for phase, a, b in zip(("decode", "train", "search"), times, times[1:])},
             "config": asdict(config), "synth_hash": digest,
-            "created_at": datetime.now(timezone.utc).isoformat(),
+            "created_at": datetime.now(UTC).isoformat(),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, allow_nan=False))
         swap_into_place(tmp, final)

@@ -18,10 +18,10 @@ from __future__ import annotations
 import json
 import tempfile
 import threading
+from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import duckdb
 import pyarrow as pa
@@ -321,7 +321,7 @@ class _Deadline:
         self.expired.set()
         self._con.interrupt()
 
-    def __enter__(self) -> "_Deadline":
+    def __enter__(self) -> _Deadline:
         if self._timer:
             self._timer.daemon = True
             self._timer.start()
@@ -338,7 +338,8 @@ def _failure(exc: BaseException, deadline: _Deadline, limits: Limits) -> Excepti
     if deadline.expired.is_set():
         return SQLLimit(f"the query ran past its time limit of {limits.timeout_s:g} s (--timeout) and was stopped")
     if "offload" in message or "temp_directory" in message or "max_temp_directory_size" in message:
-        return SQLLimit(f"the query needs more temp space than {limits.max_temp_bytes} bytes (--max-temp-bytes): {message}")
+        return SQLLimit(f"the query needs more temp space than {limits.max_temp_bytes} bytes (--max-temp-bytes): "
+                        f"{message}")
     if "Corrupt database" in message:
         return CatalogCorrupt(f"catalog.duckdb is corrupt: {message}")
     if isinstance(exc, duckdb.PermissionException) or "read-only" in message or "locked" in message:

@@ -11,8 +11,16 @@ from dataclasses import dataclass, field
 
 from PIL import Image, UnidentifiedImageError
 
-from .image_structure import (StructureError, check_gif_data, check_jpeg_data, check_png_rows, check_webp_size,
-                              jpeg_layout, jpeg_refill, png_interlaced)
+from .image_structure import (
+    StructureError,
+    check_gif_data,
+    check_jpeg_data,
+    check_png_rows,
+    check_webp_size,
+    jpeg_layout,
+    jpeg_refill,
+    png_interlaced,
+)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
 MiB = 1024 * 1024

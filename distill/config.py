@@ -18,9 +18,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 from braceexpand import braceexpand
@@ -219,7 +220,8 @@ def load_config(path: str | Path) -> DistillConfig:
     try:
         raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {first_line(exc)}") from exc
+        kind = "JSON" if path.suffix == ".json" else "YAML"
+        raise ConfigError(f"{path} is not valid {kind}: {first_line(exc)}") from exc
     return config_from_dict(raw, path.resolve().parent)
 
 

@@ -28,10 +28,10 @@ import io
 import json
 import os
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch

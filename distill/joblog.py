@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 JOB_LOG = "job.log"
@@ -40,7 +40,7 @@ class JobLog:
             self.path.replace(self.path.with_name(JOB_LOG + ".1"))
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
         self._fh = os.fdopen(os.open(self.path, flags, 0o644), "ab")
-        stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         self._fh.write(f"==== {stamp} attempt {attempt}: {shlex.join(map(str, command))}\n".encode())
         self._fh.flush()
         self.attempt = attempt

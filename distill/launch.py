@@ -31,7 +31,8 @@ from .data import load_manifest
 from .joblog import JobLog, last_lines
 
 # up to the next rank's line, should two ranks' lines still run together
-ERROR_LINE = re.compile(r"distill: (error|interrupted): (?:(?!distill: (?:error|interrupted): |\s*\[rank\d+\]: )[^\r\n])*")
+ERROR_LINE = re.compile(r"distill: (error|interrupted): "
+                        r"(?:(?!distill: (?:error|interrupted): |\s*\[rank\d+\]: )[^\r\n])*")
 # torchrun's summary of a failed job names the rank that failed first, and how
 ROOT_CAUSE = re.compile(r"Root Cause \(first observed failure\):.*?rank\s*: (\d+).*?exitcode\s*: (-?\d+)[^\n]*", re.S)
 SIGNAL_NAME = re.compile(r"\((SIG[A-Z0-9]+)\)")
@@ -48,7 +49,7 @@ class DistillJobError(WebdistillError, RuntimeError):
         self.log, self.tail = log, tail or []
 
     @classmethod
-    def from_output(cls, code: int, text: str, log: Path) -> "DistillJobError":
+    def from_output(cls, code: int, text: str, log: Path) -> DistillJobError:
         tail = last_lines(text, TAIL_LINES)
         lines = [f"{failure_reason(code, text)} (the job's output: {log})", "its last lines:",
                  *(f"  | {line}" for line in tail)]

@@ -187,8 +187,8 @@ _ATEN_TARGET = re.compile(r"torch\.ops\.aten\.([A-Za-z0-9_]+)\.([A-Za-z0-9_]+)")
 _FILE_ARG = re.compile(r"file|path|dir|^f$")
 # Shape expressions (sympy srepr / str): names from this list, symbols, numbers, quoted symbol names and
 # arithmetic. No attribute access, no subscripts, no `**` or Pow (10**10**10 would not finish).
-_EXPR_TOKEN = re.compile(r"\s+|[A-Za-z_][A-Za-z0-9_]*|'[A-Za-z0-9_.+-]{1,40}'|\d{1,20}(?:\.\d{1,20})?(?:[eE][+-]?\d{1,3})?"
-                         r"|[()+\-*/,=<>!%]")
+_EXPR_TOKEN = re.compile(r"\s+|[A-Za-z_][A-Za-z0-9_]*|'[A-Za-z0-9_.+-]{1,40}'"
+                         r"|\d{1,20}(?:\.\d{1,20})?(?:[eE][+-]?\d{1,3})?|[()+\-*/,=<>!%]")
 # Guards (Python source, exec'd by torch): sizes and strides of named inputs, integers, arithmetic and
 # comparisons. No names but L, no calls but size()/stride()/storage_offset(), no quotes but L['input'].
 _GUARD_TOKEN = re.compile(r" +|L\['[A-Za-z_][A-Za-z0-9_]{0,100}'\]|\.(?:size|stride)\(\)|\.storage_offset\(\)"
@@ -388,7 +388,7 @@ class ExportedModule(nn.Module):
         super().__init__()
         self.program = program
 
-    def train(self, mode: bool = True) -> "ExportedModule":
+    def train(self, mode: bool = True) -> ExportedModule:
         self.training = mode
         return self
 

@@ -30,8 +30,18 @@ from torch import nn
 
 from curation.errors import first_line
 
-from .model_files import (ModelSpecError, UntrustedModelCode, archive_kind, check_zip, load_exported_program,
-                          load_state_dict, load_torchscript, read_json_object, read_model_file, trust_hint)
+from .model_files import (
+    ModelSpecError,
+    UntrustedModelCode,
+    archive_kind,
+    check_zip,
+    load_exported_program,
+    load_state_dict,
+    load_torchscript,
+    read_json_object,
+    read_model_file,
+    trust_hint,
+)
 from .models import mnist_teacher, tiny_student
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "LoadedModel", "ModelSpecError", "PROJECT_FACTORIES", "UntrustedModelCode",

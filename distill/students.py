@@ -10,7 +10,7 @@
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 
@@ -36,7 +36,7 @@ def _fit_head(model: nn.Module, num_classes: int, name: str) -> nn.Module:
             model.reset_classifier(num_classes)
         return model
     owner, attr, last = None, None, None
-    for module_name, module in model.named_modules():
+    for _, module in model.named_modules():
         for child_name, child in module.named_children():
             if isinstance(child, nn.Linear):
                 owner, attr, last = module, child_name, child

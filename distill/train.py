@@ -50,8 +50,18 @@ from curation.errors import WebdistillError, first_line
 from curation.files import atomic_path
 
 from .config import ConfigError, DistillConfig, load_config
-from .data import (DataError, EpochPlan, EpochStream, Manifest, Preprocess, check_shards, derive_seed,
-                   epoch_batches, eval_batches, load_manifest)
+from .data import (
+    DataError,
+    EpochPlan,
+    EpochStream,
+    Manifest,
+    Preprocess,
+    check_shards,
+    derive_seed,
+    epoch_batches,
+    eval_batches,
+    load_manifest,
+)
 from .losses import Distiller, LogitDistiller, build_distiller
 from .model_files import save_exported_program
 from .spec import ModelSpecError, load_model
@@ -238,7 +248,8 @@ def resolve_preprocess(cfg: DistillConfig, manifest: Manifest, teacher_spec: str
     return Preprocess(int(size), tuple(float(m) for m in mean), tuple(float(s) for s in std))
 
 
-def load_live_teacher(spec: str | None, prep: Preprocess, num_classes: int, trust_model_code: bool = False) -> nn.Module:
+def load_live_teacher(spec: str | None, prep: Preprocess, num_classes: int,
+                      trust_model_code: bool = False) -> nn.Module:
     if spec is None:
         raise ConfigError("teacher_mode: live needs a 'teacher' spec (none in the config or the manifest)")
     teacher = load_model(spec, trust_model_code).module
@@ -560,8 +571,8 @@ class Job:
             "world_size": self.d.world, "resumed_from_step": resumed_at or None,
         }
         if self.d.main:
-            checkpoint = export_student(self.distiller, self.out, self.prep, self.manifest.classes,
-                                        {"student": cfg.student, "loss": cfg.loss["method"], "selection": cfg.selection},
+            lineage = {"student": cfg.student, "loss": cfg.loss["method"], "selection": cfg.selection}
+            checkpoint = export_student(self.distiller, self.out, self.prep, self.manifest.classes, lineage,
                                         cfg.student, self.manifest.num_classes, cfg.trust_model_code)
             summary["checkpoint"] = str(checkpoint) if checkpoint else None
             with atomic_path(self.out / "summary.json") as tmp:

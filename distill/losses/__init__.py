@@ -64,8 +64,9 @@ def build_distiller(config: dict, student: nn.Module, teacher: nn.Module | None,
         where = f"extra[{i}]"
         extra_cls, extra_params, extra_weights = _split(extra_config, where)
         if not issubclass(extra_cls, LogitDistiller):
+            logit_methods = sorted(m for m, c in LOSSES.items() if issubclass(c, LogitDistiller))
             raise LossConfigError(f"{where}: {extra_cls.method!r} cannot be an extra (only logit methods: "
-                                  f"{', '.join(sorted(m for m, c in LOSSES.items() if issubclass(c, LogitDistiller)))})")
+                                  f"{', '.join(logit_methods)})")
         if "extra" in extra_config:
             raise LossConfigError(f"{where}: extras cannot be nested")
         weight = extra_config.get("weight", 1.0)

@@ -10,7 +10,8 @@ as `sum(w*l)/sum(w)` (`weighted_mean`).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -140,7 +141,7 @@ class Distiller(nn.Module):
             raise LossConfigError(f"loss {self.method!r} needs stored teacher logits or a live teacher")
         return stored.to(images.device).float()
 
-    def train(self, mode: bool = True) -> "Distiller":
+    def train(self, mode: bool = True) -> Distiller:
         super().train(mode)
         if self.teacher is not None:
             self.teacher.eval()  # frozen: its BN running statistics must not move
@@ -165,7 +166,7 @@ class Distiller(nn.Module):
                 terms[f"{extra.method}.{name}"] = weight * value
         return out.logits, terms
 
-    def add_extra(self, weight: float, extra: "LogitDistiller") -> None:
+    def add_extra(self, weight: float, extra: LogitDistiller) -> None:
         """Combine a logit method into this one: its terms, times `weight`, on this method's logits."""
         if any(e.method == extra.method for _, e in self._extras):
             raise LossConfigError(f"loss {self.method!r}: extra {extra.method!r} given twice")

@@ -30,8 +30,8 @@ Config: {"method": "sakd", "wraps": ["fitnet", "at", "kd"], "T": 4.0, "gamma": 2
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
