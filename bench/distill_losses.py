@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from curation.workspace import Workspace  # noqa: E402
-from flows.pipeline import run_distillation  # noqa: E402
+from flows.stage_runner import run_distill  # noqa: E402
 
 LIVE = {"kd3", "sakd"}
 
@@ -45,7 +45,7 @@ def main() -> None:
                    "batch_size": args.batch_size, "workers": 1, "eval": str(Path(args.eval).resolve()),
                    "teacher_mode": "live" if loss in LIVE else "stored", "teacher": manifest["teacher"]}
         start = time.perf_counter()
-        summary = run_distillation(str(ws.root), f"bench-{args.selection}-{loss}", args.selection, options)
+        summary = run_distill(str(ws.root), f"bench-{args.selection}-{loss}", args.selection, options)
         rows.append({"loss": loss, "teacher_mode": options["teacher_mode"], "eval_accuracy": summary["eval_accuracy"],
                      "samples_per_s": summary.get("samples_per_s"), "seconds": round(time.perf_counter() - start, 1)})
     result = {"selection": args.selection, "size": manifest["total"], "student": args.student, "epochs": args.epochs,

@@ -176,7 +176,7 @@ def refresh(ws: Workspace) -> None:
             con.execute(_view_sql(ws, name, spec))
         con.executemany("INSERT OR REPLACE INTO score_columns VALUES (?, ?)", list(schemas.SCORE_COLUMNS.items()))
         sources = candidate_sources(ws)
-        con.execute(_candidates_sql(sources))
+        con.execute(f"CREATE OR REPLACE VIEW candidates AS {candidates_query(sources)}")
         con.executemany("INSERT OR REPLACE INTO catalog_info VALUES (?, ?)",
                         [("workspace", str(ws.root))] + [(f"candidates.{k}", json.dumps(v)) for k, v in sources.items()])
         _restore_records(ws, con)
@@ -202,23 +202,43 @@ def _newest(paths) -> Path | None:
     return max(paths, key=lambda p: p.stat().st_mtime_ns) if paths else None
 
 
-def candidate_sources(ws: Workspace) -> dict:
-    """What the `candidates` view joins: the newest near-duplicate and k-means results, the newest
-    finished scoring run, and every named kNN score."""
-    dups = _newest(ws.root.glob("dups/*.parquet"))
-    clusters = _newest(ws.root.glob("clusters/*.parquet"))
-    run = _newest(ws.root.glob("scores/*/run.json"))
-    return {"dups_embedder": dups.stem if dups else None, "clusters_embedder": clusters.stem if clusters else None,
-            "score_run": run.parent.name if run else None,
+class UnknownScoreRun(WebdistillError):
+    """A scoring run named by the caller that has not finished in this workspace."""
+
+
+def scoring_runs(ws: Workspace) -> list[str]:
+    """The finished scoring runs (scores/<run>/run.json), newest first."""
+    runs = [p for p in ws.root.glob("scores/*/run.json") if p.is_file()]
+    return [p.parent.name for p in sorted(runs, key=lambda p: p.stat().st_mtime_ns, reverse=True)]
+
+
+def candidate_sources(ws: Workspace, score_run: str | None = None, dups_embedder: str | None = None,
+                      clusters_embedder: str | None = None) -> dict:
+    """What the `candidates` view joins: near-duplicate and k-means results of an embedder, a
+    finished scoring run, and every named kNN score. Each source not given is the newest on disk;
+    a named scoring run that has not finished is refused (UnknownScoreRun, listing those that have)."""
+    runs = scoring_runs(ws)
+    if score_run is not None and score_run not in runs:
+        raise UnknownScoreRun(f"no finished scoring run {score_run!r} in {ws.root / 'scores'}; "
+                              + (f"finished runs: {', '.join(runs)}" if runs else "none yet (run `webdistill score`)"))
+    if dups_embedder is None:
+        dups = _newest(ws.root.glob("dups/*.parquet"))
+        dups_embedder = dups.stem if dups else None
+    if clusters_embedder is None:
+        clusters = _newest(ws.root.glob("clusters/*.parquet"))
+        clusters_embedder = clusters.stem if clusters else None
+    return {"dups_embedder": dups_embedder, "clusters_embedder": clusters_embedder,
+            "score_run": score_run if score_run is not None else (runs[0] if runs else None),
             "knn": sorted(p.stem for p in ws.root.glob("knn_scores/*.parquet"))}
 
 
-def _candidates_sql(src: dict) -> str:
+def candidates_query(src: dict) -> str:
+    """The `candidates` view's SELECT over the given sources (from `candidate_sources`): select
+    reads it with a named scoring run, the view with the newest."""
     knn_cols = "".join(f', k{i}.knn_sim AS "knn_{n}"' for i, n in enumerate(src["knn"]))
     knn_joins = "".join(f" LEFT JOIN (SELECT sample_id, knn_sim FROM knn_scores WHERE name = {sql_literal(n)}) k{i} USING (sample_id)"
                         for i, n in enumerate(src["knn"]))
-    return f"""CREATE OR REPLACE VIEW candidates AS
-        SELECT s.*, d.cluster_id, d.cluster_size, d.is_representative, c.cluster, c.centroid_sim,
+    return f"""SELECT s.*, d.cluster_id, d.cluster_size, d.is_representative, c.cluster, c.centroid_sim,
                sc.* EXCLUDE (sample_id, shard, "row"){knn_cols}
         FROM samples s
         LEFT JOIN (SELECT * FROM dups WHERE embedder = {sql_literal(src["dups_embedder"])}) d USING (sample_id)

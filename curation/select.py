@@ -1,5 +1,7 @@
-"""Select: pick samples from the `candidates` view, by SQL, by named policies, or both, and write
-them as curated WebDataset shards any reader opens.
+"""Select: pick samples from the candidates, by SQL, by named policies, or both, and write them as
+curated WebDataset shards any reader opens. The candidates are the `candidates` view's rows with the
+scores of one scoring run: `SelectConfig.score_run`, or the newest finished run when it is None; the
+manifest and the `selections` row name the run that was read.
 
     selections/<name>/<name>-000000.tar ...   per sample: the original image bytes under their own
                                               extension, `json` (ids, caption, scores, weight),
@@ -57,12 +59,15 @@ class SelectConfig:
     shard_size: int = 1000  # samples per curated shard
     seed: int = 0
     synthetic: tuple[str, ...] = ()  # synthetic sets (synthetic/<name>/) mixed into the selection
+    score_run: str | None = None  # the scoring run the candidates carry (None: the newest finished one)
 
     def check(self) -> None:
         """One line for the first parameter that is out of range (before anything is read)."""
         check_name(self.name, "selection name")
         for name in self.synthetic:
             check_name(name, "synthetic set name")
+        if self.score_run is not None:
+            check_name(self.score_run, "scoring run name")
         for key, value, low in (("limit", self.limit, 1), ("shard_size", self.shard_size, 1), ("seed", self.seed, 0)):
             if value is None and key == "limit":
                 continue
@@ -79,11 +84,17 @@ class SelectResult:
     unchanged: bool = False
 
 
-def _user_ids_sql(ws: Workspace, sql: str) -> str:
+def _on_candidates(sources: dict, sql: str) -> str:
+    """`sql` with `candidates` meaning the candidates of these sources (the named scoring run), not
+    the view (the newest run): the same SELECT, as a common table expression that shadows the view."""
+    return f"WITH candidates AS ({catalog.candidates_query(sources)}) {sql}"
+
+
+def _user_ids_sql(ws: Workspace, sql: str, sources: dict) -> str:
     """Check the user's query returns a sample_id column; give the SQL of its distinct ids (and weight)."""
     sql = sql.strip().rstrip(";")
     catalog.check_read_only(sql)
-    cols = catalog.query(ws, f"SELECT * FROM ({sql}) AS picked LIMIT 0").column_names
+    cols = catalog.query(ws, _on_candidates(sources, f"SELECT * FROM ({sql}) AS picked LIMIT 0")).column_names
     if "sample_id" not in cols:
         raise SelectError(f"the query must return a sample_id column (it returns: {', '.join(cols) or 'nothing'})")
     # null means 1.0, said here: pandas could not tell a null from a NaN, which is refused in choose()
@@ -91,29 +102,34 @@ def _user_ids_sql(ws: Workspace, sql: str) -> str:
     return f"SELECT sample_id, {weight} AS user_weight FROM ({sql}) AS picked GROUP BY sample_id"
 
 
-def candidate_frame(ws: Workspace, config: SelectConfig, steps: list[policies.PolicyStep]) -> pd.DataFrame:
-    """The candidate rows the policies see: the view, restricted to the user query's samples, with
-    one column per score expression the policies name (evaluated by DuckDB, read-only)."""
+def candidate_frame(ws: Workspace, config: SelectConfig, steps: list[policies.PolicyStep],
+                    sources: dict | None = None) -> pd.DataFrame:
+    """The candidate rows the policies see: the candidates of `sources` (default: those of the
+    config's scoring run), restricted to the user query's samples, with one column per score
+    expression the policies name (evaluated by DuckDB, read-only)."""
+    sources = sources or catalog.candidate_sources(ws, score_run=config.score_run)
     exprs = "".join(f", ({e}) AS {policies.policy_expression_column(e)}" for e in policies.expressions(steps))
     if config.sql:
-        source = f"candidates c JOIN ({_user_ids_sql(ws, config.sql)}) u USING (sample_id)"
+        source = f"candidates c JOIN ({_user_ids_sql(ws, config.sql, sources)}) u USING (sample_id)"
         weight = ", u.user_weight AS weight"
     else:
         source, weight = "candidates c", ""
     try:
-        return catalog.query(ws, f"SELECT c.*{weight}{exprs} FROM {source}").to_pandas()
+        return catalog.query(ws, _on_candidates(sources, f"SELECT c.*{weight}{exprs} FROM {source}")).to_pandas()
     except SQLError as exc:
         raise SelectError(f"cannot evaluate the selection: {exc}") from exc
 
 
-def choose(ws: Workspace, config: SelectConfig, notes: list[str] | None = None) -> pd.DataFrame:
+def choose(ws: Workspace, config: SelectConfig, notes: list[str] | None = None,
+           sources: dict | None = None) -> pd.DataFrame:
     """The selected rows (with a `weight` column), without writing anything. What a policy had to
-    fall back on (dedup without clusters) is appended to `notes`."""
+    fall back on (dedup without clusters) is appended to `notes`. `sources`: what the candidates
+    join (default: `catalog.candidate_sources` of the config's scoring run)."""
     config.check()
     if not config.sql and not config.policy:
         raise SelectError("give --sql or --policy (or both)")
     steps = policies.parse_policy(config.policy) if config.policy else []
-    frame = candidate_frame(ws, config, steps)
+    frame = candidate_frame(ws, config, steps, sources)
     if "weight" in frame:
         _check_weights(frame, "the query returned")
     else:
@@ -193,7 +209,8 @@ def _selection_hash(ws: Workspace, chosen: pd.DataFrame, config: SelectConfig, s
     for name in config.synthetic:  # a regenerated synthetic set changes the selection too
         manifest = ws.owned("synthetic", name, "manifest.json")
         synthetic[name] = hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.exists() else None
-    return config_hash({"ids": ids.hexdigest(), "config": asdict(config), "synthetic": synthetic,
+    settings = {k: v for k, v in asdict(config).items() if k != "score_run"}  # the run itself is hashed below
+    return config_hash({"ids": ids.hexdigest(), "config": settings, "synthetic": synthetic,
                         "score_run": [score_run.get("name"), score_run.get("finished_at")]})
 
 
@@ -204,8 +221,8 @@ def select(ws: Workspace, config: SelectConfig) -> SelectResult:
     for name in config.synthetic:
         ws.owned("synthetic", name)
     notes: list[str] = []
-    chosen = choose(ws, config, notes)
-    sources = catalog.candidate_sources(ws)
+    sources = catalog.candidate_sources(ws, score_run=config.score_run)  # an unknown run: one line, nothing read
+    chosen = choose(ws, config, notes, sources)
     run = read_run(ws, sources["score_run"]) if sources["score_run"] else {}
     digest = _selection_hash(ws, chosen, config, run)
     previous = read_manifest(final)

@@ -3,6 +3,9 @@
 Every verb takes -w/--workspace (default: $WEBDISTILL_WORKSPACE, else ./workspace).
 Errors a user can fix are one line on stderr and exit code 2; a partly failed stage
 (some shards unreadable) exits 1 after doing all the work it could.
+
+Each verb is a pair: `cmd_<verb>` (what it does, through the stage's runner in
+flows/stage_runner.py, which the Prefect flows call too) and `add_<verb>_parser` (its options).
 """
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ import math
 import os
 import sys
 import traceback
-from datetime import datetime, timezone
+from pathlib import Path
 
 # Offline by default: no hub downloads, no telemetry. OpenMP threads that sleep instead of spinning
 # leave CPU to the decode workers that feed the model (measured in bench/embed_throughput.py).
@@ -20,9 +23,20 @@ for _var, _value in (("HF_HUB_OFFLINE", "1"), ("PREFECT_SERVER_ANALYTICS_ENABLED
                      ("OMP_WAIT_POLICY", "PASSIVE")):
     os.environ.setdefault(_var, _value)
 
-from curation import catalog  # noqa: E402
+# Cheap imports only at the top: `webdistill --help` must stay fast. The stage modules (torch,
+# open_clip, FAISS, webdataset: seconds to import) are imported inside the verbs that use them, and
+# Prefect only by the verbs that run flows (run, serve, demo).
+import duckdb  # noqa: E402 - these three are loaded by the catalog anyway
+import pyarrow as pa  # noqa: E402
+import pyarrow.csv as pacsv  # noqa: E402
+
+from curation import catalog, user_sql  # noqa: E402
 from curation.errors import WebdistillError, storage_error  # noqa: E402
+from curation.remote import is_remote, synced  # noqa: E402
+from curation.validate import ValidationConfig  # noqa: E402
 from curation.workspace import resolve_workspace  # noqa: E402
+from flows import stage_runner  # noqa: E402
+from flows.stage_runner import StageFailed  # noqa: E402
 
 
 class _Parser(argparse.ArgumentParser):
@@ -51,6 +65,72 @@ def _trust_option(p: argparse.ArgumentParser) -> None:
                    "registry (off by default; .json specs, .pt2 programs and state_dicts need no trust)")
 
 
+def _index_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--embedder", default="open_clip:ViT-S-32", help="which embeddings (default: %(default)s)")
+    p.add_argument("--nprobe", type=int, default=32, help="IVF lists probed per query (default: %(default)s)")
+
+
+def _error(message: str) -> None:
+    print(f"webdistill: error: {message}", file=sys.stderr)
+
+
+def _counts(counts: dict[str, int]) -> str:
+    """` (reason: n, ...)`, or nothing for no counts."""
+    return " (" + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) + ")" if counts else ""
+
+
+def _absolute_if_file(path: str) -> str:
+    return str(Path(path).resolve()) if Path(path).exists() else path
+
+
+# --- output: table, CSV, JSON ---------------------------------------------------------------
+
+def _json_safe(value):
+    """`value` as standard JSON can hold it: NaN and +/-Infinity become null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _json_text(value) -> str:
+    return json.dumps(_json_safe(value), default=str, allow_nan=False)
+
+
+def _csv_ready(batch):
+    """A batch CSV can hold: list, struct and map columns (teacher_logits) as JSON text."""
+    columns = [pa.array([None if v is None else _json_text(v) for v in col.to_pylist()], pa.string())
+               if pa.types.is_nested(col.type) else col for col in batch.columns]
+    return pa.RecordBatch.from_arrays(columns, names=batch.schema.names)
+
+
+def _print_table(table, args: argparse.Namespace) -> None:
+    """Write a result as a table, CSV or JSON (valid JSON: NaN is null), one batch at a time."""
+    if args.format == "csv":
+        sys.stdout.flush()
+        schema = _csv_ready(pa.RecordBatch.from_pylist([], schema=table.schema)).schema
+        with pacsv.CSVWriter(sys.stdout.buffer, schema) as writer:
+            for batch in table.to_batches():
+                writer.write_batch(_csv_ready(batch))
+        sys.stdout.buffer.flush()
+    elif args.format == "json":
+        sys.stdout.write("[")
+        sep = ""
+        for batch in table.to_batches():
+            for row in batch.to_pylist():
+                sys.stdout.write(sep + _json_text(row))
+                sep = ", "
+        sys.stdout.write("]\n")
+    else:
+        max_rows = getattr(args, "max_rows", None) or 40
+        duckdb.from_arrow(table).show(max_rows=max_rows, max_width=getattr(args, "max_width", None))
+
+
+# --- crawl ----------------------------------------------------------------------------------
+
 def cmd_crawl(args: argparse.Namespace) -> int:
     from curation.crawl import CrawlConfig, crawl
 
@@ -64,45 +144,79 @@ def cmd_crawl(args: argparse.Namespace) -> int:
         for k, v in r.error_kinds.items():
             kinds[k] = kinds.get(k, 0) + v
     print(f"crawl: {len(done)} shard(s) crawled, {len(summary.shards) - len(done)} finished before and skipped; "
-          f"{sum(r.n_success for r in done)} images, {sum(r.n_failed for r in done)} failed"
-          + (" (" + ", ".join(f"{k}: {v}" for k, v in sorted(kinds.items())) + ")" if kinds else "")
+          f"{sum(r.n_success for r in done)} images, {sum(r.n_failed for r in done)} failed" + _counts(kinds)
           + f"; shards in {args.out} (next: webdistill ingest {args.out})")
     for name, why in summary.failed.items():
-        print(f"webdistill: error: shard {name} failed: {why}", file=sys.stderr)
+        _error(f"shard {name} failed: {why}")
     return 1 if summary.failed else 0
 
 
-def cmd_ingest(args: argparse.Namespace) -> int:
-    from curation.ingest import ingest
-    from curation.validate import ValidationConfig
+def add_crawl_parser(sub, ws: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("crawl", help="download a URL list into WebDataset shards (img2dataset's layout)",
+                       description="Read a URL list (parquet, csv or jsonl with a `url` column and an optional "
+                       "`caption`) and write shards of {key}.jpg|png|webp, {key}.json and {key}.txt, plus a per-shard "
+                       "parquet of every URL's status. Bounded: timeouts, a maximum size, content-type and magic-byte "
+                       "checks, a concurrency limit, retries with backoff; private and loopback addresses are refused. "
+                       "Finished shards are skipped, so a rerun resumes.")
+    p.add_argument("url_list", help="parquet/csv/jsonl file with a url column")
+    p.add_argument("--out", required=True, help="folder for the shards")
+    p.add_argument("--shard-size", type=int, default=1000, help="URLs per shard (default: %(default)s)")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds per request (default: %(default)s)")
+    p.add_argument("--max-bytes", type=int, default=10 * 2**20, help="largest body accepted (default: 10 MiB)")
+    p.add_argument("--concurrency", type=int, default=16, help="requests in flight per shard (default: %(default)s)")
+    p.add_argument("--retries", type=int, default=2, help="retries on timeouts and 5xx (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=1, help="shards crawled at once (default: %(default)s)")
+    p.add_argument("--allow-private", action="store_true",
+                   help="allow private and loopback addresses (tests, intranets); link-local (169.254.0.0/16, the "
+                   "cloud metadata range; fe80::/10), multicast, 0.0.0.0/8 and reserved ranges stay refused")
+    p.add_argument("--allow-network", action="append", metavar="CIDR",
+                   help="allow this network although it is not global, e.g. 10.1.0.0/16 or 169.254.169.254/32 "
+                   "(repeatable; the only way to open link-local and the other special ranges)")
+    p.set_defaults(func=cmd_crawl)
 
+
+# --- ingest ---------------------------------------------------------------------------------
+
+def cmd_ingest(args: argparse.Namespace) -> int:
     ws = resolve_workspace(args.workspace)
     config = ValidationConfig(max_image_bytes=args.max_image_bytes, max_pixels=args.max_pixels, min_side=args.min_side)
-    started = datetime.now(timezone.utc)
-    summary = ingest(ws, args.shards, config, workers=args.workers, source=args.source)
-    catalog.refresh(ws)
-    reasons: dict[str, int] = {}
-    for r in summary.shards:
-        for k, v in r.reasons.items():
-            reasons[k] = reasons.get(k, 0) + v
-    catalog.record_run(ws, "ingest", started, {k: v for k, v in vars(args).items() if k != "func"},
-                       {"shards": len(summary.shards), "skipped": summary.skipped, "accepted": summary.accepted,
-                        "rejected": summary.rejected, "failed": summary.failed, "missing": summary.missing})
-    done = len(summary.shards) - summary.skipped
-    line = f"ingest: {done} shard(s) ingested, {summary.skipped} unchanged and skipped; "
-    line += f"{sum(r.n_accepted for r in summary.shards if not r.skipped)} accepted, "
-    line += f"{sum(r.n_rejected for r in summary.shards if not r.skipped)} rejected"
-    if reasons:
-        line += " (" + ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items())) + ")"
-    print(line)
-    for spec in summary.missing:
-        print(f"webdistill: error: no shard matches {spec}", file=sys.stderr)
-    for url, why in summary.failed.items():
-        print(f"webdistill: error: shard {url} failed: {why}", file=sys.stderr)
-    if not summary.shards and (summary.missing or summary.failed):
+    try:
+        summary, failed = stage_runner.run_ingest(ws, args.shards, config, args.source,
+                                                  map_shards=stage_runner.process_pool(args.workers, desc="ingest"),
+                                                  max_failure_fraction=args.max_failure_fraction), False
+    except StageFailed as exc:  # printed below, after the work that did finish
+        summary, failed = exc.summary, True
+    print(f"ingest: {summary['ingested']} shard(s) ingested, {summary['skipped']} unchanged and skipped; "
+          f"{summary['accepted']} accepted, {summary['rejected']} rejected" + _counts(summary["reasons"]))
+    for spec in summary["missing"]:
+        _error(f"no shard matches {spec}")
+    for url, why in summary["failed"].items():
+        _error(f"shard {url} failed: {why}")
+    if summary["ingested"] + summary["skipped"] == 0 and (summary["missing"] or summary["failed"]):
         return 2
-    return 1 if (summary.missing or summary.failed) else 0
+    return 1 if (summary["missing"] or failed) else 0
 
+
+def add_ingest_parser(sub, ws: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("ingest", parents=[ws], help="validate crawled WebDataset shards and record them in the catalog",
+                       description="Read shards (paths, directories, globs, brace patterns such as "
+                       "'crawl/{00000..00099}.tar', fsspec URLs, or 'pipe:CMD'), fully decode every image, and record "
+                       "each sample in the `samples` view or, with a reason, in `rejects`. Shards already ingested "
+                       "with the same content and limits are skipped, so reruns and added shards are cheap.")
+    p.add_argument("shards", nargs="+", metavar="SHARDS", help="shard paths, patterns or URLs")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="parallel processes (default: %(default)s)")
+    p.add_argument("--source", default=None, help="prefix for shard names, to tell apart crawls with the same file names")
+    p.add_argument("--max-image-bytes", type=int, default=32 * 1024 * 1024, help="largest image file accepted (default: 32 MiB)")
+    p.add_argument("--max-pixels", type=int, default=40_000_000,
+                   help="decompression-bomb guard: largest width*height decoded (default: %(default)s)")
+    p.add_argument("--min-side", type=int, default=8, help="smallest width or height accepted (default: %(default)s)")
+    p.add_argument("--max-failure-fraction", type=float, default=0.0,
+                   help="exit 1 when more than this fraction of the shards failed (default: %(default)s, any failed "
+                   "shard; every shard is tried first)")
+    p.set_defaults(func=cmd_ingest)
+
+
+# --- sql, refresh ---------------------------------------------------------------------------
 
 MAX_QUERY_BYTES = 16 * 2**20  # a query read from a file or stdin
 
@@ -130,8 +244,6 @@ def _sql_text(args: argparse.Namespace) -> str:
 
 
 def cmd_sql(args: argparse.Namespace) -> int:
-    from curation import user_sql
-
     ws = resolve_workspace(args.workspace)
     sql = _sql_text(args)
     table_rows = 40 if args.max_rows is None else args.max_rows
@@ -149,398 +261,7 @@ def cmd_sql(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_refresh(args: argparse.Namespace) -> int:
-    ws = resolve_workspace(args.workspace)
-    aside = catalog.rebuild(ws) if args.rebuild else catalog.refresh(ws)
-    counts = catalog.query(ws, "SELECT (SELECT count(*) FROM samples) AS samples, (SELECT count(*) FROM selections) "
-                               "AS selections, (SELECT count(*) FROM students) AS students").to_pylist()[0]
-    print(f"refresh: catalog {ws.catalog_path} " + ("rebuilt" if args.rebuild else "refreshed")
-          + f" from the artifacts: {counts['samples']} samples, {counts['selections']} selection(s), "
-          f"{counts['students']} student(s)" + (f"; the old catalog is at {aside}" if aside else ""))
-    return 0
-
-
-def cmd_embed(args: argparse.Namespace) -> int:
-    from curation.embed import embed
-    from curation.embedders import make_embedder
-
-    ws = resolve_workspace(args.workspace)
-    embedder = make_embedder(args.embedder, args.pretrained, args.teacher, args.device, args.precision,
-                             trust_model_code=args.trust_model_code)
-    if args.embedder.startswith("open_clip:") and not args.pretrained:
-        print("embed: no --pretrained weights: the vectors come from a randomly initialised model", file=sys.stderr)
-    started = datetime.now(timezone.utc)
-    summary = embed(ws, embedder, batch_size=args.batch_size, workers=args.workers)
-    catalog.refresh(ws)
-    catalog.record_run(ws, "embed", started, embedder.args, {"embedded": summary.embedded, "samples": summary.samples,
-                       "skipped": len(summary.skipped), "seconds": summary.seconds})
-    rate = f" at {summary.samples / summary.seconds:.0f} images/s" if summary.seconds else ""
-    print(f"embed {embedder.name}: {len(summary.embedded)} shard(s), {summary.samples} images{rate}; "
-          f"{len(summary.skipped)} unchanged and skipped; vectors of dim {embedder.dim} in "
-          f"{ws.root / 'embeddings' / embedder.name}")
-    if summary.failed_images:
-        print(f"webdistill: error: {summary.failed_images} image(s) could not be read again (flagged ok=false)",
-              file=sys.stderr)
-        return 1
-    return 0
-
-
-def _index_config(args: argparse.Namespace):
-    from curation.index import IndexConfig
-
-    return IndexConfig(ivf_threshold=args.ivf_threshold, nlist=args.nlist, pq_m=args.pq_m, nprobe=args.nprobe,
-                       dup_threshold=args.dup_threshold, kmeans_k=args.kmeans_k, verify=args.verify,
-                       dup_max_crop=args.max_crop, dup_max_neighbors=args.dup_max_neighbors)
-
-
-def cmd_index(args: argparse.Namespace) -> int:
-    from curation.embedders import embedder_dir_name
-    from curation.index import build_index, kmeans_clusters, near_duplicates
-
-    ws = resolve_workspace(args.workspace)
-    name, config = embedder_dir_name(args.embedder), _index_config(args)
-    started = datetime.now(timezone.utc)
-    meta = build_index(ws, name, config)
-    dups = near_duplicates(ws, name, config, workers=args.workers)
-    clusters = kmeans_clusters(ws, name, config)
-    catalog.refresh(ws)
-    catalog.record_run(ws, "index", started, {"embedder": name} | vars(config),
-                       {"index": meta, "dups": dups, "kmeans_k": clusters["k"]})
-    print(f"index {name}: {meta['kind']} index of {meta['size']} vectors (dim {meta['dim']})"
-          + (" unchanged" if meta["skipped"] else f" built in {meta['seconds']:.1f}s"))
-    print(f"near-duplicates at cosine >= {config.dup_threshold}: {dups.get('clusters')} clusters, "
-          f"{dups.get('duplicates')} samples that duplicate another; k-means: {clusters['k']} clusters")
-    if dups.get("capped_images"):
-        print(f"near-duplicates: {dups['capped_images']} of {dups.get('images')} images have more than "
-              f"{dups.get('max_neighbors')} look-alikes at cosine >= {config.dup_threshold}; only their nearest "
-              f"{dups.get('max_neighbors')} were candidates (--dup-max-neighbors; column candidates_capped of `dups`)",
-              file=sys.stderr)
-    return 0
-
-
-def _json_safe(value):
-    """`value` as standard JSON can hold it: NaN and +/-Infinity become null."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
-def _json_text(value) -> str:
-    return json.dumps(_json_safe(value), default=str, allow_nan=False)
-
-
-def _csv_ready(batch):
-    """A batch CSV can hold: list, struct and map columns (teacher_logits) as JSON text."""
-    import pyarrow as pa
-
-    columns = [pa.array([None if v is None else _json_text(v) for v in col.to_pylist()], pa.string())
-               if pa.types.is_nested(col.type) else col for col in batch.columns]
-    return pa.RecordBatch.from_arrays(columns, names=batch.schema.names)
-
-
-def _print_table(table, args: argparse.Namespace) -> None:
-    """Write a result as a table, CSV or JSON (valid JSON: NaN is null), one batch at a time."""
-    if args.format == "csv":
-        import pyarrow as pa
-        import pyarrow.csv as pacsv
-
-        sys.stdout.flush()
-        schema = _csv_ready(pa.RecordBatch.from_pylist([], schema=table.schema)).schema
-        with pacsv.CSVWriter(sys.stdout.buffer, schema) as writer:
-            for batch in table.to_batches():
-                writer.write_batch(_csv_ready(batch))
-        sys.stdout.buffer.flush()
-    elif args.format == "json":
-        sys.stdout.write("[")
-        sep = ""
-        for batch in table.to_batches():
-            for row in batch.to_pylist():
-                sys.stdout.write(sep + _json_text(row))
-                sep = ", "
-        sys.stdout.write("]\n")
-    else:
-        import duckdb
-
-        max_rows = getattr(args, "max_rows", None) or 40
-        duckdb.from_arrow(table).show(max_rows=max_rows, max_width=getattr(args, "max_width", None))
-
-
-def _query_vectors(ws, name: str, args: argparse.Namespace):
-    """The query vectors for --sample-id / --image / --text, and a label for each."""
-    from curation.embedders import embedder_from_workspace
-    from curation.index import vectors_of
-
-    if args.sample_id:
-        return vectors_of(ws, name, args.sample_id), list(args.sample_id)
-    embedder = embedder_from_workspace(ws.root, name, trust_model_code=args.trust_model_code)
-    if args.text:
-        return embedder.encode_text(args.text).numpy(), list(args.text)
-    return _encode_image_files(embedder, args.image, strict=True), list(args.image)
-
-
-def _encode_image_files(embedder, paths, strict: bool):
-    """Embed image files; an unreadable one is an error (strict) or skipped with one line."""
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    from curation.errors import WebdistillError
-
-    tensors = []
-    for path in paths:
-        try:
-            with Image.open(path) as im:
-                tensors.append(embedder.preprocess(im))
-        except (OSError, ValueError) as exc:
-            if strict:
-                raise WebdistillError(f"cannot read image {path}: {exc}") from exc
-            print(f"skipping {path}: not a readable image", file=sys.stderr)
-    if not tensors:
-        raise WebdistillError("no readable images")
-    return np.concatenate([embedder.encode_images(torch.stack(tensors[i:i + 256])).numpy()
-                           for i in range(0, len(tensors), 256)])
-
-
-def cmd_knn(args: argparse.Namespace) -> int:
-    import pyarrow as pa
-
-    from curation.embedders import embedder_dir_name
-    from curation.index import search
-
-    ws = resolve_workspace(args.workspace)
-    name = embedder_dir_name(args.embedder)
-    queries, labels = _query_vectors(ws, name, args)
-    hits = search(ws, name, queries, k=args.k, nprobe=args.nprobe)
-    rows = [{"query": label, "rank": r + 1, "sample_id": sid, "similarity": round(sim, 4)}
-            for label, found in zip(labels, hits) for r, (sid, sim) in enumerate(found)]
-    if not rows:
-        print("knn: no neighbours found", file=sys.stderr)
-        return 1
-    con_table = catalog.query(ws, "SELECT sample_id, shard, key, width, height, url, caption FROM samples WHERE sample_id IN ("
-                              + ",".join(f"'{r['sample_id']}'" for r in rows) + ")").to_pylist()
-    meta = {m["sample_id"]: m for m in con_table}
-    table = pa.Table.from_pylist([r | {k: v for k, v in meta.get(r["sample_id"], {}).items() if k != "sample_id"}
-                                  for r in rows])
-    _print_table(table, args)
-    return 0
-
-
-def cmd_knn_score(args: argparse.Namespace) -> int:
-    from curation.embedders import embedder_dir_name, embedder_from_workspace
-    from curation.errors import WebdistillError
-    from curation.index import knn_score, vectors_of
-    from curation.workspace import check_name
-
-    ws = resolve_workspace(args.workspace)
-    name = embedder_dir_name(args.embedder)
-    check_name(args.name, "knn score name")  # before the reference set is encoded
-    if args.sql:
-        table = catalog.query(ws, args.sql)
-        if "sample_id" not in table.column_names:
-            raise WebdistillError("--sql must return a sample_id column")
-        ref, what = vectors_of(ws, name, table.column("sample_id").to_pylist()), f"sql: {args.sql}"
-    elif args.prompts:
-        embedder = embedder_from_workspace(ws.root, name, trust_model_code=args.trust_model_code)
-        ref, what = embedder.encode_text(args.prompts).numpy(), f"prompts: {args.prompts}"
-    else:
-        from pathlib import Path
-
-        files = sorted(p for p in Path(args.images).rglob("*") if p.is_file())
-        embedder = embedder_from_workspace(ws.root, name, trust_model_code=args.trust_model_code)
-        ref, what = _encode_image_files(embedder, files, strict=False), f"images: {args.images}"
-    result = knn_score(ws, name, args.name, ref, k=args.k, description=what)
-    catalog.refresh(ws)
-    print(f"knn-score {args.name}: {result['samples']} samples scored against {result['reference']} reference "
-          f"vectors (k={result['k']}); column knn_sim in view knn_scores WHERE name = '{args.name}'")
-    return 0
-
-
-def cmd_score(args: argparse.Namespace) -> int:
-    from curation.score import ScoreConfig, score
-
-    ws = resolve_workspace(args.workspace)
-    config = ScoreConfig(teacher=args.teacher, student=args.student, name=args.name, batch_size=args.batch_size,
-                         workers=args.workers, odin=not args.no_odin, odin_temperature=args.odin_temperature,
-                         odin_epsilon=args.odin_epsilon, kd3_alpha=args.kd3_alpha, kd3_tau=args.kd3_tau,
-                         reference_confidence=args.reference_confidence, knn_k=args.knn_k,
-                         device=args.device or ("cuda" if _cuda() else "cpu"), trust_model_code=args.trust_model_code)
-    started = datetime.now(timezone.utc)
-    summary = score(ws, config)
-    catalog.refresh(ws)
-    catalog.record_run(ws, "score", started, vars(config),
-                       {"scored": len(summary.scored), "skipped": len(summary.skipped), "samples": summary.samples,
-                        "reference_samples": summary.reference_samples, "seconds": summary.seconds})
-    rate = f" at {summary.samples / summary.seconds:.0f} images/s" if summary.seconds else ""
-    print(f"score {config.name}: {len(summary.scored)} shard(s), {summary.samples} samples{rate}; "
-          f"{len(summary.skipped)} unchanged and skipped; {summary.reference_samples} confident reference samples "
-          f"(teacher_conf >= {config.reference_confidence}). Query them: webdistill sql \"SELECT * FROM candidates\" "
-          f"(columns: SELECT * FROM score_columns)")
-    return 0
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def cmd_select(args: argparse.Namespace) -> int:
-    from curation.select import SelectConfig, select
-
-    ws = resolve_workspace(args.workspace)
-    config = SelectConfig(name=args.name, sql=args.sql, policy=args.policy, limit=args.limit,
-                          shard_size=args.shard_size, seed=args.seed, synthetic=tuple(args.synthetic or ()))
-    started = datetime.now(timezone.utc)
-    result = select(ws, config)
-    catalog.record_run(ws, "select", started, vars(config), {"size": result.size, "unchanged": result.unchanged})
-    m = result.manifest
-    status = "unchanged" if result.unchanged else f"written in {len(m['shards'])} shard(s)"
-    print(f"select {config.name}: {result.size} samples {status} at {result.path}; "
-          f"per class: {m['counts_per_class']}")
-    for note in m.get("notes") or ():
-        print(f"select {config.name}: note: {note}", file=sys.stderr)
-    if m.get("lost"):
-        print(f"webdistill: error: {len(m['lost'])} chosen image(s) changed or vanished since ingest and were left out",
-              file=sys.stderr)
-        return 1
-    return 0
-
-
-def cmd_synthesize(args: argparse.Namespace) -> int:
-    import torch
-
-    from curation.synthesize import SynthConfig, synthesize
-
-    ws = resolve_workspace(args.workspace)
-    config = SynthConfig(teacher=args.teacher, name=args.name, score_run=args.score_run, per_class=args.per_class,
-                         conf_threshold=args.conf_threshold, search=args.search, seed=args.seed,
-                         trust_model_code=args.trust_model_code)
-    torch.set_num_threads(1)  # small models: one thread is faster than two fighting the decode worker
-    started = datetime.now(timezone.utc)
-    result = synthesize(ws, config)
-    catalog.record_run(ws, "synthesize", started, vars(config), {"size": result.size, "unchanged": result.unchanged})
-    m = result.manifest
-    print(f"synthesize {args.name}: {result.size} images" + (" unchanged" if result.unchanged else "")
-          + (f", {m['pass_rate']:.1%} of candidates passed confidence {args.conf_threshold}" if "pass_rate" in m else "")
-          + f"; per class {m['counts_per_class']}; in {result.path}")
-    return 0
-
-
-def cmd_distill(args: argparse.Namespace) -> int:
-    from flows.pipeline import run_distillation
-
-    ws = resolve_workspace(args.workspace)
-    if not (ws.owned("selections", args.selection, what="selection name") / "manifest.json").exists():
-        from curation.errors import WebdistillError
-
-        raise WebdistillError(f"no selection {args.selection!r} in {ws.root / 'selections'} (see: webdistill sql "
-                              "\"SELECT name, size FROM selections\")")
-    options = {"student": args.student, "loss": json.loads(args.loss) if args.loss.startswith("{") else {"method": args.loss},
-               "teacher_mode": args.teacher_mode, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
-               "nproc": args.nproc, "workers": args.loader_workers}
-    if args.trust_model_code:
-        options["trust_model_code"] = True
-    # the job resolves relative paths against its config's folder: hand it absolute ones
-    if args.teacher:
-        options["teacher"] = _absolute_if_file(args.teacher)
-    if args.eval:
-        options["eval"] = _absolute_if_file(args.eval)
-    name = args.name if args.name is not None else f"{args.selection}-{options['loss']['method']}"
-    summary = run_distillation(str(ws.root), name, args.selection, options,
-                               init_from=_absolute_if_file(args.init_from) if args.init_from else None, stream=sys.stderr)
-    acc = summary.get("eval_accuracy")
-    print(f"distill {name}: {summary.get('steps')} steps in {summary.get('seconds', 0):.0f}s on {summary.get('world_size')} "
-          f"process(es)" + (f"; eval accuracy {acc:.4f}" if acc is not None else "")
-          + f"; student: {summary.get('checkpoint')}")
-    return 0
-
-
-def _absolute_if_file(path: str) -> str:
-    from pathlib import Path
-
-    return str(Path(path).resolve()) if Path(path).exists() else path
-
-
-def cmd_run(args: argparse.Namespace) -> int:
-    from flows.pipeline import pipeline_flow
-
-    result = pipeline_flow(args.config, trust_model_code=args.trust_model_code)
-    for r in result["rounds"]:
-        sel, student = r["selection"], r.get("student") or {}
-        acc = student.get("eval_accuracy")
-        print(f"round {r['round']}: selection {sel['name']} of {sel['size']} samples"
-              + (f"; student eval accuracy {acc:.4f}" if acc is not None else ""))
-    return 0
-
-
-def cmd_serve(args: argparse.Namespace) -> int:
-    from flows.serve import build_deployments, serve_config
-
-    names = [d.name for d in build_deployments(args.config)]
-    print(f"serving {', '.join(names)} (Ctrl-C stops; trigger one with: prefect deployment run 'FLOW/NAME')", flush=True)
-    serve_config(args.config)
-    return 0
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from flows.demo import run_demo
-
-    return run_demo(
-        workspace=resolve_workspace(args.workspace), out=args.out, size=args.size, n_shards=args.shards,
-        teacher_epochs=args.teacher_epochs, workers=args.workers, seed=args.seed, clip_steps=args.clip_steps,
-        rounds=args.rounds, distill_epochs=args.distill_epochs,
-    )
-
-
-def build_parser() -> argparse.ArgumentParser:
-    ws = _workspace_parent()
-    parser = _Parser(
-        prog="webdistill",
-        description="Curate a web crawl into a transfer set for a teacher, and distil a student on it. "
-        "Every stage writes per-shard artifacts into the workspace; `catalog.duckdb` there has SQL views over all of them.",
-    )
-    sub = parser.add_subparsers(dest="verb", required=True, parser_class=_Parser, metavar="VERB")
-
-    p = sub.add_parser("crawl", help="download a URL list into WebDataset shards (img2dataset's layout)",
-                       description="Read a URL list (parquet, csv or jsonl with a `url` column and an optional "
-                       "`caption`) and write shards of {key}.jpg|png|webp, {key}.json and {key}.txt, plus a per-shard "
-                       "parquet of every URL's status. Bounded: timeouts, a maximum size, content-type and magic-byte "
-                       "checks, a concurrency limit, retries with backoff; private and loopback addresses are refused. "
-                       "Finished shards are skipped, so a rerun resumes.")
-    p.add_argument("url_list", help="parquet/csv/jsonl file with a url column")
-    p.add_argument("--out", required=True, help="folder for the shards")
-    p.add_argument("--shard-size", type=int, default=1000, help="URLs per shard (default: %(default)s)")
-    p.add_argument("--timeout", type=float, default=10.0, help="seconds per request (default: %(default)s)")
-    p.add_argument("--max-bytes", type=int, default=10 * 2**20, help="largest body accepted (default: 10 MiB)")
-    p.add_argument("--concurrency", type=int, default=16, help="requests in flight per shard (default: %(default)s)")
-    p.add_argument("--retries", type=int, default=2, help="retries on timeouts and 5xx (default: %(default)s)")
-    p.add_argument("--workers", type=int, default=1, help="shards crawled at once (default: %(default)s)")
-    p.add_argument("--allow-private", action="store_true",
-                   help="allow private and loopback addresses (tests, intranets); link-local (169.254.0.0/16, the "
-                   "cloud metadata range; fe80::/10), multicast, 0.0.0.0/8 and reserved ranges stay refused")
-    p.add_argument("--allow-network", action="append", metavar="CIDR",
-                   help="allow this network although it is not global, e.g. 10.1.0.0/16 or 169.254.169.254/32 "
-                   "(repeatable; the only way to open link-local and the other special ranges)")
-    p.set_defaults(func=cmd_crawl)
-
-    p = sub.add_parser("ingest", parents=[ws], help="validate crawled WebDataset shards and record them in the catalog",
-                       description="Read shards (paths, directories, globs, brace patterns such as "
-                       "'crawl/{00000..00099}.tar', fsspec URLs, or 'pipe:CMD'), fully decode every image, and record "
-                       "each sample in the `samples` view or, with a reason, in `rejects`. Shards already ingested "
-                       "with the same content and limits are skipped, so reruns and added shards are cheap.")
-    p.add_argument("shards", nargs="+", metavar="SHARDS", help="shard paths, patterns or URLs")
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="parallel processes (default: %(default)s)")
-    p.add_argument("--source", default=None, help="prefix for shard names, to tell apart crawls with the same file names")
-    p.add_argument("--max-image-bytes", type=int, default=32 * 1024 * 1024, help="largest image file accepted (default: 32 MiB)")
-    p.add_argument("--max-pixels", type=int, default=40_000_000,
-                   help="decompression-bomb guard: largest width*height decoded (default: %(default)s)")
-    p.add_argument("--min-side", type=int, default=8, help="smallest width or height accepted (default: %(default)s)")
-    p.set_defaults(func=cmd_ingest)
-
+def add_sql_parser(sub, ws: argparse.ArgumentParser) -> None:
     p = sub.add_parser("sql", parents=[ws], help="run read-only SQL against the catalog",
                        description="Run one read-only SELECT against catalog.duckdb. Views: "
                        + ", ".join(f"{k} ({v.description})" for k, v in catalog.VIEWS.items())
@@ -565,6 +286,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-width", type=int, default=None, help="width of --format table (default: terminal)")
     p.set_defaults(func=cmd_sql)
 
+
+
+def cmd_refresh(args: argparse.Namespace) -> int:
+    ws = resolve_workspace(args.workspace)
+    aside = catalog.rebuild(ws) if args.rebuild else catalog.refresh(ws)
+    counts = catalog.query(ws, "SELECT (SELECT count(*) FROM samples) AS samples, (SELECT count(*) FROM selections) "
+                               "AS selections, (SELECT count(*) FROM students) AS students").to_pylist()[0]
+    print(f"refresh: catalog {ws.catalog_path} " + ("rebuilt" if args.rebuild else "refreshed")
+          + f" from the artifacts: {counts['samples']} samples, {counts['selections']} selection(s), "
+          f"{counts['students']} student(s)" + (f"; the old catalog is at {aside}" if aside else ""))
+    return 0
+
+
+def add_refresh_parser(sub, ws: argparse.ArgumentParser) -> None:
     p = sub.add_parser("refresh", parents=[ws], help="rebuild the catalog's views and tables from the artifacts",
                        description="Recreate catalog.duckdb's views over the workspace's artifacts (as every stage "
                        "does when it ends), and the rows of selections and students from their manifests and "
@@ -573,6 +308,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rebuild", action="store_true", help="set the catalog aside and build a new one")
     p.set_defaults(func=cmd_refresh)
 
+
+# --- embed ----------------------------------------------------------------------------------
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    ws = resolve_workspace(args.workspace)
+    summary = stage_runner.run_embed(ws, args.embedder, args.pretrained, args.teacher, args.device, args.precision,
+                                     args.batch_size, args.workers, args.trust_model_code, progress=True)
+    if args.embedder.startswith("open_clip:") and not args.pretrained:
+        print("embed: no --pretrained weights: the vectors come from a randomly initialised model", file=sys.stderr)
+    rate = f" at {summary['samples'] / summary['seconds']:.0f} images/s" if summary["seconds"] else ""
+    print(f"embed {summary['embedder']}: {summary['embedded']} shard(s), {summary['samples']} images{rate}; "
+          f"{summary['skipped']} unchanged and skipped; vectors of dim {summary['dim']} in "
+          f"{ws.root / 'embeddings' / summary['embedder']}")
+    if summary["failed_images"]:
+        _error(f"{summary['failed_images']} image(s) could not be read again (flagged ok=false)")
+        return 1
+    return 0
+
+
+def add_embed_parser(sub, ws: argparse.ArgumentParser) -> None:
     p = sub.add_parser("embed", parents=[ws], help="embed every ingested image (open_clip or the teacher's features)",
                        description="Write one L2-normalised float16 .npy per shard, with its id map, under "
                        "embeddings/<embedder>/. Images are decoded in DataLoader workers, straight from the shards. "
@@ -589,17 +344,42 @@ def build_parser() -> argparse.ArgumentParser:
     _trust_option(p)
     p.set_defaults(func=cmd_embed)
 
-    def index_options(p):
-        p.add_argument("--embedder", default="open_clip:ViT-S-32", help="which embeddings (default: %(default)s)")
-        p.add_argument("--nprobe", type=int, default=32, help="IVF lists probed per query (default: %(default)s)")
 
+# --- index, knn, knn-score ------------------------------------------------------------------
+
+def _index_config(args: argparse.Namespace):
+    from curation.index import IndexConfig
+
+    return IndexConfig(ivf_threshold=args.ivf_threshold, nlist=args.nlist, pq_m=args.pq_m, nprobe=args.nprobe,
+                       dup_threshold=args.dup_threshold, kmeans_k=args.kmeans_k, verify=args.verify,
+                       dup_max_crop=args.max_crop, dup_max_neighbors=args.dup_max_neighbors)
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    ws = resolve_workspace(args.workspace)
+    config = _index_config(args)
+    out = stage_runner.run_index(ws, args.embedder, config, workers=args.workers)
+    meta, dups = out["index"], out["dups"]
+    print(f"index {meta['embedder']}: {meta['kind']} index of {meta['size']} vectors (dim {meta['dim']})"
+          + (" unchanged" if meta["skipped"] else f" built in {meta['seconds']:.1f}s"))
+    print(f"near-duplicates at cosine >= {config.dup_threshold}: {dups.get('clusters')} clusters, "
+          f"{dups.get('duplicates')} samples that duplicate another; k-means: {out['kmeans_k']} clusters")
+    if dups.get("capped_images"):
+        print(f"near-duplicates: {dups['capped_images']} of {dups.get('images')} images have more than "
+              f"{dups.get('max_neighbors')} look-alikes at cosine >= {config.dup_threshold}; only their nearest "
+              f"{dups.get('max_neighbors')} were candidates (--dup-max-neighbors; column candidates_capped of `dups`)",
+              file=sys.stderr)
+    return 0
+
+
+def add_index_parser(sub, ws: argparse.ArgumentParser) -> None:
     p = sub.add_parser("index", parents=[ws], help="FAISS index, near-duplicate clusters and k-means clusters",
                        description="Build a FAISS index over one embedder's vectors (exact IndexFlatIP below "
                        "--ivf-threshold vectors, IVF or IVF-PQ above), then near-duplicate clusters (each image's nearest "
                        "look-alikes, at most --dup-max-neighbors, checked on the pixels; identical bytes always share "
                        "a cluster) into the `dups` view and "
                        "k-means clusters into `clusters`. Files open with plain faiss.read_index and pyarrow.")
-    index_options(p)
+    _index_options(p)
     p.add_argument("--ivf-threshold", type=int, default=100_000, help="exact search below this many vectors")
     p.add_argument("--nlist", type=int, default=None, help="IVF lists (default: about 4*sqrt(n))")
     p.add_argument("--pq-m", type=int, default=0, help="> 0: IVF-PQ with this many sub-quantizers")
@@ -616,9 +396,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="processes reading images for the pixel check (default: %(default)s)")
     p.set_defaults(func=cmd_index)
 
+
+
+def _query_vectors(ws, name: str, args: argparse.Namespace):
+    """The query vectors for --sample-id / --image / --text, and a label for each."""
+    from curation.embedders import embedder_from_workspace
+    from curation.index import vectors_of
+
+    if args.sample_id:
+        return vectors_of(ws, name, args.sample_id), list(args.sample_id)
+    embedder = embedder_from_workspace(ws.root, name, trust_model_code=args.trust_model_code)
+    if args.text:
+        return embedder.encode_text(args.text).numpy(), list(args.text)
+    return stage_runner.encode_image_files(embedder, args.image, strict=True), list(args.image)
+
+
+def cmd_knn(args: argparse.Namespace) -> int:
+    from curation.embedders import embedder_dir_name
+    from curation.index import search
+
+    ws = resolve_workspace(args.workspace)
+    name = embedder_dir_name(args.embedder)
+    queries, labels = _query_vectors(ws, name, args)
+    hits = search(ws, name, queries, k=args.k, nprobe=args.nprobe)
+    rows = [{"query": label, "rank": r + 1, "sample_id": sid, "similarity": round(sim, 4)}
+            for label, found in zip(labels, hits) for r, (sid, sim) in enumerate(found)]
+    if not rows:
+        print("knn: no neighbours found", file=sys.stderr)
+        return 1
+    con_table = catalog.query(ws, "SELECT sample_id, shard, key, width, height, url, caption FROM samples WHERE sample_id IN ("
+                              + ",".join(f"'{r['sample_id']}'" for r in rows) + ")").to_pylist()
+    meta = {m["sample_id"]: m for m in con_table}
+    table = pa.Table.from_pylist([r | {k: v for k, v in meta.get(r["sample_id"], {}).items() if k != "sample_id"}
+                                  for r in rows])
+    _print_table(table, args)
+    return 0
+
+
+def add_knn_parser(sub, ws: argparse.ArgumentParser) -> None:
     p = sub.add_parser("knn", parents=[ws], help="nearest neighbours of a sample, an image file or a text",
                        description="Print the nearest samples with their catalog metadata.")
-    index_options(p)
+    _index_options(p)
     q = p.add_mutually_exclusive_group(required=True)
     q.add_argument("--sample-id", nargs="+", help="query by sample_id(s)")
     q.add_argument("--image", nargs="+", help="query by image file(s)")
@@ -629,10 +447,22 @@ def build_parser() -> argparse.ArgumentParser:
     _trust_option(p)  # a teacher embedder's model is loaded again to embed the queries
     p.set_defaults(func=cmd_knn)
 
+
+
+def cmd_knn_score(args: argparse.Namespace) -> int:
+    ws = resolve_workspace(args.workspace)
+    result = stage_runner.run_knn_score(ws, args.name, args.embedder, args.k, prompts=args.prompts, sql=args.sql,
+                                        images=args.images, trust_model_code=args.trust_model_code)
+    print(f"knn-score {args.name}: {result['samples']} samples scored against {result['reference']} reference "
+          f"vectors (k={result['k']}); column knn_sim in view knn_scores WHERE name = '{args.name}'")
+    return 0
+
+
+def add_knn_score_parser(sub, ws: argparse.ArgumentParser) -> None:
     p = sub.add_parser("knn-score", parents=[ws], help="score every sample by its similarity to a reference set",
                        description="Mean cosine similarity of each sample to its k nearest reference vectors, "
                        "stored as knn_sim in the `knn_scores` view under --name (higher = closer).")
-    index_options(p)
+    _index_options(p)
     p.add_argument("--name", required=True, help="name of the score")
     r = p.add_mutually_exclusive_group(required=True)
     r.add_argument("--images", help="a folder of target images")
@@ -642,6 +472,34 @@ def build_parser() -> argparse.ArgumentParser:
     _trust_option(p)
     p.set_defaults(func=cmd_knn_score)
 
+
+# --- score ----------------------------------------------------------------------------------
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from curation.score import ScoreConfig
+
+    ws = resolve_workspace(args.workspace)
+    config = ScoreConfig(teacher=args.teacher, student=args.student, name=args.name, batch_size=args.batch_size,
+                         workers=args.workers, odin=not args.no_odin, odin_temperature=args.odin_temperature,
+                         odin_epsilon=args.odin_epsilon, kd3_alpha=args.kd3_alpha, kd3_tau=args.kd3_tau,
+                         reference_confidence=args.reference_confidence, knn_k=args.knn_k,
+                         device=args.device or ("cuda" if _cuda() else "cpu"), trust_model_code=args.trust_model_code)
+    summary = stage_runner.run_score(ws, config, progress=True)
+    rate = f" at {summary['samples'] / summary['seconds']:.0f} images/s" if summary["seconds"] else ""
+    print(f"score {config.name}: {summary['scored']} shard(s), {summary['samples']} samples{rate}; "
+          f"{summary['skipped']} unchanged and skipped; {summary['reference_samples']} confident reference samples "
+          f"(teacher_conf >= {config.reference_confidence}). Query them: webdistill sql \"SELECT * FROM candidates\" "
+          f"(columns: SELECT * FROM score_columns)")
+    return 0
+
+
+def add_score_parser(sub, ws: argparse.ArgumentParser) -> None:
     p = sub.add_parser("score", parents=[ws], help="score every sample with the teacher (and a student)",
                        description="Run the teacher (and, with --student, the student) over every ingested sample and "
                        "store per-sample scores in the `scores` view, all with higher = more in-distribution: MSP, max "
@@ -667,11 +525,34 @@ def build_parser() -> argparse.ArgumentParser:
     _trust_option(p)
     p.set_defaults(func=cmd_score)
 
+
+# --- select, synthesize ---------------------------------------------------------------------
+
+def cmd_select(args: argparse.Namespace) -> int:
+    from curation.select import SelectConfig
+
+    ws = resolve_workspace(args.workspace)
+    config = SelectConfig(name=args.name, sql=args.sql, policy=args.policy, limit=args.limit,
+                          shard_size=args.shard_size, seed=args.seed, synthetic=tuple(args.synthetic or ()),
+                          score_run=args.score_run)
+    out = stage_runner.run_select(ws, config)
+    status = "unchanged" if out["unchanged"] else f"written in {out['shards']} shard(s)"
+    print(f"select {config.name}: {out['size']} samples {status} at {out['path']}; "
+          f"per class: {out['counts_per_class']}; scores from run {out['score_run']}")
+    for note in out["notes"]:
+        print(f"select {config.name}: note: {note}", file=sys.stderr)
+    if out["lost"]:
+        _error(f"{out['lost']} chosen image(s) changed or vanished since ingest and were left out")
+        return 1
+    return 0
+
+
+def add_select_parser(sub, ws: argparse.ArgumentParser) -> None:
     p = sub.add_parser("select", parents=[ws], help="pick samples by SQL and/or policies; write curated WebDataset shards",
                        description="Choose samples from the `candidates` view (samples joined with near-duplicate and "
-                       "k-means clusters and the latest scores) and write them to selections/NAME/ as WebDataset "
-                       "shards (original image bytes, json with scores and weight, logits.npy, cls) with a "
-                       "manifest.json. Policies compose left to right with '|', parameters with ';': "
+                       "k-means clusters and the scores of one scoring run: --score-run, default the newest) and "
+                       "write them to selections/NAME/ as WebDataset shards (original image bytes, json with scores "
+                       "and weight, logits.npy, cls) with a manifest.json. Policies compose left to right with '|', parameters with ';': "
                        "topk:k=N;by=EXPR, threshold:by=EXPR;min=X, dedup, balance:k=N (or per_class=N), "
                        "diversity:max_per_cluster=N, softmax:k=N;by=EXPR;tau=T;replace=true (related-first "
                        "sampling, p ~ exp(s/tau)), kd3[:tau=0.95]. EXPR is any SQL expression over candidates' "
@@ -684,8 +565,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the random policies (default: %(default)s)")
     p.add_argument("--synthetic", nargs="+", default=None, metavar="NAME",
                    help="mix these synthetic sets (from `webdistill synthesize`) into the selection")
+    p.add_argument("--score-run", default=None, metavar="RUN",
+                   help="the scoring run (webdistill score --name) whose scores the candidates carry, in --sql too "
+                   "(default: the newest finished run; the output names the one used)")
     p.set_defaults(func=cmd_select)
 
+
+
+def cmd_synthesize(args: argparse.Namespace) -> int:
+    from curation.synthesize import SynthConfig
+
+    ws = resolve_workspace(args.workspace)
+    config = SynthConfig(teacher=args.teacher, name=args.name, score_run=args.score_run, per_class=args.per_class,
+                         conf_threshold=args.conf_threshold, search=args.search, seed=args.seed,
+                         trust_model_code=args.trust_model_code)
+    out = stage_runner.run_synthesize(ws, config, progress=True)
+    print(f"synthesize {args.name}: {out['size']} images" + (" unchanged" if out["unchanged"] else "")
+          + (f", {out['pass_rate']:.1%} of candidates passed confidence {args.conf_threshold}"
+             if out["pass_rate"] is not None else "")
+          + f"; per class {out['counts_per_class']}; in {out['path']}")
+    return 0
+
+
+def add_synthesize_parser(sub, ws: argparse.ArgumentParser) -> None:
     p = sub.add_parser("synthesize", parents=[ws], help="generate confident images per class (Nguyen et al.)",
                        description="Train a conditional VAE on the scored pool (conditioned on the teacher's "
                        "pseudo-labels), search its latent space for images the teacher classifies confidently, and "
@@ -703,6 +605,33 @@ def build_parser() -> argparse.ArgumentParser:
     _trust_option(p)
     p.set_defaults(func=cmd_synthesize)
 
+
+# --- distill --------------------------------------------------------------------------------
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    ws = resolve_workspace(args.workspace)
+    options = {"student": args.student, "loss": json.loads(args.loss) if args.loss.startswith("{") else {"method": args.loss},
+               "teacher_mode": args.teacher_mode, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+               "nproc": args.nproc, "workers": args.loader_workers}
+    if args.trust_model_code:
+        options["trust_model_code"] = True
+    # the job resolves relative paths against its config's folder: hand it absolute ones
+    if args.teacher:
+        options["teacher"] = _absolute_if_file(args.teacher)
+    if args.eval:
+        options["eval"] = _absolute_if_file(args.eval)
+    name = args.name if args.name is not None else f"{args.selection}-{options['loss']['method']}"
+    summary = stage_runner.run_distill(str(ws.root), name, args.selection, options,
+                                       init_from=_absolute_if_file(args.init_from) if args.init_from else None,
+                                       stream=sys.stderr)
+    acc = summary.get("eval_accuracy")
+    print(f"distill {name}: {summary.get('steps')} steps in {summary.get('seconds', 0):.0f}s on {summary.get('world_size')} "
+          f"process(es)" + (f"; eval accuracy {acc:.4f}" if acc is not None else "")
+          + f"; student: {summary.get('checkpoint')}")
+    return 0
+
+
+def add_distill_parser(sub, ws: argparse.ArgumentParser) -> None:
     p = sub.add_parser("distill", parents=[ws], help="distil a student on a curated selection, under torchrun",
                        description="Write a job config under students/NAME/ and run `python -m distill.train` under "
                        "torchrun with --nproc processes (DDP: gloo on CPU, nccl on GPU). Checkpoints every few steps and "
@@ -728,6 +657,22 @@ def build_parser() -> argparse.ArgumentParser:
     _trust_option(p)
     p.set_defaults(func=cmd_distill)
 
+
+# --- the verbs that run Prefect flows -------------------------------------------------------
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from flows.pipeline import pipeline_flow
+
+    result = pipeline_flow(args.config, trust_model_code=args.trust_model_code)
+    for r in result["rounds"]:
+        sel, student = r["selection"], r.get("student") or {}
+        acc = student.get("eval_accuracy")
+        print(f"round {r['round']}: selection {sel['name']} of {sel['size']} samples"
+              + (f"; student eval accuracy {acc:.4f}" if acc is not None else ""))
+    return 0
+
+
+def add_run_parser(sub, ws: argparse.ArgumentParser) -> None:
     p = sub.add_parser("run", help="run the whole pipeline from a YAML config as one Prefect flow, with rounds",
                        description="Stages from the config (crawl, ingest, embed, index, score, select, distill), as "
                        "Prefect flows with per-shard tasks; rounds re-score with the latest student, re-select and "
@@ -736,12 +681,37 @@ def build_parser() -> argparse.ArgumentParser:
     _trust_option(p)  # or `trust_model_code: true` in the YAML
     p.set_defaults(func=cmd_run)
 
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from flows.serve import build_deployments, serve_config
+
+    names = [d.name for d in build_deployments(args.config)]
+    print(f"serving {', '.join(names)} (Ctrl-C stops; trigger one with: prefect deployment run 'FLOW/NAME')", flush=True)
+    serve_config(args.config)
+    return 0
+
+
+def add_serve_parser(sub, ws: argparse.ArgumentParser) -> None:
     p = sub.add_parser("serve", help="serve the config's flows as Prefect deployments with cron schedules",
                        description="Register deployments for the config's `schedules` (crawl, curation, distill, "
                        "pipeline) and serve them until interrupted. Needs a Prefect server (PREFECT_API_URL).")
     p.add_argument("config", help="pipeline YAML with a `schedules` section")
     p.set_defaults(func=cmd_serve)
 
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from flows.demo import run_demo
+
+    return run_demo(
+        workspace=resolve_workspace(args.workspace), out=args.out, size=args.size, n_shards=args.shards,
+        teacher_epochs=args.teacher_epochs, workers=args.workers, seed=args.seed, clip_steps=args.clip_steps,
+        rounds=args.rounds, distill_epochs=args.distill_epochs,
+    )
+
+
+def add_demo_parser(sub, ws: argparse.ArgumentParser) -> None:
     p = sub.add_parser("demo", parents=[ws], help="build the demo crawl and teacher offline, then run the whole pipeline (2 rounds)",
                        description="Build a crawl of real images (MNIST as the teacher's domain, mixed with Fashion-MNIST, "
                        "animal silhouettes, letters, natural-image crops and 8x8 digits) with planted defects and "
@@ -762,11 +732,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--distill-epochs", type=int, default=15, help="student epochs per round (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of everything random in the demo (default: %(default)s)")
     p.set_defaults(func=cmd_demo)
+
+
+# --- the parser and main --------------------------------------------------------------------
+
+VERBS = (add_crawl_parser, add_ingest_parser, add_sql_parser, add_refresh_parser, add_embed_parser, add_index_parser,
+         add_knn_parser, add_knn_score_parser, add_score_parser, add_select_parser, add_synthesize_parser,
+         add_distill_parser, add_run_parser, add_serve_parser, add_demo_parser)  # in --help's order
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="webdistill",
+        description="Curate a web crawl into a transfer set for a teacher, and distil a student on it. "
+        "Every stage writes per-shard artifacts into the workspace; `catalog.duckdb` there has SQL views over all of them.",
+    )
+    sub = parser.add_subparsers(dest="verb", required=True, parser_class=_Parser, metavar="VERB")
+    ws = _workspace_parent()
+    for add_parser in VERBS:
+        add_parser(sub, ws)
     return parser
 
 
 def _distill_user_errors() -> tuple[type, ...]:
-    """The distillation package's errors a user can fix (it does not depend on curation's error types)."""
+    """The distillation package's errors a user can fix (it does not depend on curation's error types).
+    Imported only when a verb failed: distill pulls in torch."""
     from distill.config import ConfigError
     from distill.data import DataError
     from distill.launch import DistillJobError
@@ -780,8 +770,6 @@ def _distill_user_errors() -> tuple[type, ...]:
 
 def _run(args: argparse.Namespace) -> int:
     """Run the verb; a workspace at an fsspec URL is mirrored locally and synced back after."""
-    from curation.remote import is_remote, synced
-
     url = getattr(args, "workspace", None) or os.environ.get("WEBDISTILL_WORKSPACE")
     if not is_remote(url):
         return args.func(args)
@@ -795,7 +783,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(args)
     except WebdistillError as exc:
-        print(f"webdistill: error: {exc}", file=sys.stderr)
+        _error(str(exc))
         return 2
     except KeyboardInterrupt:
         print("webdistill: interrupted", file=sys.stderr)
@@ -803,11 +791,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - last resort: still one line unless asked for more
         storage = storage_error(exc)  # a full disk or a folder it may not write, whichever stage hit it
         if storage is not None:
-            print(f"webdistill: error: {storage}", file=sys.stderr)
+            _error(str(storage))
             return 2
         if isinstance(exc, _distill_user_errors()):
             message = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-            print(f"webdistill: error: {message}", file=sys.stderr)
+            _error(message)
             return 2
         if os.environ.get("WEBDISTILL_DEBUG"):
             traceback.print_exc()

@@ -205,10 +205,10 @@ def test_two_ranks_error_lines_that_ran_together_give_one_reason(between):
 
 @pytest.mark.slow  # torchrun
 def test_a_failed_pipeline_job_leaves_its_output_and_its_last_lines_in_the_error(data, tmp_path):
-    """The pipeline's distill step (run_distillation, which the Prefect task wraps; stream=None: nothing
+    """The pipeline's distill step (run_distill, which the Prefect task wraps; stream=None: nothing
     on a console) on a selection whose first sample is fine (the up-front check passes) and whose other
     images are not images: the job fails inside a DataLoader worker."""
-    from flows.pipeline import run_distillation
+    from flows.stage_runner import run_distill
 
     manifest = json.loads(data["manifest"].read_text())
     bad = tmp_path / "ws" / "selections" / "bad"
@@ -227,7 +227,7 @@ def test_a_failed_pipeline_job_leaves_its_output_and_its_last_lines_in_the_error
     options = {k: v for k, v in json.loads(job_config(data, tmp_path / "unused").read_text()).items()
                if k not in ("selection", "out", "name")}
     with pytest.raises(DistillJobError) as caught:
-        run_distillation(str(tmp_path / "ws"), "bad-run", "bad", {**options, "nproc": 2, "samples_per_epoch": 64})
+        run_distill(str(tmp_path / "ws"), "bad-run", "bad", {**options, "nproc": 2, "samples_per_epoch": 64})
     err, out = caught.value, tmp_path / "ws" / "students" / "bad-run"
     first, *rest = str(err).splitlines()
     assert re.search(r"00000\.tar: sample s\d{5}: cannot decode its (png|jpg|webp): ", first), first

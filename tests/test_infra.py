@@ -214,7 +214,7 @@ def test_pipeline_config_builds_the_served_deployments(tmp_path):
     ScoreConfig(teacher=s["score"]["teacher"], **s["score"].get("options", {}))
     assert set(s["embed"]) <= set(inspect.signature(embed_flow.fn).parameters)
     assert [step.kind for step in parse_policy(s["select"]["policy"])] == ["dedup", "kd3", "balance"]
-    # The distill section becomes a job config as flows.pipeline.run_distillation writes it.
+    # The distill section becomes a job config as flows.stage_runner.run_distill writes it.
     options = {k: v for k, v in s["distill"].items() if k != "nproc"}
     job = {"selection": f"{cfg.workspace}/selections/x/manifest.json", "out": f"{cfg.workspace}/students/x",
            "name": "x", "progress": False, **options}
