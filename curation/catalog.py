@@ -11,11 +11,11 @@ import json
 import os
 import time
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Iterator
 
 import duckdb
 import pyarrow as pa
@@ -188,7 +188,7 @@ def rebuild(ws: Workspace) -> Path | None:
     aside = None
     with storage_errors(ws.catalog_path):
         if ws.catalog_path.exists():
-            aside = ws.catalog_path.with_name(f"catalog.duckdb.{datetime.now(timezone.utc):%Y%m%dT%H%M%S%f}.bak")
+            aside = ws.catalog_path.with_name(f"catalog.duckdb.{datetime.now(UTC):%Y%m%dT%H%M%S%f}.bak")
             wal = ws.catalog_path.with_name(ws.catalog_path.name + ".wal")
             if wal.exists():
                 os.replace(wal, aside.with_name(aside.name + ".wal"))
@@ -252,7 +252,7 @@ def record_run(ws: Workspace, stage: str, started_at: datetime, params: dict, su
         con.execute(TABLES["runs"])
         con.execute(
             "INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?)",
-            [run_id, stage, started_at, datetime.now(timezone.utc), json.dumps(params, default=str), json.dumps(summary, default=str)],
+            [run_id, stage, started_at, datetime.now(UTC), json.dumps(params, default=str), json.dumps(summary, default=str)],
         )
     return run_id
 
@@ -277,13 +277,13 @@ def record_selection(ws: Workspace, manifest: dict, path: Path) -> None:
     digest = hashlib.sha256((path / "manifest.json").read_bytes()).hexdigest()
     with _writing(ws) as con:
         _upsert(con, "selections", _selection_row(manifest | {"name": path.name}, path, digest,
-                                                  datetime.now(timezone.utc)))
+                                                  datetime.now(UTC)))
 
 
 def record_student(ws: Workspace, summary: dict) -> None:
     """A distillation run's summary.json, as a row of `students`."""
     with _writing(ws) as con:
-        _upsert(con, "students", _student_row(summary, datetime.now(timezone.utc)))
+        _upsert(con, "students", _student_row(summary, datetime.now(UTC)))
 
 
 _RECORD_MAX_BYTES = 16 * 2**20  # a manifest or summary bigger than this is not one webdistill wrote
@@ -302,7 +302,7 @@ def _stored_documents(ws: Workspace, kind: str, filename: str) -> Iterator[tuple
         except (WebdistillError, OSError, ValueError):
             continue  # a temporary folder, a stray file, an unreadable document: not a record
         if isinstance(doc, dict):
-            yield folder, raw, doc, datetime.fromtimestamp(path.stat().st_mtime, timezone.utc)
+            yield folder, raw, doc, datetime.fromtimestamp(path.stat().st_mtime, UTC)
 
 
 def _restore_records(ws: Workspace, con: duckdb.DuckDBPyConnection) -> None:

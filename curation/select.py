@@ -29,7 +29,7 @@ import math
 import os
 import shutil
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -254,7 +254,7 @@ def select(ws: Workspace, config: SelectConfig) -> SelectResult:
             "synthetic": {m["name"]: m["total"] for m in synthetic}, "notes": notes,
             "sources": _source_fingerprints(ws, sorted(kept["shard"].unique())),
             "candidates": sources, "selection_hash": digest,
-            "created_at": datetime.now(timezone.utc).isoformat(),
+            "created_at": datetime.now(UTC).isoformat(),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, allow_nan=False))
         swap_into_place(tmp, final)

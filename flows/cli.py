@@ -31,7 +31,7 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.csv as pacsv  # noqa: E402
 
 from curation import catalog, user_sql  # noqa: E402
-from curation.errors import WebdistillError, storage_error  # noqa: E402
+from curation.errors import WebdistillError, first_line, storage_error  # noqa: E402
 from curation.remote import is_remote, synced  # noqa: E402
 from curation.validate import ValidationConfig  # noqa: E402
 from curation.workspace import resolve_workspace  # noqa: E402
@@ -424,9 +424,10 @@ def cmd_knn(args: argparse.Namespace) -> int:
     if not rows:
         print("knn: no neighbours found", file=sys.stderr)
         return 1
-    con_table = catalog.query(ws, "SELECT sample_id, shard, key, width, height, url, caption FROM samples WHERE sample_id IN ("
-                              + ",".join(f"'{r['sample_id']}'" for r in rows) + ")").to_pylist()
-    meta = {m["sample_id"]: m for m in con_table}
+    found = catalog.query(ws, "SELECT sample_id, shard, key, width, height, url, caption FROM samples "
+                          "WHERE sample_id IN (SELECT unnest($ids::VARCHAR[]))",
+                          params={"ids": sorted({r["sample_id"] for r in rows})}).to_pylist()
+    meta = {m["sample_id"]: m for m in found}
     table = pa.Table.from_pylist([r | {k: v for k, v in meta.get(r["sample_id"], {}).items() if k != "sample_id"}
                                   for r in rows])
     _print_table(table, args)
@@ -454,7 +455,7 @@ def cmd_knn_score(args: argparse.Namespace) -> int:
     result = stage_runner.run_knn_score(ws, args.name, args.embedder, args.k, prompts=args.prompts, sql=args.sql,
                                         images=args.images, trust_model_code=args.trust_model_code)
     print(f"knn-score {args.name}: {result['samples']} samples scored against {result['reference']} reference "
-          f"vectors (k={result['k']}); column knn_sim in view knn_scores WHERE name = '{args.name}'")
+          f"vectors (k={result['k']}); column knn_sim in view knn_scores WHERE name = {user_sql.sql_literal(args.name)}")
     return 0
 
 
@@ -754,20 +755,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _distill_user_errors() -> tuple[type, ...]:
-    """The distillation package's errors a user can fix (it does not depend on curation's error types).
-    Imported only when a verb failed: distill pulls in torch."""
-    from distill.config import ConfigError
-    from distill.data import DataError
-    from distill.launch import DistillJobError
-    from distill.losses import LossConfigError
-    from distill.spec import ModelSpecError
-    from distill.students import StudentError
-    from distill.train import JobError
-
-    return (ConfigError, DataError, DistillJobError, LossConfigError, ModelSpecError, StudentError, JobError)
-
-
 def _run(args: argparse.Namespace) -> int:
     """Run the verb; a workspace at an fsspec URL is mirrored locally and synced back after."""
     url = getattr(args, "workspace", None) or os.environ.get("WEBDISTILL_WORKSPACE")
@@ -782,8 +769,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return _run(args)
-    except WebdistillError as exc:
-        _error(str(exc))
+    except WebdistillError as exc:  # distill's errors too; a failed job's reason is its first line
+        _error(first_line(exc))
         return 2
     except KeyboardInterrupt:
         print("webdistill: interrupted", file=sys.stderr)
@@ -793,15 +780,10 @@ def main(argv: list[str] | None = None) -> int:
         if storage is not None:
             _error(str(storage))
             return 2
-        if isinstance(exc, _distill_user_errors()):
-            message = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-            _error(message)
-            return 2
         if os.environ.get("WEBDISTILL_DEBUG"):
             traceback.print_exc()
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        print(f"webdistill: internal error: {exc.__class__.__name__}: {first} (WEBDISTILL_DEBUG=1 shows the traceback)",
-              file=sys.stderr)
+        print(f"webdistill: internal error: {exc.__class__.__name__}: {first_line(exc)} "
+              "(WEBDISTILL_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 1
 
 

@@ -3,7 +3,7 @@ nothing of Prefect. Finished shards are skipped, so a rerun resumes."""
 from __future__ import annotations
 
 import functools
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from prefect import flow
 
@@ -19,7 +19,7 @@ def crawl_flow(url_list: str, out: str, options: dict | None = None, max_failure
     allowed_networks (CIDRs; the only way to open link-local and other special ranges), ..."""
     from curation.crawl import CrawlConfig, crawl_shard, plan_shards, read_url_list
 
-    started = datetime.now(timezone.utc)
+    started = datetime.now(UTC)
     config = CrawlConfig(**(options or {}))
     plans = plan_shards(read_url_list(url_list), config.shard_size)
     results, failed = prefect_map("crawl-shard")(functools.partial(crawl_shard, out_dir=out, config=config), plans,

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import yaml
 
-from curation.errors import UnsafeName, WebdistillError
+from curation.errors import UnsafeName, WebdistillError, first_line
+from curation.files import is_remote
 from curation.workspace import check_name
 
 SECTIONS = ("crawl", "ingest", "embed", "index", "knn_scores", "score", "select", "synthesize", "distill")
@@ -36,7 +37,7 @@ class PipelineConfig:
     def path(self, p: str | None) -> str | None:
         """A path from the config, made absolute against the config's folder. URLs, `pipe:` commands
         and model specs such as `module:factory` or `torchvision:resnet18` are left as they are."""
-        if p is None or "://" in p or p.startswith("pipe:"):
+        if p is None or is_remote(p) or p.startswith("file://"):
             return p
         if ":" in p.split("/")[0] and not Path(p).exists():  # a model spec, not a path
             return p
@@ -54,7 +55,7 @@ def load_pipeline_config(path: str | Path) -> PipelineConfig:
     except OSError as exc:
         raise PipelineConfigError(f"cannot read {path}: {exc.strerror or exc}") from exc
     except yaml.YAMLError as exc:
-        raise PipelineConfigError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+        raise PipelineConfigError(f"{path} is not valid YAML: {first_line(exc)}") from exc
     if not isinstance(raw, dict):
         raise PipelineConfigError(f"{path} must be a mapping of sections")
     unknown = set(raw) - TOP_KEYS

@@ -24,12 +24,12 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from curation import catalog
-from curation.errors import ShardReadError, WebdistillError, WorkerDied
+from curation.errors import ShardReadError, WebdistillError, WorkerDied, first_line
 from curation.workspace import Workspace, check_name, remove_tree
 
 MapShards = Callable[[Callable, Sequence, Sequence[str]], tuple[list, dict[str, str]]]
@@ -48,11 +48,10 @@ class StageFailed(WebdistillError):
 
 def failure_reason(exc: BaseException) -> str:
     """One line for a failed shard: the message of our own shard errors, else `Type: first line`."""
-    text = str(exc).strip()
-    first = text.splitlines()[0] if text else ""
-    if isinstance(exc, (ShardReadError, WorkerDied)) and first:
+    first = first_line(exc)
+    if isinstance(exc, (ShardReadError, WorkerDied)) or first == exc.__class__.__name__:
         return first
-    return f"{exc.__class__.__name__}: {first}" if first else exc.__class__.__name__
+    return f"{exc.__class__.__name__}: {first}"
 
 
 def check_failures(stage: str, failed: dict[str, str], total: int, max_failure_fraction: float,
@@ -99,7 +98,7 @@ def _chunks(items: Sequence, size: int | None) -> list[list]:
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def _record(ws: Workspace, stage: str, started: datetime, params: dict, summary: dict) -> None:
@@ -156,8 +155,8 @@ def run_embed(ws: Workspace, embedder: str = "open_clip:ViT-S-32", pretrained: s
               map_shards: MapShards = in_process, shards_per_task: int | None = None,
               max_failure_fraction: float = 0.0, progress: bool = False) -> dict:
     """Embed every ingested shard not yet embedded, in groups of `shards_per_task` (None: one group)."""
-    from curation.shard_reader import shard_jobs
     from curation.embedders import make_embedder
+    from curation.shard_reader import shard_jobs
 
     started = _now()
     args = {"name": embedder, "pretrained": pretrained, "teacher": teacher, "device": device, "precision": precision}
@@ -267,8 +266,8 @@ def run_score(ws: Workspace, config, map_shards: MapShards = in_process, shards_
               max_failure_fraction: float = 0.0, progress: bool = False) -> dict:
     """Score every ingested sample with the teacher (and student): pass 1 per group of shards,
     then pass 2 over the pool (config: a ScoreConfig)."""
-    from curation.shard_reader import shard_jobs
     from curation.score import ScoreSummary, finish
+    from curation.shard_reader import shard_jobs
 
     started = _now()
     groups = _chunks([j.shard for j in shard_jobs(ws)], shards_per_task)

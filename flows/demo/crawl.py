@@ -76,7 +76,7 @@ class Plan:
     fmt: str  # jpeg | png
     defect: str | None = None
     dup_kind: str | None = None  # exact | near
-    origin: "Plan | None" = None  # the plan this one duplicates
+    origin: Plan | None = None  # the plan this one duplicates
 
 
 def _quota(size: int, fashion_ok: bool) -> dict[str, int]:

