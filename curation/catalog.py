@@ -35,7 +35,8 @@ class ViewSpec:
 
 VIEWS: dict[str, ViewSpec] = {
     "samples": ViewSpec("samples/*.parquet", schemas.SAMPLES, "accepted samples: one row per valid image"),
-    "rejects": ViewSpec("rejects/*.parquet", schemas.REJECTS, "refused samples and unreadable parts of shards, with a reason"),
+    "rejects": ViewSpec("rejects/*.parquet", schemas.REJECTS,
+                        "refused samples and unreadable parts of shards, with a reason"),
     "shards": ViewSpec("shards/*.parquet", schemas.SHARDS, "one row per ingested shard: counts, fingerprint, timing"),
     "embeddings": ViewSpec("embeddings/*/*.parquet", schemas.EMBEDDINGS,
                            "id maps of the per-shard vectors: embedder, shard, row in the .npy, sample_id"),
@@ -177,8 +178,8 @@ def refresh(ws: Workspace) -> None:
         con.executemany("INSERT OR REPLACE INTO score_columns VALUES (?, ?)", list(schemas.SCORE_COLUMNS.items()))
         sources = candidate_sources(ws)
         con.execute(f"CREATE OR REPLACE VIEW candidates AS {candidates_query(sources)}")
-        con.executemany("INSERT OR REPLACE INTO catalog_info VALUES (?, ?)",
-                        [("workspace", str(ws.root))] + [(f"candidates.{k}", json.dumps(v)) for k, v in sources.items()])
+        info = [("workspace", str(ws.root))] + [(f"candidates.{k}", json.dumps(v)) for k, v in sources.items()]
+        con.executemany("INSERT OR REPLACE INTO catalog_info VALUES (?, ?)", info)
         _restore_records(ws, con)
 
 
@@ -236,7 +237,8 @@ def candidates_query(src: dict) -> str:
     """The `candidates` view's SELECT over the given sources (from `candidate_sources`): select
     reads it with a named scoring run, the view with the newest."""
     knn_cols = "".join(f', k{i}.knn_sim AS "knn_{n}"' for i, n in enumerate(src["knn"]))
-    knn_joins = "".join(f" LEFT JOIN (SELECT sample_id, knn_sim FROM knn_scores WHERE name = {sql_literal(n)}) k{i} USING (sample_id)"
+    knn_joins = "".join(f" LEFT JOIN (SELECT sample_id, knn_sim FROM knn_scores WHERE name = {sql_literal(n)}) k{i}"
+                        " USING (sample_id)"
                         for i, n in enumerate(src["knn"]))
     return f"""SELECT s.*, d.cluster_id, d.cluster_size, d.is_representative, c.cluster, c.centroid_sim,
                sc.* EXCLUDE (sample_id, shard, "row"){knn_cols}
@@ -252,7 +254,8 @@ def record_run(ws: Workspace, stage: str, started_at: datetime, params: dict, su
         con.execute(TABLES["runs"])
         con.execute(
             "INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?)",
-            [run_id, stage, started_at, datetime.now(UTC), json.dumps(params, default=str), json.dumps(summary, default=str)],
+            [run_id, stage, started_at, datetime.now(UTC), json.dumps(params, default=str),
+             json.dumps(summary, default=str)],
         )
     return run_id
 
@@ -311,19 +314,20 @@ def _restore_records(ws: Workspace, con: duckdb.DuckDBPyConnection) -> None:
     for folder, raw, manifest, mtime in _stored_documents(ws, "selections", "manifest.json"):
         digest = hashlib.sha256(raw).hexdigest()
         if known.get(folder.name) != digest:
-            _try_upsert(con, "selections", lambda: _selection_row(manifest, folder, digest, mtime))
+            _try_upsert(con, "selections", _selection_row, manifest, folder, digest, mtime)
     students = {name for (name,) in con.execute("SELECT name FROM students").fetchall()}
     for folder, _, summary, mtime in _stored_documents(ws, "students", "summary.json"):
         if folder.name not in students:
             # recorded with the selection's name (the summary holds its manifest's path)
             name = summary.get("selection_name", summary.get("selection"))
-            _try_upsert(con, "students", lambda: _student_row(summary | {"name": folder.name, "selection": name}, mtime))
+            _try_upsert(con, "students", _student_row, summary | {"name": folder.name, "selection": name}, mtime)
 
 
-def _try_upsert(con: duckdb.DuckDBPyConnection, table: str, make_row) -> None:
-    """Insert a row made from a stored document; one that does not fit the table is left out."""
+def _try_upsert(con: duckdb.DuckDBPyConnection, table: str, make_row, *args) -> None:
+    """Insert the row make_row(*args) makes from a stored document; one that does not fit the table
+    is left out."""
     try:
-        _upsert(con, table, make_row())
+        _upsert(con, table, make_row(*args))
     except (KeyError, TypeError, ValueError, duckdb.ConversionException, duckdb.InvalidInputException):
         pass
 

@@ -134,7 +134,10 @@ def choose(ws: Workspace, config: SelectConfig, notes: list[str] | None = None,
         _check_weights(frame, "the query returned")
     else:
         frame["weight"] = 1.0
-    chosen = policies.apply_policies(frame, steps, seed=config.seed, notes=notes) if steps else frame.sort_values("sample_id")
+    if steps:
+        chosen = policies.apply_policies(frame, steps, seed=config.seed, notes=notes)
+    else:
+        chosen = frame.sort_values("sample_id")
     if config.limit is not None:
         chosen = chosen.head(config.limit)
     if chosen.empty:
@@ -269,7 +272,8 @@ def _mix_synthetic(ws: Workspace, name: str, folder: Path) -> dict:
     try:
         manifest = json.loads((src / "manifest.json").read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise SelectError(f"no synthetic set {name!r} in {src.parent} (run `webdistill synthesize --name {name}`)") from exc
+        raise SelectError(f"no synthetic set {name!r} in {src.parent} "
+                          f"(run `webdistill synthesize --name {name}`)") from exc
     try:
         total, weight_sum = int(manifest["total"]), float(manifest.get("weight_sum", manifest["total"]))
         counts = {int(k): int(v) for k, v in manifest["counts_per_class"].items()}

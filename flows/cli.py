@@ -53,10 +53,10 @@ def _workspace_parent() -> argparse.ArgumentParser:
 
 
 MODEL_SPECS = ("Model specs: a .json spec ({\"factory\": NAME, \"weights\": \"w.pt\", ...}), a torch.export "
-               "program (.pt2), torchvision:NAME[@w.pt], timm:NAME[@w.pt], module:factory[@w.pt] or a TorchScript file. "
-               "Loaded without trust: state_dicts (weights_only=True), checked .pt2 programs, and factories from the "
-               "project's registry (tiny_cnn, small_cnn, distill.models:*), torchvision: and timm:. TorchScript and "
-               "other module:factory specs run code and need --trust-model-code.")
+               "program (.pt2), torchvision:NAME[@w.pt], timm:NAME[@w.pt], module:factory[@w.pt] or a TorchScript "
+               "file. Loaded without trust: state_dicts (weights_only=True), checked .pt2 programs, and factories from "
+               "the project's registry (tiny_cnn, small_cnn, distill.models:*), torchvision: and timm:. TorchScript "
+               "and other module:factory specs run code and need --trust-model-code.")
 
 
 def _trust_option(p: argparse.ArgumentParser) -> None:
@@ -204,9 +204,12 @@ def add_ingest_parser(sub, ws: argparse.ArgumentParser) -> None:
                        "each sample in the `samples` view or, with a reason, in `rejects`. Shards already ingested "
                        "with the same content and limits are skipped, so reruns and added shards are cheap.")
     p.add_argument("shards", nargs="+", metavar="SHARDS", help="shard paths, patterns or URLs")
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="parallel processes (default: %(default)s)")
-    p.add_argument("--source", default=None, help="prefix for shard names, to tell apart crawls with the same file names")
-    p.add_argument("--max-image-bytes", type=int, default=32 * 1024 * 1024, help="largest image file accepted (default: 32 MiB)")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="parallel processes (default: %(default)s)")
+    p.add_argument("--source", default=None,
+                   help="prefix for shard names, to tell apart crawls with the same file names")
+    p.add_argument("--max-image-bytes", type=int, default=32 * 1024 * 1024,
+                   help="largest image file accepted (default: 32 MiB)")
     p.add_argument("--max-pixels", type=int, default=40_000_000,
                    help="decompression-bomb guard: largest width*height decoded (default: %(default)s)")
     p.add_argument("--min-side", type=int, default=8, help="smallest width or height accepted (default: %(default)s)")
@@ -266,9 +269,9 @@ def add_sql_parser(sub, ws: argparse.ArgumentParser) -> None:
                        description="Run one read-only SELECT against catalog.duckdb. Views: "
                        + ", ".join(f"{k} ({v.description})" for k, v in catalog.VIEWS.items())
                        + "; candidates (samples with their clusters and latest scores); tables: runs, selections, "
-                       "students, score_columns. Only a SELECT (or EXPLAIN of one) that reads runs: writes, COPY, ATTACH, "
-                       "INSTALL/LOAD, SET, query() and files outside the workspace are refused, whatever wraps them. "
-                       "Every query is bounded in time, output rows and bytes, and temp space.")
+                       "students, score_columns. Only a SELECT (or EXPLAIN of one) that reads runs: writes, COPY, "
+                       "ATTACH, INSTALL/LOAD, SET, query() and files outside the workspace are refused, whatever wraps "
+                       "them. Every query is bounded in time, output rows and bytes, and temp space.")
     p.add_argument("query", nargs="?", default=None,
                    help='e.g. "SELECT reason, count(*) FROM rejects GROUP BY reason"; - reads it from stdin')
     p.add_argument("-f", "--file", default=None, help="read the query from FILE (- for stdin)")
@@ -375,10 +378,10 @@ def cmd_index(args: argparse.Namespace) -> int:
 def add_index_parser(sub, ws: argparse.ArgumentParser) -> None:
     p = sub.add_parser("index", parents=[ws], help="FAISS index, near-duplicate clusters and k-means clusters",
                        description="Build a FAISS index over one embedder's vectors (exact IndexFlatIP below "
-                       "--ivf-threshold vectors, IVF or IVF-PQ above), then near-duplicate clusters (each image's nearest "
-                       "look-alikes, at most --dup-max-neighbors, checked on the pixels; identical bytes always share "
-                       "a cluster) into the `dups` view and "
-                       "k-means clusters into `clusters`. Files open with plain faiss.read_index and pyarrow.")
+                       "--ivf-threshold vectors, IVF or IVF-PQ above), then near-duplicate clusters (each image's "
+                       "nearest look-alikes, at most --dup-max-neighbors, checked on the pixels; identical bytes "
+                       "always share a cluster) into the `dups` view and k-means clusters into `clusters`. Files open "
+                       "with plain faiss.read_index and pyarrow.")
     _index_options(p)
     p.add_argument("--ivf-threshold", type=int, default=100_000, help="exact search below this many vectors")
     p.add_argument("--nlist", type=int, default=None, help="IVF lists (default: about 4*sqrt(n))")
@@ -392,8 +395,10 @@ def add_index_parser(sub, ws: argparse.ArgumentParser) -> None:
                    help="check candidate near-duplicate pairs on the pixels (crop/resize/re-encode tolerant) before "
                    "joining them; none: trust the embedding alone (default: %(default)s)")
     p.add_argument("--max-crop", type=float, default=0.08,
-                   help="largest crop per side, as a fraction, that still counts as a near-duplicate (default: %(default)s)")
-    p.add_argument("--workers", type=int, default=2, help="processes reading images for the pixel check (default: %(default)s)")
+                   help="largest crop per side, as a fraction, that still counts as a near-duplicate "
+                   "(default: %(default)s)")
+    p.add_argument("--workers", type=int, default=2,
+                   help="processes reading images for the pixel check (default: %(default)s)")
     p.set_defaults(func=cmd_index)
 
 
@@ -455,7 +460,8 @@ def cmd_knn_score(args: argparse.Namespace) -> int:
     result = stage_runner.run_knn_score(ws, args.name, args.embedder, args.k, prompts=args.prompts, sql=args.sql,
                                         images=args.images, trust_model_code=args.trust_model_code)
     print(f"knn-score {args.name}: {result['samples']} samples scored against {result['reference']} reference "
-          f"vectors (k={result['k']}); column knn_sim in view knn_scores WHERE name = {user_sql.sql_literal(args.name)}")
+          f"vectors (k={result['k']}); column knn_sim in view knn_scores "
+          f"WHERE name = {user_sql.sql_literal(args.name)}")
     return 0
 
 
@@ -515,7 +521,8 @@ def add_score_parser(sub, ws: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=1, help="decode workers (default: %(default)s)")
     p.add_argument("--no-odin", action="store_true", help="skip ODIN (it costs a backward and a second forward pass)")
     p.add_argument("--odin-temperature", type=float, default=1000.0, help="ODIN temperature (default: %(default)s)")
-    p.add_argument("--odin-epsilon", type=float, default=0.0014, help="ODIN input step, in [0,1] pixel units (default: %(default)s)")
+    p.add_argument("--odin-epsilon", type=float, default=0.0014,
+                   help="ODIN input step, in [0,1] pixel units (default: %(default)s)")
     p.add_argument("--kd3-alpha", type=float, default=0.5,
                    help="teacher weight a in KD^3's combined prediction a*p_T+(1-a)*p_S (default: %(default)s)")
     p.add_argument("--kd3-tau", type=float, default=0.95, help="KD^3 base threshold tau (default: %(default)s)")
@@ -549,15 +556,16 @@ def cmd_select(args: argparse.Namespace) -> int:
 
 
 def add_select_parser(sub, ws: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("select", parents=[ws], help="pick samples by SQL and/or policies; write curated WebDataset shards",
+    p = sub.add_parser("select", parents=[ws],
+                       help="pick samples by SQL and/or policies; write curated WebDataset shards",
                        description="Choose samples from the `candidates` view (samples joined with near-duplicate and "
-                       "k-means clusters and the scores of one scoring run: --score-run, default the newest) and "
-                       "write them to selections/NAME/ as WebDataset shards (original image bytes, json with scores "
-                       "and weight, logits.npy, cls) with a manifest.json. Policies compose left to right with '|', parameters with ';': "
-                       "topk:k=N;by=EXPR, threshold:by=EXPR;min=X, dedup, balance:k=N (or per_class=N), "
-                       "diversity:max_per_cluster=N, softmax:k=N;by=EXPR;tau=T;replace=true (related-first "
-                       "sampling, p ~ exp(s/tau)), kd3[:tau=0.95]. EXPR is any SQL expression over candidates' "
-                       "columns. Example: --policy 'dedup | kd3 | balance:k=2000;by=msp'.")
+                       "k-means clusters and the scores of one scoring run: --score-run, default the newest) and write "
+                       "them to selections/NAME/ as WebDataset shards (original image bytes, json with scores and "
+                       "weight, logits.npy, cls) with a manifest.json. Policies compose left to right with '|', "
+                       "parameters with ';': topk:k=N;by=EXPR, threshold:by=EXPR;min=X, dedup, balance:k=N (or "
+                       "per_class=N), diversity:max_per_cluster=N, softmax:k=N;by=EXPR;tau=T;replace=true "
+                       "(related-first sampling, p ~ exp(s/tau)), kd3[:tau=0.95]. EXPR is any SQL expression over "
+                       "candidates' columns. Example: --policy 'dedup | kd3 | balance:k=2000;by=msp'.")
     p.add_argument("--name", required=True, help="selection name (a folder under selections/)")
     p.add_argument("--sql", default=None, help='e.g. "SELECT sample_id FROM candidates WHERE msp > 0.9"')
     p.add_argument("--policy", default=None, help="policies, applied in order after --sql")
@@ -598,10 +606,13 @@ def add_synthesize_parser(sub, ws: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher", required=True, help="teacher model spec. " + MODEL_SPECS)
     p.add_argument("--name", required=True, help="name of the synthetic set")
     p.add_argument("--per-class", type=int, default=100, help="images kept per class (default: %(default)s)")
-    p.add_argument("--conf-threshold", type=float, default=0.9, help="teacher confidence to keep an image (default: %(default)s)")
-    p.add_argument("--score-run", default=None, help="scoring run whose pseudo-labels train the cVAE (default: the latest)")
+    p.add_argument("--conf-threshold", type=float, default=0.9,
+                   help="teacher confidence to keep an image (default: %(default)s)")
+    p.add_argument("--score-run", default=None,
+                   help="scoring run whose pseudo-labels train the cVAE (default: the latest)")
     p.add_argument("--search", choices=["gradient", "evolution"], default="gradient",
-                   help="latent search: gradients through decoder and teacher, or black-box evolution (default: gradient)")
+                   help="latent search: gradients through decoder and teacher, or black-box evolution "
+                   "(default: gradient)")
     p.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
     _trust_option(p)
     p.set_defaults(func=cmd_synthesize)
@@ -611,7 +622,8 @@ def add_synthesize_parser(sub, ws: argparse.ArgumentParser) -> None:
 
 def cmd_distill(args: argparse.Namespace) -> int:
     ws = resolve_workspace(args.workspace)
-    options = {"student": args.student, "loss": json.loads(args.loss) if args.loss.startswith("{") else {"method": args.loss},
+    loss = json.loads(args.loss) if args.loss.startswith("{") else {"method": args.loss}
+    options = {"student": args.student, "loss": loss,
                "teacher_mode": args.teacher_mode, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
                "nproc": args.nproc, "workers": args.loader_workers}
     if args.trust_model_code:
@@ -626,8 +638,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
                                        init_from=_absolute_if_file(args.init_from) if args.init_from else None,
                                        stream=sys.stderr)
     acc = summary.get("eval_accuracy")
-    print(f"distill {name}: {summary.get('steps')} steps in {summary.get('seconds', 0):.0f}s on {summary.get('world_size')} "
-          f"process(es)" + (f"; eval accuracy {acc:.4f}" if acc is not None else "")
+    print(f"distill {name}: {summary.get('steps')} steps in {summary.get('seconds', 0):.0f}s "
+          f"on {summary.get('world_size')} process(es)" + (f"; eval accuracy {acc:.4f}" if acc is not None else "")
           + f"; student: {summary.get('checkpoint')}")
     return 0
 
@@ -635,18 +647,21 @@ def cmd_distill(args: argparse.Namespace) -> int:
 def add_distill_parser(sub, ws: argparse.ArgumentParser) -> None:
     p = sub.add_parser("distill", parents=[ws], help="distil a student on a curated selection, under torchrun",
                        description="Write a job config under students/NAME/ and run `python -m distill.train` under "
-                       "torchrun with --nproc processes (DDP: gloo on CPU, nccl on GPU). Checkpoints every few steps and "
-                       "resumes after a crash when rerun; logs metrics.jsonl; exports student.pt (state_dict), student.json (a spec "
-                       "that rebuilds it from the registry: `webdistill score --student` loads it without trust) and "
-                       "student.pt2 (a torch.export program); records the run in `students`.")
+                       "torchrun with --nproc processes (DDP: gloo on CPU, nccl on GPU). Checkpoints every few steps "
+                       "and resumes after a crash when rerun; logs metrics.jsonl; exports student.pt (state_dict), "
+                       "student.json (a spec that rebuilds it from the registry: `webdistill score --student` loads it "
+                       "without trust) and student.pt2 (a torch.export program); records the run in `students`.")
     p.add_argument("--selection", required=True, help="a selection name (selections/NAME/manifest.json)")
     p.add_argument("--student", required=True, help="student architecture: tiny_cnn, small_cnn, torchvision:NAME, "
                    "timm:NAME, or module:factory (with --trust-model-code)")
-    p.add_argument("--teacher", default=None, help="teacher spec (default: the selection's; needed for --teacher-mode live)")
+    p.add_argument("--teacher", default=None,
+                   help="teacher spec (default: the selection's; needed for --teacher-mode live)")
     p.add_argument("--teacher-mode", choices=["stored", "live"], default="stored",
-                   help="stored: logits from the shards, no teacher forward; live: run the teacher (feature losses, kd3, sakd)")
+                   help="stored: logits from the shards, no teacher forward; live: run the teacher (feature losses, "
+                   "kd3, sakd)")
     p.add_argument("--loss", default="kd", help="kd, kd3, sakd, confidence_weighted, ce, or a JSON loss config "
-                   "such as '{\"method\": \"kd\", \"T\": 2, \"extra\": [{\"method\": \"confidence_weighted\", \"weight\": 0.5}]}'")
+                   "such as '{\"method\": \"kd\", \"T\": 2, "
+                   "\"extra\": [{\"method\": \"confidence_weighted\", \"weight\": 0.5}]}'")
     p.add_argument("--nproc", type=int, default=1, help="processes (ranks) on this machine (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=10, help="epochs (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=64, help="batch size per rank (default: %(default)s)")
@@ -688,7 +703,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from flows.serve import build_deployments, serve_config
 
     names = [d.name for d in build_deployments(args.config)]
-    print(f"serving {', '.join(names)} (Ctrl-C stops; trigger one with: prefect deployment run 'FLOW/NAME')", flush=True)
+    print(f"serving {', '.join(names)} (Ctrl-C stops; trigger one with: prefect deployment run 'FLOW/NAME')",
+          flush=True)
     serve_config(args.config)
     return 0
 
@@ -713,20 +729,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def add_demo_parser(sub, ws: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("demo", parents=[ws], help="build the demo crawl and teacher offline, then run the whole pipeline (2 rounds)",
-                       description="Build a crawl of real images (MNIST as the teacher's domain, mixed with Fashion-MNIST, "
-                       "animal silhouettes, letters, natural-image crops and 8x8 digits) with planted defects and "
-                       "duplicates, train a small teacher on a kept-aside MNIST split, ingest the crawl, and train a "
-                       "small CLIP on its image-caption pairs (a user's --pretrained checkpoint). Then run OUT/pipeline.yaml "
-                       "as one Prefect flow, as `webdistill run` would: embed, index, near-duplicate and k-means "
-                       "clusters, and --rounds rounds of score, select and distil (torchrun, 2 processes), each round "
-                       "re-scoring with the last student. Print what was found against the ground truth, and per round "
-                       "the selection's size and precision and the student's accuracy.")
+    p = sub.add_parser("demo", parents=[ws],
+                       help="build the demo crawl and teacher offline, then run the whole pipeline (2 rounds)",
+                       description="Build a crawl of real images (MNIST as the teacher's domain, mixed with "
+                       "Fashion-MNIST, animal silhouettes, letters, natural-image crops and 8x8 digits) with planted "
+                       "defects and duplicates, train a small teacher on a kept-aside MNIST split, ingest the crawl, "
+                       "and train a small CLIP on its image-caption pairs (a user's --pretrained checkpoint). Then run "
+                       "OUT/pipeline.yaml as one Prefect flow, as `webdistill run` would: embed, index, near-duplicate "
+                       "and k-means clusters, and --rounds rounds of score, select and distil (torchrun, 2 processes), "
+                       "each round re-scoring with the last student. Print what was found against the ground truth, "
+                       "and per round the selection's size and precision and the student's accuracy.")
     p.add_argument("--out", default="demo", help="where the crawl, eval set and teacher go (default: %(default)s)")
     p.add_argument("--size", type=int, default=52_000, help="samples in the crawl (default: %(default)s)")
     p.add_argument("--shards", type=int, default=24, help="shards in the crawl (default: %(default)s)")
     p.add_argument("--teacher-epochs", type=int, default=20, help="teacher training epochs (default: %(default)s)")
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="parallel processes (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="parallel processes (default: %(default)s)")
     p.add_argument("--clip-steps", type=int, default=100,
                    help="training steps (of 256 pairs) for the demo's small CLIP (default: %(default)s)")
     p.add_argument("--rounds", type=int, default=2, help="student-in-the-loop rounds (default: %(default)s)")
@@ -746,7 +764,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="webdistill",
         description="Curate a web crawl into a transfer set for a teacher, and distil a student on it. "
-        "Every stage writes per-shard artifacts into the workspace; `catalog.duckdb` there has SQL views over all of them.",
+        "Every stage writes per-shard artifacts into the workspace; `catalog.duckdb` there has SQL views over all "
+        "of them.",
     )
     sub = parser.add_subparsers(dest="verb", required=True, parser_class=_Parser, metavar="VERB")
     ws = _workspace_parent()

@@ -60,7 +60,8 @@ def load_pipeline_config(path: str | Path) -> PipelineConfig:
         raise PipelineConfigError(f"{path} must be a mapping of sections")
     unknown = set(raw) - TOP_KEYS
     if unknown:
-        raise PipelineConfigError(f"{path}: unknown key(s) {', '.join(sorted(unknown))} (known: {', '.join(sorted(TOP_KEYS))})")
+        raise PipelineConfigError(f"{path}: unknown key(s) {', '.join(sorted(unknown))} "
+                                  f"(known: {', '.join(sorted(TOP_KEYS))})")
     for needed in ("ingest", "score", "select"):
         if needed not in raw:
             raise PipelineConfigError(f"{path}: section {needed!r} is required")
@@ -69,9 +70,11 @@ def load_pipeline_config(path: str | Path) -> PipelineConfig:
             raise PipelineConfigError(f"{path}: {section}.score_run: each round reads the scoring run it made; "
                                       "leave the key out")
     cfg = PipelineConfig(workspace="", base=str(path.resolve().parent), runner=raw.get("runner", "local"),
-                         workers=int(raw.get("workers", 2)), max_failure_fraction=float(raw.get("max_failure_fraction", 0.1)),
+                         workers=int(raw.get("workers", 2)),
+                         max_failure_fraction=float(raw.get("max_failure_fraction", 0.1)),
                          rounds=int(raw.get("rounds", 1)), name=str(raw.get("name", path.stem)),
-                         schedules=dict(raw.get("schedules") or {}), trust_model_code=raw.get("trust_model_code", False),
+                         schedules=dict(raw.get("schedules") or {}),
+                         trust_model_code=raw.get("trust_model_code", False),
                          sections={k: raw[k] for k in SECTIONS if k in raw})
     cfg.workspace = cfg.path(raw.get("workspace", "workspace"))
     if cfg.rounds < 1:

@@ -37,8 +37,8 @@ def scored(small_crawl, tmp_path_factory):
     build_index(ws, "teacher", config)
     near_duplicates(ws, "teacher", config)
     kmeans_clusters(ws, "teacher", config)
-    summary = score(ws, ScoreConfig(teacher=TEACHER, student=STUDENT, name="r1", batch_size=128, workers=0, trust_model_code=True,
-                                    reference_confidence=0.2), progress=False)
+    summary = score(ws, ScoreConfig(teacher=TEACHER, student=STUDENT, name="r1", batch_size=128, workers=0,
+                                    trust_model_code=True, reference_confidence=0.2), progress=False)
     catalog.refresh(ws)
     return ws, summary
 
@@ -61,8 +61,8 @@ def test_scores_cover_every_sample_and_are_documented(scored):
 
 def test_score_rerun_skips_every_shard(scored):
     ws, _ = scored
-    again = score(ws, ScoreConfig(teacher=TEACHER, student=STUDENT, name="r1", batch_size=128, workers=0, trust_model_code=True,
-                                  reference_confidence=0.2), progress=False)
+    again = score(ws, ScoreConfig(teacher=TEACHER, student=STUDENT, name="r1", batch_size=128, workers=0,
+                                  trust_model_code=True, reference_confidence=0.2), progress=False)
     assert again.scored == [] and len(again.skipped) == 3 and not again.finalized
 
 
@@ -111,7 +111,8 @@ def test_curated_shards_read_back_with_plain_webdataset(scored):
     # one sample per near-duplicate cluster (the policies' own tests cover balance in detail)
     clusters = [truth[s["__key__"]]["cluster_id"] for s in samples]
     assert len(set(clusters)) == len(clusters)
-    assert manifest["counts_per_class"] == {str(k): v for k, v in sorted(Counter(int(s["cls"]) for s in samples).items())}
+    per_class = sorted(Counter(int(s["cls"]) for s in samples).items())
+    assert manifest["counts_per_class"] == {str(k): v for k, v in per_class}
 
 
 def test_selection_is_idempotent_and_recorded(scored):
@@ -391,6 +392,7 @@ def test_a_second_writer_of_a_name_waits_for_the_first(tmp_path):
     def second():
         with staging(final):
             order.append("second in")
+            inside.set()
 
     with staging(final):
         order.append("first in")
@@ -398,6 +400,8 @@ def test_a_second_writer_of_a_name_waits_for_the_first(tmp_path):
         t.start()
         t.join(0.5)
         assert t.is_alive()  # blocked on the lock
+        assert not inside.is_set()  # not let in while the first holds the name
         order.append("first out")
     t.join(10)
+    assert inside.is_set() and not t.is_alive()  # let in once the first is done
     assert order == ["first in", "first out", "second in"]

@@ -51,7 +51,8 @@ CAPTIONS = {
     "animals": ["animal silhouette clipart", "black silhouette of an animal", "wildlife icon vector",
                 "animal shape stencil", "pet silhouette"],
     "letters": ["letter {l} monogram", "alphabet letter {l}", "font preview {l}", "initial {l} logo", "typography"],
-    "natural": ["stock photo", "wallpaper HD", "DSC_{n}.JPG", "close-up texture", "photo of the day", "background image"],
+    "natural": ["stock photo", "wallpaper HD", "DSC_{n}.JPG", "close-up texture", "photo of the day",
+                "background image"],
 }
 HOSTS = {
     "mnist": ["scans.archive-forms.example", "ocr-data.example"],
@@ -234,7 +235,10 @@ def _sample(p: Plan) -> tuple[dict, dict]:
             "width": size[0], "height": size[1], "original_width": size[0], "original_height": size[1],
             "exif": "{}"}
     sample = {"__key__": p.key, "txt": caption}
-    sample["json"] = ('{"url": "' + url + '", "caption": ').encode() if p.defect == "bad_json" else json.dumps(meta).encode()
+    if p.defect == "bad_json":
+        sample["json"] = ('{"url": "' + url + '", "caption": ').encode()
+    else:
+        sample["json"] = json.dumps(meta).encode()
     if p.defect != "missing_image":
         sample[ext] = data
     truth = {"shard": f"{p.shard:05d}", "key": p.key, "domain": p.domain, "label": label,
@@ -309,7 +313,7 @@ def build_demo_crawl(out: str | os.PathLike, size: int = DEFAULT_SIZE, n_shards:
     cut_key = by_shard[last][int(len(by_shard[last]) * 0.6)].key
     jobs = [(s, ps, cut_key if s == last else None) for s, ps in sorted(by_shard.items())]
     truths: list[dict] = []
-    for job, result in map_shards(functools.partial(_write_job, str(crawl)), jobs, workers, "demo crawl", progress):
+    for _job, result in map_shards(functools.partial(_write_job, str(crawl)), jobs, workers, "demo crawl", progress):
         if isinstance(result, BaseException):
             raise result
         truths += result
@@ -319,7 +323,8 @@ def build_demo_crawl(out: str | os.PathLike, size: int = DEFAULT_SIZE, n_shards:
     n_train = _write_teacher_split(out, seed)
     domains = pq.read_table(crawl / "ground_truth.parquet").column("domain").value_counts().to_pylist()
     return {"samples": len(plans), "shards": len(by_shard), "fashion": fashion_ok, "truncated_shard": f"{last:05d}",
-            "domains": {d["values"]: d["counts"] for d in domains}, "mnist_test": n_test, "mnist_teacher_train": n_train}
+            "domains": {d["values"]: d["counts"] for d in domains}, "mnist_test": n_test,
+            "mnist_teacher_train": n_train}
 
 
 def _write_job(out_dir: str, job: tuple) -> list[dict]:

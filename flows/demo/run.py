@@ -240,9 +240,10 @@ def print_results(workspace: Workspace, out_dir: Path, crawl: dict, teacher: dic
     for kind, planted, rejected, correct in ingest_report(workspace, truth):
         print(f"  {kind:<20}{planted:>9}{rejected:>10}{correct:>16}")
     print()
-    print(f"  CLIP            {clip['model']} trained {clip['seconds']:.0f}s on {clip['pairs_seen']} image-caption pairs, "
-          f"loaded with --pretrained {clip['checkpoint']}")
-    print(f"  index           {result['index']['index']['kind']} FAISS index of {result['index']['index']['size']} vectors; "
+    print(f"  CLIP            {clip['model']} trained {clip['seconds']:.0f}s on {clip['pairs_seen']} "
+          f"image-caption pairs, loaded with --pretrained {clip['checkpoint']}")
+    faiss_index = result["index"]["index"]
+    print(f"  index           {faiss_index['kind']} FAISS index of {faiss_index['size']} vectors; "
           f"{result['index']['kmeans_k']} k-means clusters")
     print(f"  near-dups       cosine >= {dups['threshold']}: {dups['clusters']} clusters; pairwise "
           f"precision {report['pair_precision']:.3f}, recall {report['pair_recall']:.3f} against the ground truth")
@@ -260,7 +261,8 @@ def print_results(workspace: Workspace, out_dir: Path, crawl: dict, teacher: dic
     for r in result["rounds"]:
         sel = selection_report(workspace, r["selection"]["name"], truth)
         acc = (r.get("student") or {}).get("eval_accuracy")
-        print(f"  {r['round']:<8}{sel['size']:>10}{sel['precision']:>11.3f}{acc if acc is not None else float('nan'):>18.4f}   "
+        shown_acc = acc if acc is not None else float("nan")
+        print(f"  {r['round']:<8}{sel['size']:>10}{sel['precision']:>11.3f}{shown_acc:>18.4f}   "
               + ", ".join(f"{d} {n}" for d, n in sel["domains"].items()))
     print(f"  (teacher accuracy on the same held-out digits: {teacher['test_accuracy']:.4f})")
     print()

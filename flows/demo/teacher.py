@@ -2,7 +2,8 @@
 
 It is saved the way a user's teacher would be: a state_dict (loaded with
 `weights_only=True`) beside a JSON spec naming its `module:factory` and preprocessing,
-plus a torch.export program (teacher.pt2, whose sidecar is that spec). Its accuracy is measured on the held-out MNIST test shard.
+plus a torch.export program (teacher.pt2, whose sidecar is that spec). Its accuracy is measured
+on the held-out MNIST test shard.
 """
 from __future__ import annotations
 
