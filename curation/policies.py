@@ -46,12 +46,15 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Annotated, Any
 
 import numpy as np
 import pandas as pd
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, create_model
 
 from distill.kd3_rules import DEFAULT_TAU, class_thresholds, passes_threshold
 
+from .config_errors import validation_line
 from .errors import WebdistillError
 
 SYNTAX = ("syntax: STEP | STEP ..., STEP = NAME[:KEY=VALUE;KEY=VALUE...], "
@@ -148,16 +151,21 @@ def _expression(key: str, text: str) -> str:
     return text  # DuckDB checks it when the select stage evaluates it
 
 
-@dataclass(frozen=True)
-class _Param:
-    convert: Callable[[str, str], object]
-    required: bool = False
-    default: object = None
+def _param(convert: Callable[[str, str], object], required: bool = False, default: object = None) -> tuple:
+    """A parameter of a step: its text converted and checked by `convert(key, text)`, whose PolicyError
+    (not a ValueError: pydantic lets it through) keeps the `key='text' must be ...` wording."""
+    checked = Annotated[Any, BeforeValidator(lambda text, info: convert(info.field_name, text))]
+    return checked, ... if required else default
+
+
+def _params(kind: str, **params: tuple) -> type[BaseModel]:
+    """A step's parameters as a model: unknown and missing keys, defaults."""
+    return create_model(f"{kind}_params", __config__=ConfigDict(extra="forbid"), **params)
 
 
 @dataclass(frozen=True)
 class _Policy:
-    params: dict[str, _Param]
+    params: type[BaseModel]
     apply: Callable  # (frame, params, rng) -> (kept positions, weight factors or None)
     check: Callable[[dict], str | None] = lambda params: None  # a problem across parameters
     note: Callable[[pd.DataFrame], str | None] = lambda frame: None  # what the user should know about a run
@@ -175,25 +183,22 @@ def _parse_step(text: str) -> PolicyStep:
     policy = POLICIES.get(kind)
     if policy is None:
         raise PolicyError(f"unknown policy {kind!r} (known: {', '.join(sorted(POLICIES))})")
-    given: dict[str, object] = {}
+    given: dict[str, str] = {}
     for piece in (_split_top_level(rest, ";,") if rest.strip() else []):
         key, eq, value = (s.strip() for s in piece.partition("="))
         if not eq or not key or not value:
             raise PolicyError(f"bad parameter {piece!r} in policy step {kind!r}: want KEY=VALUE; {SYNTAX}")
-        if key not in policy.params:
-            raise _policy_error(kind, f"unknown parameter {key!r} (known: {', '.join(policy.params) or 'none'})")
         if key in given:
             raise _policy_error(kind, f"parameter {key!r} given twice")
-        given[key] = policy.params[key].convert(key, value)
-    for key, param in policy.params.items():
-        if key not in given:
-            if param.required:
-                raise _policy_error(kind, f"missing parameter {key!r}")
-            given[key] = param.default
-    problem = policy.check(given)
+        given[key] = value
+    try:
+        params = policy.params.model_validate(given).model_dump()
+    except ValidationError as exc:
+        raise PolicyError(validation_line(exc, policy.params, f"policy step {kind!r}: ", "parameter")) from exc
+    problem = policy.check(params)
     if problem:
         raise _policy_error(kind, problem)
-    return PolicyStep(kind, given)
+    return PolicyStep(kind, params)
 
 
 def parse_policy(spec: str) -> list[PolicyStep]:
@@ -415,22 +420,22 @@ def _one_of(keys: tuple[str, ...], exactly: bool) -> Callable[[dict], str | None
     return check
 
 
-_BY = _Param(_expression, required=True)
-_OPTIONAL_BY = _Param(_expression)
+_BY = _param(_expression, required=True)
+_OPTIONAL_BY = _param(_expression)
 POLICIES: dict[str, _Policy] = {
-    "topk": _Policy({"k": _Param(_positive_int, required=True), "by": _BY}, _topk),
-    "threshold": _Policy({"by": _BY, "min": _Param(_float), "max": _Param(_float)}, _threshold,
+    "topk": _Policy(_params("topk", k=_param(_positive_int, required=True), by=_BY), _topk),
+    "threshold": _Policy(_params("threshold", by=_BY, min=_param(_float), max=_param(_float)), _threshold,
                          _one_of(("min", "max"), exactly=False)),
-    "dedup": _Policy({"by": _OPTIONAL_BY}, _dedup, note=lambda frame: _dedup_groups(frame)[1]),
-    "balance": _Policy({"k": _Param(_positive_int), "per_class": _Param(_positive_int),
-                        "label": _Param(_column_name, default="teacher_label"), "by": _OPTIONAL_BY},
+    "dedup": _Policy(_params("dedup", by=_OPTIONAL_BY), _dedup, note=lambda frame: _dedup_groups(frame)[1]),
+    "balance": _Policy(_params("balance", k=_param(_positive_int), per_class=_param(_positive_int),
+                               label=_param(_column_name, default="teacher_label"), by=_OPTIONAL_BY),
                        _balance, _one_of(("k", "per_class"), exactly=True)),
-    "diversity": _Policy({"max_per_cluster": _Param(_positive_int, required=True), "by": _OPTIONAL_BY},
+    "diversity": _Policy(_params("diversity", max_per_cluster=_param(_positive_int, required=True), by=_OPTIONAL_BY),
                          _diversity),
-    "softmax": _Policy({"k": _Param(_positive_int, required=True), "by": _BY,
-                        "tau": _Param(_positive_float, default=1.0), "replace": _Param(_bool, default=False)},
+    "softmax": _Policy(_params("softmax", k=_param(_positive_int, required=True), by=_BY,
+                               tau=_param(_positive_float, default=1.0), replace=_param(_bool, default=False)),
                        _softmax),
-    "kd3": _Policy({"tau": _Param(_fraction, default=DEFAULT_TAU)}, _kd3),
+    "kd3": _Policy(_params("kd3", tau=_param(_fraction, default=DEFAULT_TAU)), _kd3),
 }
 
 

@@ -15,20 +15,31 @@ Example:
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
-from collections.abc import Callable
-from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from braceexpand import braceexpand
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from curation.config_errors import validation_line
 from curation.errors import WebdistillError, first_line
 from curation.files import is_remote
 
+from .losses import LOSSES
 from .students import STUDENTS, is_student_name
 
 
@@ -36,48 +47,73 @@ class ConfigError(WebdistillError, ValueError):
     """A config key is unknown, missing, or has a value that does not fit. One line, naming the key."""
 
 
-OPTIMIZERS = ("sgd", "adamw")
-TEACHER_MODES = ("stored", "live")
-LR_SCHEDULES = ("cosine", "constant")
 # Keys that do not change what is trained: a rerun may change them and still resume its checkpoint.
 RUNTIME_KEYS = ("out", "eval", "eval_batch_size", "checkpoint_every", "log_every", "progress", "threads", "name",
                 "trust_model_code", "collective_timeout_s")
 
+Text = Annotated[str, Field(min_length=1)]
+PerChannel = Field(min_length=3, max_length=3)  # mean, std: one value per RGB channel
 
-@dataclass
-class DistillConfig:
-    selection: str                      # a curated selection's manifest.json (or its folder)
-    student: str                        # a name in distill.students (tiny_cnn, torchvision:resnet18, ...)
-    out: str                            # run folder: checkpoint, metrics.jsonl, exports, summary.json
-    loss: dict = field(default_factory=lambda: {"method": "kd"})
-    teacher: str | None = None          # model spec; default: the manifest's teacher
-    teacher_mode: str = "stored"
-    epochs: int = 10
-    samples_per_epoch: int | None = None  # per rank; default: manifest total // world size
-    batch_size: int = 64                # per rank
-    lr: float = 0.05
-    lr_schedule: str = "cosine"         # cosine decay to 0 over all steps, per step
-    optimizer: str = "sgd"
-    momentum: float = 0.9               # sgd only
-    weight_decay: float = 5e-4
-    seed: int = 0
-    workers: int = 2                    # DataLoader workers per rank (0: decode in the training process)
-    shuffle_buffer: int = 1000          # samples per worker's shuffle buffer
-    eval: str | list[str] | None = None  # labelled WebDataset shards (image + cls): path, brace pattern or list
-    eval_batch_size: int = 256
-    checkpoint_every: int = 200         # steps; also at every epoch end and on exit
-    log_every: int = 10                 # steps between metrics.jsonl lines
-    input_size: int | None = None       # preprocessing; default: manifest, then the teacher spec
-    mean: list[float] | None = None
-    std: list[float] | None = None
+
+class DistillConfig(BaseModel):
+    # strict: an int is not a bool, "3" is not a number; an int where a float goes is taken as a float
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    selection: Text                     # a curated selection's manifest.json (or its folder)
+    student: Text                       # a name in distill.students (tiny_cnn, torchvision:resnet18, ...)
+    out: Text                           # run folder: checkpoint, metrics.jsonl, exports, summary.json
+    loss: dict = Field(default_factory=lambda: {"method": "kd"})
+    teacher: Text | None = None         # model spec; default: the manifest's teacher
+    teacher_mode: Literal["stored", "live"] = "stored"
+    epochs: PositiveInt = 10
+    samples_per_epoch: PositiveInt | None = None  # per rank; default: manifest total // world size
+    batch_size: PositiveInt = 64        # per rank
+    lr: PositiveFloat = 0.05
+    lr_schedule: Literal["cosine", "constant"] = "cosine"  # cosine decay to 0 over all steps, per step
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    momentum: NonNegativeFloat = 0.9    # sgd only
+    weight_decay: NonNegativeFloat = 5e-4
+    seed: NonNegativeInt = 0
+    workers: NonNegativeInt = 2         # DataLoader workers per rank (0: decode in the training process)
+    shuffle_buffer: PositiveInt = 1000  # samples per worker's shuffle buffer
+    # labelled WebDataset shards (image + cls): path, brace pattern or list
+    eval: Text | Annotated[list[Text], Field(min_length=1)] | None = None
+    eval_batch_size: PositiveInt = 256
+    checkpoint_every: PositiveInt = 200  # steps; also at every epoch end and on exit
+    log_every: PositiveInt = 10         # steps between metrics.jsonl lines
+    input_size: PositiveInt | None = None  # preprocessing; default: manifest, then the teacher spec
+    mean: Annotated[list[float], PerChannel] | None = None
+    std: Annotated[list[PositiveFloat], PerChannel] | None = None
     use_sample_weights: bool = True     # weight each sample's loss terms by the selection's `weight`
     find_unused_parameters: bool | None = None  # DDP; default: off for logit-only losses, on for feature losses
-    threads: int | None = None          # torch intra-op threads per rank (default: torch's, 1 under torchrun)
-    collective_timeout_s: float = 300.0  # a rank that waits longer on the others (one hung or dead) fails the job
+    threads: PositiveInt | None = None  # torch intra-op threads per rank (default: torch's, 1 under torchrun)
+    collective_timeout_s: PositiveFloat = 300.0  # a rank that waits longer on the others (one hung or dead) fails
     progress: bool = True               # tqdm bar on rank 0
-    name: str | None = None             # run name in summary.json; default: the out folder's name
-    init_from: str | None = None        # start from these weights: a previous run's student.pt (rounds)
+    name: Text | None = None            # run name in summary.json; default: the out folder's name
+    init_from: Text | None = None       # start from these weights: a previous run's student.pt (rounds)
     trust_model_code: bool = False      # let the teacher/student specs run code (TorchScript, any module:factory)
+
+    @field_validator("student")
+    @classmethod
+    def _known_student(cls, student: str) -> str:
+        if not is_student_name(student):
+            raise ValueError(f"config key 'student': unknown student {student!r} (known: {', '.join(STUDENTS)}, "
+                             "torchvision:<name>, timm:<name>, module:factory)")
+        return student
+
+    @field_validator("loss")
+    @classmethod
+    def _loss_has_method(cls, loss: dict) -> dict:
+        if not isinstance(loss.get("method"), str):
+            raise ValueError(f"config key 'loss' needs a 'method' ({', '.join(LOSSES)})")
+        return loss
+
+    @model_validator(mode="after")
+    def _an_epoch_has_a_step(self) -> DistillConfig:
+        if self.samples_per_epoch is not None and self.samples_per_epoch < self.batch_size:
+            raise ValueError(f"config key 'samples_per_epoch' ({self.samples_per_epoch}) is below "
+                             f"'batch_size' ({self.batch_size}): an epoch would have no step")
+        return self
 
     @property
     def out_dir(self) -> Path:
@@ -88,77 +124,12 @@ class DistillConfig:
         return self.name or self.out_dir.name
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return self.model_dump()
 
     def trajectory_hash(self) -> str:
         """A hash of everything that decides the data order and the loss trajectory."""
         keep = {k: v for k, v in self.to_dict().items() if k not in RUNTIME_KEYS}
         return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-_REQUIRED = [f.name for f in fields(DistillConfig) if f.default is dataclasses.MISSING
-             and f.default_factory is dataclasses.MISSING]
-
-
-_BAD = object()
-
-
-def _number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-# How each annotation of DistillConfig's fields is checked: (value -> coerced value or _BAD, description).
-_KINDS: dict[str, tuple[Callable[[Any], Any], str]] = {
-    "int": (lambda v: v if isinstance(v, int) and not isinstance(v, bool) else _BAD, "an integer"),
-    "float": (lambda v: float(v) if _number(v) else _BAD, "a number"),
-    "bool": (lambda v: v if isinstance(v, bool) else _BAD, "true or false"),
-    "str": (lambda v: v if isinstance(v, str) and v else _BAD, "a non-empty string"),
-    "dict": (lambda v: v if isinstance(v, dict) else _BAD, "a mapping"),
-    "list[float]": (lambda v: [float(x) for x in v] if isinstance(v, (list, tuple)) and len(v) == 3
-                    and all(map(_number, v)) else _BAD, "a list of 3 numbers"),
-    "list[str]": (lambda v: list(v) if isinstance(v, list) and v and all(isinstance(x, str) and x for x in v)
-                  else _BAD, "a list of strings"),
-}
-_FIELD_KINDS = {f.name: [k.strip() for k in str(f.type).split("|")] for f in fields(DistillConfig)}
-
-
-def _type_ok(name: str, value: Any) -> Any:
-    """The value coerced where harmless (int -> float), else a ConfigError naming the key."""
-    kinds = _FIELD_KINDS[name]
-    if value is None and "None" in kinds:
-        return None
-    for kind in kinds:
-        if kind != "None" and (coerced := _KINDS[kind][0](value)) is not _BAD:
-            return coerced
-    wanted = " or ".join(_KINDS[k][1] for k in kinds if k != "None")
-    raise ConfigError(f"config key {name!r} must be {wanted}, got {value!r}")
-
-
-def _check_ranges(cfg: DistillConfig) -> None:
-    def positive(*names: str) -> None:
-        for n in names:
-            v = getattr(cfg, n)
-            if v is not None and v <= 0:
-                raise ConfigError(f"config key {n!r} must be > 0, got {v}")
-
-    positive("epochs", "samples_per_epoch", "batch_size", "lr", "shuffle_buffer", "eval_batch_size",
-             "checkpoint_every", "log_every", "input_size", "threads", "collective_timeout_s")
-    for name, allowed in (("optimizer", OPTIMIZERS), ("teacher_mode", TEACHER_MODES), ("lr_schedule", LR_SCHEDULES)):
-        if getattr(cfg, name) not in allowed:
-            raise ConfigError(f"config key {name!r} must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
-    for name in ("workers", "weight_decay", "momentum", "seed"):
-        if getattr(cfg, name) < 0:
-            raise ConfigError(f"config key {name!r} must be >= 0, got {getattr(cfg, name)}")
-    if cfg.std is not None and any(s <= 0 for s in cfg.std):
-        raise ConfigError(f"config key 'std' must be positive, got {cfg.std}")
-    if not is_student_name(cfg.student):
-        raise ConfigError(f"config key 'student': unknown student {cfg.student!r} (known: {', '.join(STUDENTS)}, "
-                          "torchvision:<name>, timm:<name>, module:factory)")
-    if not isinstance(cfg.loss.get("method"), str):
-        raise ConfigError("config key 'loss' needs a 'method' (kd, kd3, sakd, confidence_weighted, ...)")
-    if cfg.samples_per_epoch is not None and cfg.samples_per_epoch < cfg.batch_size:
-        raise ConfigError(f"config key 'samples_per_epoch' ({cfg.samples_per_epoch}) is below "
-                          f"'batch_size' ({cfg.batch_size}): an epoch would have no step")
 
 
 def _resolve_paths(cfg: DistillConfig, base: Path) -> None:
@@ -198,15 +169,10 @@ def config_from_dict(raw: Any, base: str | Path = ".") -> DistillConfig:
     """Check a parsed config (unknown keys, types, ranges, the manifest's existence) and resolve its paths."""
     if not isinstance(raw, dict):
         raise ConfigError(f"a config must be a mapping of keys to values, got {type(raw).__name__}")
-    known = {f.name for f in fields(DistillConfig)}
-    for key in raw:
-        if key not in known:
-            raise ConfigError(f"unknown config key {key!r} (known: {', '.join(sorted(known))})")
-    for key in _REQUIRED:
-        if raw.get(key) is None:
-            raise ConfigError(f"config key {key!r} is required")
-    cfg = DistillConfig(**{k: _type_ok(k, v) for k, v in raw.items()})
-    _check_ranges(cfg)
+    try:
+        cfg = DistillConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(validation_line(exc, DistillConfig, noun="config key")) from exc
     _resolve_paths(cfg, Path(base))
     return cfg
 

@@ -1,8 +1,9 @@
 """The `Distiller` base class (mdistiller style) and the config checks every method shares.
 
 A method is one subclass with
-- `PARAMS`: its config parameters, `name -> (type, default)`;
-- `TERMS`: its loss terms, `name -> default weight` (the config's `weights:` overrides them);
+- `Params`: a pydantic model of its config parameters (type, default, range of each);
+- `TERMS`: its loss terms, `name -> default weight` (the config's `weights:` overrides them; each is
+  a float >= 0, checked by the `Weights` model built from TERMS);
 - `step(images, teacher_logits, sample_weights) -> StepOutput`.
 `forward_train` returns `(student logits, {term: weighted scalar})`; a term whose weight is 0 is
 neither computed nor returned. Per-sample losses are reduced with the selection's sample weights
@@ -14,8 +15,18 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    NonNegativeFloat,
+    ValidationError,
+    ValidationInfo,
+    create_model,
+)
 from torch import Tensor, nn
 
+from curation.config_errors import validation_line
 from curation.errors import WebdistillError
 
 
@@ -37,17 +48,20 @@ def weighted_mean(per_sample: Tensor, sample_weights: Tensor | None) -> Tensor:
     return (w * per_sample).sum() / w.sum().clamp_min(torch.finfo(per_sample.dtype).tiny)
 
 
-def _check_value(method: str, name: str, kind: type, value: Any) -> Any:
-    """The config value, coerced where harmless (int -> float), else a LossConfigError."""
-    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if kind is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if kind is list and isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
-        return list(value)
-    if kind in (bool, str) and isinstance(value, kind):
-        return value
-    raise LossConfigError(f"loss {method!r}: parameter {name!r} must be {kind.__name__}, got {value!r}")
+class LossParams(BaseModel):
+    """A method's parameters. Strict: 1 is not a bool, "4" is not a number (an int is taken as a float)."""
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+def _positive(value: float, info: ValidationInfo) -> float:
+    if value <= 0:
+        raise ValueError(f"{info.field_name} must be > 0, got {value}")
+    return value
+
+
+# `Annotated[float, Positive]`. Not pydantic's PositiveFloat: the losses word a range error
+# "loss 'kd': T must be > 0, got 0", the validator's own sentence (see curation.config_errors).
+Positive = AfterValidator(_positive)
 
 
 def freeze(module: nn.Module) -> nn.Module:
@@ -70,9 +84,15 @@ class Distiller(nn.Module):
     """A student (and, for live-teacher methods, a frozen teacher) plus what a method trains beside them."""
 
     needs_live_teacher: bool = False
-    PARAMS: dict[str, tuple[type, Any]] = {}
+    Params: type[LossParams] = LossParams
     TERMS: dict[str, float] = {}
+    Weights: type[BaseModel]  # built from TERMS for each subclass
     method: str = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.Weights = create_model(f"{cls.__name__}Weights", __config__=LossParams.model_config,
+                                   **{term: (NonNegativeFloat, weight) for term, weight in cls.TERMS.items()})
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None, num_classes: int,
                  params: dict[str, Any] | None = None, weights: dict[str, float] | None = None):
@@ -81,48 +101,25 @@ class Distiller(nn.Module):
         self.teacher = freeze(teacher) if teacher is not None else None
         self.num_classes = num_classes
         self.params = self.resolve_params(params or {})
-        self.validate(self.params)
         self.term_weights = self.resolve_weights(weights or {})
         self._extras: list[tuple[float, LogitDistiller]] = []
 
     # -- config -------------------------------------------------------------------------------
     @classmethod
     def resolve_params(cls, given: dict[str, Any]) -> dict[str, Any]:
-        unknown = sorted(set(given) - set(cls.PARAMS))
-        if unknown:
-            known = ", ".join(sorted(cls.PARAMS)) or "none"
-            raise LossConfigError(f"loss {cls.method!r}: unknown parameter {unknown[0]!r} (known: {known})")
-        resolved = {}
-        for name, (kind, default) in cls.PARAMS.items():
-            value = given.get(name, default)
-            resolved[name] = None if value is None else _check_value(cls.method, name, kind, value)
-        return resolved
-
-    @classmethod
-    def validate(cls, params: dict[str, Any]) -> None:
-        """Range checks of a method's parameters (types are already checked)."""
-
-    @classmethod
-    def positive(cls, params: dict[str, Any], *names: str) -> None:
-        for name in names:
-            if params[name] is not None and params[name] <= 0:
-                raise LossConfigError(f"loss {cls.method!r}: {name} must be > 0, got {params[name]}")
+        """Every parameter of the method, typed and checked: the given ones, defaults for the rest."""
+        return cls._checked(cls.Params, given, f"loss {cls.method!r}: ", "parameter")
 
     @classmethod
     def resolve_weights(cls, given: dict[str, float]) -> dict[str, float]:
-        if not isinstance(given, dict):
-            raise LossConfigError(f"loss {cls.method!r}: 'weights' must be a mapping term -> weight")
-        unknown = sorted(set(given) - set(cls.TERMS))
-        if unknown:
-            raise LossConfigError(f"loss {cls.method!r}: unknown term {unknown[0]!r} in weights "
-                                  f"(terms: {', '.join(cls.TERMS)})")
-        weights = dict(cls.TERMS)
-        for name, w in given.items():
-            w = _check_value(cls.method, f"weights.{name}", float, w)
-            if w < 0:
-                raise LossConfigError(f"loss {cls.method!r}: weight of {name!r} must be >= 0, got {w}")
-            weights[name] = w
-        return weights
+        return cls._checked(cls.Weights, given, f"loss {cls.method!r}: weights: ", "term")
+
+    @staticmethod
+    def _checked(model: type[BaseModel], given: Any, where: str, noun: str) -> dict[str, Any]:
+        try:
+            return model.model_validate(given).model_dump()
+        except ValidationError as exc:
+            raise LossConfigError(validation_line(exc, model, where, noun)) from exc
 
     def active(self, term: str) -> bool:
         return self.term_weights[term] > 0

@@ -14,10 +14,12 @@ Config: {"method": "confidence_weighted", "T": 4.0, "weights": {"kd": 1.0}}.
 """
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 from torch import Tensor
 
-from .base import LogitDistiller, weighted_mean
+from .base import LogitDistiller, LossParams, Positive, weighted_mean
 from .kd import kd_per_sample
 
 
@@ -28,12 +30,10 @@ def teacher_confidence(teacher_logits: Tensor) -> Tensor:
 
 class ConfidenceWeightedKD(LogitDistiller):
     method = "confidence_weighted"
-    PARAMS = {"T": (float, 4.0)}
     TERMS = {"kd": 1.0}
 
-    @classmethod
-    def validate(cls, params):
-        cls.positive(params, "T")
+    class Params(LossParams):
+        T: Annotated[float, Positive] = 4.0
 
     def logit_terms(self, student_logits, teacher_logits, sample_weights):
         def loss() -> Tensor:

@@ -7,10 +7,12 @@ Config: {"method": "kd", "T": 4.0, "mse": false, "weights": {"kd": 1.0}}.
 """
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import LogitDistiller, weighted_mean
+from .base import LogitDistiller, LossParams, Positive, weighted_mean
 
 
 def kd_per_sample(student_logits: Tensor, teacher_logits: Tensor, T: float) -> Tensor:
@@ -27,12 +29,11 @@ def logit_mse_per_sample(student_logits: Tensor, teacher_logits: Tensor) -> Tens
 
 class KD(LogitDistiller):
     method = "kd"
-    PARAMS = {"T": (float, 4.0), "mse": (bool, False)}
     TERMS = {"kd": 1.0}
 
-    @classmethod
-    def validate(cls, params):
-        cls.positive(params, "T")
+    class Params(LossParams):
+        T: Annotated[float, Positive] = 4.0
+        mse: bool = False
 
     def per_sample(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
         if self.params["mse"]:

@@ -29,12 +29,15 @@ Config: {"method": "kd3", "epochs": 20, "tau": 0.95, "T": 4.0, "select": true,
 """
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 import torch.nn.functional as F
+from pydantic import field_validator
 from torch import Tensor, nn
 
 from ..kd3_rules import DEFAULT_TAU, combine_weight, combined_prediction, passes_threshold, thresholds_from_counts
-from .base import Distiller, LossConfigError, StepOutput, require_feature_api, weighted_mean
+from .base import Distiller, LossParams, Positive, StepOutput, require_feature_api, weighted_mean
 from .ce import pseudo_label_ce_per_sample
 from .kd import kd_per_sample
 
@@ -117,15 +120,24 @@ def alignment_weights(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
 class KD3(Distiller):
     method = "kd3"
     needs_live_teacher = True
-    PARAMS = {"T": (float, 4.0), "tau": (float, DEFAULT_TAU), "epochs": (int, None), "select": (bool, True),
-              "mix_alpha": (float, 0.1), "ntxent_T": (float, 0.3), "embed_dim": (int, 128), "factor": (int, 2)}
     TERMS = {"kd": 1.0, "align": 1.0, "ntxent": 0.001, "ce": 0.0}
 
-    @classmethod
-    def validate(cls, params):
-        cls.positive(params, "T", "epochs", "mix_alpha", "ntxent_T", "embed_dim", "factor")
-        if not 0 < params["tau"] < 1:
-            raise LossConfigError(f"loss 'kd3': tau must be in (0, 1), got {params['tau']}")
+    class Params(LossParams):
+        T: Annotated[float, Positive] = 4.0
+        tau: float = DEFAULT_TAU
+        epochs: Annotated[int, Positive] | None = None
+        select: bool = True
+        mix_alpha: Annotated[float, Positive] = 0.1
+        ntxent_T: Annotated[float, Positive] = 0.3
+        embed_dim: Annotated[int, Positive] = 128
+        factor: Annotated[int, Positive] = 2
+
+        @field_validator("tau")
+        @classmethod
+        def _a_probability(cls, tau: float) -> float:
+            if not 0 < tau < 1:
+                raise ValueError(f"tau must be in (0, 1), got {tau}")
+            return tau
 
     def __init__(self, student, teacher, num_classes, params=None, weights=None):
         super().__init__(student, teacher, num_classes, params, weights)

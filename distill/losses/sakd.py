@@ -32,13 +32,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
+from pydantic import field_validator
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .base import Distiller, LossConfigError, StepOutput, require_feature_api, weighted_mean
+from .base import Distiller, LossConfigError, LossParams, Positive, StepOutput, require_feature_api, weighted_mean
 from .ce import pseudo_label_ce_per_sample
 from .kd import kd_per_sample
 
@@ -103,18 +105,20 @@ def pooled(model: nn.Module, feature_map: Tensor) -> Tensor:
 class SAKD(Distiller):
     method = "sakd"
     needs_live_teacher = True
-    PARAMS = {"wraps": (list, list(WRAPPABLE)), "T": (float, 4.0), "gamma": (float, 2.0),
-              "gumbel_T": (float, 5.0)}
     TERMS = {"fitnet": 1.0, "at": 1000.0, "kd": 1.0, "policy": 1.0, "ce": 0.0}
 
-    @classmethod
-    def validate(cls, params):
-        cls.positive(params, "T", "gamma", "gumbel_T")
-        wraps = params["wraps"]
-        unknown = [w for w in wraps if w not in WRAPPABLE]
-        if unknown or not wraps or len(set(wraps)) != len(wraps):
-            raise LossConfigError(f"loss 'sakd': wraps must list distinct methods among {', '.join(WRAPPABLE)}, "
-                                  f"got {wraps}")
+    class Params(LossParams):
+        wraps: list[str] = list(WRAPPABLE)
+        T: Annotated[float, Positive] = 4.0
+        gamma: Annotated[float, Positive] = 2.0
+        gumbel_T: Annotated[float, Positive] = 5.0
+
+        @field_validator("wraps")
+        @classmethod
+        def _distinct_wrappable(cls, wraps: list[str]) -> list[str]:
+            if not wraps or len(set(wraps)) != len(wraps) or any(w not in WRAPPABLE for w in wraps):
+                raise ValueError(f"wraps must list distinct methods among {', '.join(WRAPPABLE)}, got {wraps}")
+            return wraps
 
     def __init__(self, student, teacher, num_classes, params=None, weights=None):
         super().__init__(student, teacher, num_classes, params, weights)
