@@ -439,6 +439,17 @@ POLICIES: dict[str, _Policy] = {
 }
 
 
+
+def synopsis() -> str:
+    """Every step and its parameters, from the registry (for --help): required ones bare, optional
+    ones with their default or in brackets, e.g. `topk:k;by`, `threshold:by;[min];[max]`."""
+    def step(name: str, policy: _Policy) -> str:
+        fields = policy.params.model_fields
+        params = [k if f.is_required() else (f"[{k}]" if f.default is None else f"{k}={f.default}")
+                  for k, f in fields.items()]
+        return name + (":" + ";".join(params) if params else "")
+    return ", ".join(step(name, policy) for name, policy in POLICIES.items())
+
 # ---------------------------------------------------------------- applying
 
 def _sorted_candidates(df: pd.DataFrame) -> pd.DataFrame:

@@ -30,7 +30,7 @@ import duckdb  # noqa: E402 - these three are loaded by the catalog anyway
 import pyarrow as pa  # noqa: E402
 import pyarrow.csv as pacsv  # noqa: E402
 
-from curation import catalog, user_sql  # noqa: E402
+from curation import catalog, policies, user_sql  # noqa: E402
 from curation.errors import WebdistillError, first_line, storage_error  # noqa: E402
 from curation.remote import is_remote, synced  # noqa: E402
 from curation.validate import ValidationConfig  # noqa: E402
@@ -562,10 +562,11 @@ def add_select_parser(sub, ws: argparse.ArgumentParser) -> None:
                        "k-means clusters and the scores of one scoring run: --score-run, default the newest) and write "
                        "them to selections/NAME/ as WebDataset shards (original image bytes, json with scores and "
                        "weight, logits.npy, cls) with a manifest.json. Policies compose left to right with '|', "
-                       "parameters with ';': topk:k=N;by=EXPR, threshold:by=EXPR;min=X, dedup, balance:k=N (or "
-                       "per_class=N), diversity:max_per_cluster=N, softmax:k=N;by=EXPR;tau=T;replace=true "
-                       "(related-first sampling, p ~ exp(s/tau)), kd3[:tau=0.95]. EXPR is any SQL expression over "
-                       "candidates' columns. Example: --policy 'dedup | kd3 | balance:k=2000;by=msp'.")
+                       "a step's parameters with ';' (STEP:KEY=VALUE;KEY=VALUE). The steps, with their parameters "
+                       f"(KEY required; KEY=DEFAULT or [KEY] optional): {policies.synopsis()}. by= is any SQL "
+                       "expression over candidates' columns; balance takes k or per_class; softmax is "
+                       "related-first sampling (p ~ exp(s/tau)). "
+                       "Example: --policy 'dedup | kd3 | balance:k=2000;by=msp'.")
     p.add_argument("--name", required=True, help="selection name (a folder under selections/)")
     p.add_argument("--sql", default=None, help='e.g. "SELECT sample_id FROM candidates WHERE msp > 0.9"')
     p.add_argument("--policy", default=None, help="policies, applied in order after --sql")

@@ -1,5 +1,8 @@
 """Selection policies over small hand-made candidate frames; expected values are computed by hand."""
 import math
+import os
+import subprocess
+import sys
 from collections import Counter
 
 import duckdb
@@ -362,3 +365,21 @@ def test_unknown_columns_and_bad_frames_give_policy_errors():
         select(df.drop(columns=["sample_id"]), "topk:k=1;by=msp")
     with pytest.raises(PolicyError, match="unknown policy 'shuffle'"):
         apply_policies(df, [PolicyStep("shuffle", {})])
+
+
+def test_the_help_synopsis_comes_from_the_registry():
+    """select --help lists the steps and parameters the parser accepts: every step, every parameter,
+    required ones bare and optional ones with their default or in brackets."""
+    from curation.policies import POLICIES, synopsis
+
+    text = synopsis()
+    steps = dict(part.split(":", 1) if ":" in part else (part, "") for part in text.split(", "))
+    assert list(steps) == list(POLICIES)
+    for name, policy in POLICIES.items():
+        shown = steps[name].split(";") if steps[name] else []
+        assert [p.strip("[]").split("=")[0] for p in shown] == list(policy.params.model_fields)
+        for p, field in zip(shown, policy.params.model_fields.values()):
+            assert (p.startswith("[") or "=" in p) != field.is_required()
+    help_text = subprocess.run([sys.executable, "-m", "flows.cli", "select", "--help"], capture_output=True,
+                               text=True, check=True, env=dict(os.environ, COLUMNS="1000")).stdout
+    assert text in help_text
