@@ -154,12 +154,12 @@ def montage_picks(pool: pd.DataFrame, selection: dict, rank: str) -> list[tuple[
     return picks
 
 
-def _scored_tiles(frame: pd.DataFrame, rank: str, thumbs: dict[str, str]) -> str:
+def _scored_tiles(frame: pd.DataFrame, rank: str, thumbs: dict[str, str], kind: str) -> str:
     """Thumbnails with their score under them (and sample_id and score on hover)."""
     if not len(frame):
         return H.para("none")
     return H.tiles([H.tile(thumbs.get(r.sample_id), f"{r.rank_value:.3g}", f"{r.sample_id} {rank}={r.rank_value:.4g}")
-                    for r in frame.itertuples()])
+                    for r in frame.itertuples()], kind)
 
 
 def montages_section(pools: dict, selections: list[dict], thumbs: dict[str, str],
@@ -181,7 +181,8 @@ def montages_section(pools: dict, selections: list[dict], thumbs: dict[str, str]
             name = classes[int(label)] if int(label) < len(classes) else str(int(label))
             n_kept = int(_kept_mask(pool[pool["teacher_label"] == label], sel).sum())
             grid.append((f"<b>{H.esc(name)}</b><br>{int(counts.get(label, 0)):,} in pool<br>{n_kept:,} kept",
-                         _scored_tiles(worst_kept, rank, thumbs), _scored_tiles(best_dropped, rank, thumbs)))
+                         _scored_tiles(worst_kept, rank, thumbs, "kept"),
+                         _scored_tiles(best_dropped, rank, thumbs, "dropped")))
         parts.append(H.heading(f"{sel['name']}: ranked by {rank}")
                      + H.montage(("pseudo-class", f"kept, lowest {rank} first", f"dropped, highest {rank} first"),
                                  grid))
@@ -200,7 +201,7 @@ def dups_section(clusters: pd.DataFrame, thumbs: dict[str, str]) -> H.Section:
         size = int(members["cluster_size"].iloc[0])
         rows.append((f"<b>{size}</b> images<br>{H.code(cluster_id[:12])}",
                      H.tiles([H.tile(thumbs.get(r.sample_id), "kept" if r.is_representative else "",
-                                     r.sample_id) for r in members.itertuples()])))
+                                     r.sample_id) for r in members.itertuples()], "cluster")))
     return H.Section("duplicates", "Near-duplicate clusters",
                      H.para(f"The {len(rows)} largest clusters; the first tile is the one dedup keeps.")
                      + H.montage(("cluster", "members"), rows))
@@ -221,8 +222,9 @@ def selections_section(selections: list[dict]) -> H.Section:
             ["notes", "; ".join(m.get("notes") or [])], ["created", str(sel["created_at"])[:19]],
             ["manifest", str(Path(sel["path"]) / "manifest.json")]])
         counts = m.get("counts_per_class") or {}
+        alt = f"samples per pseudo-class of {sel['name']}: " + ", ".join(f"{k}: {v}" for k, v in counts.items())
         chart = (H.image(report_plots.coverage(counts, m.get("classes"), f"{sel['name']}: samples per pseudo-class"),
-                         f"coverage {sel['name']}") if counts else H.note("The manifest has no counts per class."))
+                         alt) if counts else H.note("The manifest has no counts per class."))
         parts.append(H.heading(sel["name"]) + H.plots([chart, facts]))
     return H.Section("selections", "Selections: coverage and manifest", "".join(parts))
 

@@ -92,8 +92,9 @@ def tile(uri: str | None, caption: str, title: str) -> str:
             f"<figcaption>{esc(caption)}</figcaption></figure>")
 
 
-def tiles(items: list[str]) -> str:
-    return f'<div class="tiles">{"".join(items)}</div>'
+def tiles(items: list[str], kind: str = "") -> str:
+    """A row of tiles; `kind` (e.g. kept, dropped) is a class a reader of the page can pick them by."""
+    return f'<div class="tiles{" " + esc(kind) if kind else ""}">{"".join(items)}</div>'
 
 
 def montage(headers: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:

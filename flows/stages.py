@@ -94,8 +94,9 @@ def index_flow(workspace: str, embedder: str = "open_clip:ViT-S-32", config: dic
     out["knn"] = {ref["name"]: knn(ws, ref["name"], embedder, ref.get("k", 5), prompts=ref.get("prompts"),
                                    sql=ref.get("sql"), trust_model_code=trust_model_code)
                   for ref in knn_scores or []}
-    artifacts.publish_summary("index", {"embedder": out["index"].get("embedder"), "index": out["index"].get("kind"),
-                                        "vectors": out["index"].get("size"), "dup_clusters": out["dups"].get("clusters"),
+    index = out["index"]
+    artifacts.publish_summary("index", {"embedder": index.get("embedder"), "index": index.get("kind"),
+                                        "vectors": index.get("size"), "dup_clusters": out["dups"].get("clusters"),
                                         "kmeans_k": out["kmeans_k"], "knn_scores": sorted(out["knn"])})
     return out
 
