@@ -148,8 +148,10 @@ def montage_picks(pool: pd.DataFrame, selection: dict, rank: str) -> list[tuple[
     for label in sorted(classes):
         rows = frame[frame["teacher_label"] == label]
         kept_rows, dropped_rows = rows[rows["is_kept"]], rows[~rows["is_kept"]]
-        worst_kept = kept_rows.sort_values("rank_value", na_position="first").head(MONTAGE_TILES)
-        best_dropped = dropped_rows.sort_values("rank_value", ascending=False, na_position="last").head(MONTAGE_TILES)
+        # ties broken by sample_id: the same workspace gives the same page
+        worst_kept = kept_rows.sort_values(["rank_value", "sample_id"], na_position="first").head(MONTAGE_TILES)
+        best_dropped = dropped_rows.sort_values(["rank_value", "sample_id"], ascending=[False, True],
+                                                na_position="last").head(MONTAGE_TILES)
         picks.append((label, worst_kept, best_dropped))
     return picks
 
