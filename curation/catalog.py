@@ -31,6 +31,7 @@ class ViewSpec:
     pattern: str  # artifacts: <workspace>/<pattern>, a glob of parquet files
     schema: pa.Schema  # used for an empty, typed view until the first artifact exists
     description: str
+    hidden_parents: bool = True  # False: skip files in dot-folders (a writer's temporaries, see shard_writer)
 
 
 VIEWS: dict[str, ViewSpec] = {
@@ -47,6 +48,9 @@ VIEWS: dict[str, ViewSpec] = {
                            "similarity to a named reference set (higher = closer), per sample"),
     "scores": ViewSpec("scores/*/*.parquet", schemas.SCORES,
                        "per-sample teacher/student scores of every scoring run (see score_columns)"),
+    "selected": ViewSpec("selections/*/members.parquet", schemas.SELECTED,
+                         "the members of every selection's curated shards: selection, sample_id, weight, "
+                         "shard (tar file), position in it", hidden_parents=False),
 }
 
 TABLES = {
@@ -161,7 +165,11 @@ def _duckdb_types(schema: pa.Schema) -> list[tuple[str, str]]:
 def _view_sql(ws: Workspace, name: str, spec: ViewSpec) -> str:
     if any(ws.root.glob(spec.pattern)):
         glob = sql_literal(ws.root / spec.pattern)
-        return f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM read_parquet({glob}, union_by_name=true)"
+        if spec.hidden_parents:
+            return f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM read_parquet({glob}, union_by_name=true)"
+        return (f"CREATE OR REPLACE VIEW {name} AS SELECT * EXCLUDE (filename) FROM read_parquet({glob}, "
+                "union_by_name=true, filename=true) "
+                "WHERE NOT starts_with(parse_filename(parse_dirpath(filename)), '.')")
     cols = ", ".join(f'CAST(NULL AS {t}) AS "{c}"' for c, t in _duckdb_types(spec.schema))
     return f"CREATE OR REPLACE VIEW {name} AS SELECT {cols} WHERE false"
 
@@ -169,7 +177,10 @@ def _view_sql(ws: Workspace, name: str, spec: ViewSpec) -> str:
 def refresh(ws: Workspace) -> None:
     """(Re)create every view and bookkeeping table, and bring the selections and students tables in
     line with the manifests and summaries on disk (a stage killed between writing its folder and its
-    row, or a rebuilt catalog). Idempotent."""
+    row, or a rebuilt catalog), and give older selections their members file. Idempotent."""
+    from .selection_members import backfill  # reads tars: only where a selection lacks the file
+
+    backfill(ws)
     with _writing(ws) as con:
         for ddl in TABLES.values():
             con.execute(ddl)

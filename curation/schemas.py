@@ -56,6 +56,10 @@ DUPS = pa.schema([("embedder", pa.string()), ("sample_id", pa.string()), ("clust
 CLUSTERS = pa.schema([("embedder", pa.string()), ("sample_id", pa.string()), ("cluster", pa.int32()),
                       ("centroid_sim", pa.float32())])
 
+SELECTED = pa.schema([("selection", pa.string()), ("sample_id", pa.string()), ("weight", pa.float64()),
+                      ("shard", pa.string()),  # the curated tar, a file in selections/<selection>/
+                      ("position", pa.int32())])  # the sample's place in that tar, from 0
+
 KNN_SCORES = pa.schema([("name", pa.string()), ("embedder", pa.string()), ("sample_id", pa.string()),
                         ("knn_sim", pa.float32())])
 

@@ -38,8 +38,9 @@ import pandas as pd
 from . import catalog, policies
 from .errors import SQLError, WebdistillError
 from .score import read_run
+from .selection_members import tar_members, write_members
+from .shard_reader import stored_originals
 from .shard_writer import ShardSink, logits_npy, read_manifest, staging, swap_into_place
-from .shards import TruncatedShard, iter_samples, open_stored_shard
 from .workspace import Workspace, check_name, config_hash
 
 SCORE_FIELDS = ("msp", "max_logit", "energy", "neg_entropy", "gen", "odin", "bn_score", "mahalanobis",
@@ -172,38 +173,25 @@ def _sample_json(row) -> bytes:
         "scores": scores}).encode()
 
 
-def write_shards(chosen: pd.DataFrame, folder: Path, name: str, shard_size: int) -> tuple[list[dict], list[str]]:
+def write_shards(chosen: pd.DataFrame, folder: Path, name: str, shard_size: int) -> tuple[ShardSink, list[str]]:
     """Copy the chosen samples' original bytes out of their source shards (each read once, in
-    order); returns the curated shards and the ids whose bytes are gone or changed."""
+    order); returns the closed sink (its shards and members) and the ids whose bytes are gone or
+    changed."""
     sink = ShardSink(folder, name, shard_size)
     lost: list[str] = []
-    for shard_url, rows in chosen.groupby("shard_url", sort=True):
-        wanted = {r["key"]: r for _, r in rows.iterrows()}
-        stream = open_stored_shard(shard_url)  # a URL from the catalog: data, never a command
-        try:
-            for raw in iter_samples(stream):
-                row = wanted.pop(raw.key, None)
-                if row is None:
-                    continue
-                data = raw.files.get(row["ext"])
-                if data is None or hashlib.sha256(data).hexdigest() != row["sha256"]:
-                    lost.append(row["sample_id"])  # the source changed since ingest: never ship other bytes
-                    continue
-                sample = {"__key__": row["sample_id"], row["ext"]: data, "json": _sample_json(row)}
-                if pd.notna(row.get("teacher_label")):
-                    sample["cls"] = str(int(row["teacher_label"])).encode()
-                logits = logits_npy(row.get("teacher_logits"))
-                if logits is not None:
-                    sample["logits.npy"] = logits
-                sink.write(sample)
-                if not wanted:
-                    break
-        except TruncatedShard:
-            pass
-        finally:
-            stream.close()
-        lost.extend(r["sample_id"] for r in wanted.values())
-    return sink.close(), lost
+    for row, data in stored_originals(chosen):
+        if data is None:
+            lost.append(row["sample_id"])  # the source changed since ingest: never ship other bytes
+            continue
+        sample = {"__key__": row["sample_id"], row["ext"]: data, "json": _sample_json(row)}
+        if pd.notna(row.get("teacher_label")):
+            sample["cls"] = str(int(row["teacher_label"])).encode()
+        logits = logits_npy(row.get("teacher_logits"))
+        if logits is not None:
+            sample["logits.npy"] = logits
+        sink.write(sample)
+    sink.close()
+    return sink, lost
 
 
 def _selection_hash(ws: Workspace, chosen: pd.DataFrame, config: SelectConfig, score_run: dict) -> str:
@@ -233,9 +221,12 @@ def select(ws: Workspace, config: SelectConfig) -> SelectResult:
         return SelectResult(config.name, previous["total"], final, previous, unchanged=True)
 
     with staging(final) as tmp:
-        shards, lost = write_shards(chosen, tmp, config.name, config.shard_size)
+        sink, lost = write_shards(chosen, tmp, config.name, config.shard_size)
         synthetic = [_mix_synthetic(ws, name, tmp) for name in config.synthetic]
-        shards += [s for mixed in synthetic for s in mixed["shards"]]
+        shards = sink.shards + [s for mixed in synthetic for s in mixed["shards"]]
+        members = sink.members + [member for mixed in synthetic for shard in mixed["shards"]
+                                  for member in tar_members(tmp / shard["path"])]
+        write_members(tmp, config.name, members)
         total = sum(s["count"] for s in shards)
         if total == 0:
             raise SelectError(f"empty selection {config.name!r}: none of the chosen images could be read back")

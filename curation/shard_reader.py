@@ -1,6 +1,7 @@
 """The shard reader that embed, score, synthesize and the demo CLIP share: one job per ingested
 shard (its accepted samples, in shard order, with the ingest stamp), and the decoded images of
-those jobs, streamed in batches.
+those jobs, streamed in batches. Select and the report read original bytes through
+`stored_originals`.
 
 Images are decoded in DataLoader workers straight from the shards (each worker streams whole
 shards); the caller's model runs batched in the main process. A sample that no longer decodes
@@ -8,12 +9,14 @@ shards); the caller's model runs batched in the main process. A sample that no l
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import os
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 import pyarrow.parquet as pq
 import torch
 from PIL import Image
@@ -68,6 +71,32 @@ class ShardImages(IterableDataset):
                 stream.close()
             for row in set(range(len(job.keys))) - seen:
                 yield j, row, self.blank, False
+
+
+def stored_originals(rows: pd.DataFrame) -> Iterator[tuple[pd.Series, bytes | None]]:
+    """(row, original bytes) for each row of `samples` (shard_url, key, ext, sha256), each source
+    shard read once, in shard order, and left as soon as its wanted keys are found. The bytes are
+    None when they are gone or changed since ingest: never other bytes than those ingested. A shard
+    that cannot be opened raises (ShardReadError, UnsafeShardURL)."""
+    for shard_url, group in rows.groupby("shard_url", sort=True):
+        wanted = {r["key"]: r for _, r in group.iterrows()}
+        stream = open_stored_shard(shard_url)  # a URL from the catalog: data, never a command
+        try:
+            for raw in iter_samples(stream):
+                row = wanted.pop(raw.key, None)
+                if row is None:
+                    continue
+                data = raw.files.get(row["ext"])
+                intact = data is not None and hashlib.sha256(data).hexdigest() == row["sha256"]
+                yield row, data if intact else None
+                if not wanted:
+                    break
+        except TruncatedShard:
+            pass
+        finally:
+            stream.close()
+        for row in wanted.values():
+            yield row, None
 
 
 def _low_priority_worker(_: int) -> None:

@@ -40,11 +40,13 @@ def logits_npy(logits) -> bytes | None:
 
 
 class ShardSink:
-    """Rolls curated tar files every `shard_size` samples and records their counts and sha256."""
+    """Rolls curated tar files every `shard_size` samples and records their counts and sha256, and
+    where each sample went (`members`: sample_id, weight from its json, shard, position)."""
 
     def __init__(self, folder: Path, name: str, shard_size: int):
         self.folder, self.name, self.shard_size = folder, name, shard_size
         self.shards: list[dict] = []
+        self.members: list[dict] = []
         self.writer = None
         self.count = 0
 
@@ -56,6 +58,8 @@ class ShardSink:
             self.shards.append({"path": path.name, "count": 0})
             self.count = 0
         self.writer.write(sample)
+        self.members.append({"sample_id": sample["__key__"], "weight": sample_weight(sample.get("json")),
+                             "shard": self.shards[-1]["path"], "position": self.count})
         self.count += 1
         self.shards[-1]["count"] = self.count
 
@@ -69,6 +73,15 @@ class ShardSink:
     def close(self) -> list[dict]:
         self._close()
         return self.shards
+
+
+def sample_weight(meta: bytes | None) -> float:
+    """The training weight a curated sample's json records (1.0 when it records none)."""
+    try:
+        weight = json.loads(meta).get("weight") if meta else None
+    except (ValueError, AttributeError):
+        weight = None
+    return float(weight) if isinstance(weight, (int, float)) and not isinstance(weight, bool) else 1.0
 
 
 _TEMPORARY = re.compile(r"\.(tmp|old)-(.+)-[0-9a-f]{8}")
@@ -117,7 +130,7 @@ def swap_into_place(tmp: Path, final: Path) -> None:
 
 
 @contextmanager
-def _lock(parent: Path, name: str, wait: bool = True) -> Iterator[bool]:
+def name_lock(parent: Path, name: str, wait: bool = True) -> Iterator[bool]:
     """Hold `parent/.lock-<name>` (True), or, with wait=False, False when another process holds it.
     The kernel drops the lock when its holder dies, so a killed writer never blocks the next one."""
     path = parent / f".lock-{name}"
@@ -162,7 +175,7 @@ def clean_stale(parent: Path, mine: str | None = None) -> list[str]:
             _recover(parent, name)
             cleaned.append(name)
             continue
-        with _lock(parent, name, wait=False) as free:
+        with name_lock(parent, name, wait=False) as free:
             if free:
                 _recover(parent, name)
                 cleaned.append(name)
@@ -176,7 +189,7 @@ def staging(final: Path) -> Iterator[Path]:
     temporaries first, and removes the temporary folder (after a swap: the old version) at the end."""
     parent = final.parent
     parent.mkdir(parents=True, exist_ok=True)
-    with _lock(parent, final.name):
+    with name_lock(parent, final.name):
         clean_stale(parent, mine=final.name)
         tmp = parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()

@@ -675,6 +675,33 @@ def add_distill_parser(sub, ws: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_distill)
 
 
+# --- report ---------------------------------------------------------------------------------
+
+def cmd_report(args: argparse.Namespace) -> int:
+    ws = resolve_workspace(args.workspace)
+    summary = stage_runner.run_report(ws, args.out, args.selection, args.truth)
+    print(f"report: {summary['path']} ({summary['bytes'] / 2**20:.1f} MiB, {len(summary['selections'])} selection(s), "
+          f"{summary['thumbnails']} thumbnails, {summary['seconds']:.1f}s); open it in a browser: it needs no network")
+    return 0
+
+
+def add_report_parser(sub, ws: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("report", parents=[ws],
+                       help="write a self-contained HTML report: plots, kept vs dropped, coverage",
+                       description="One HTML file with everything embedded (plots, thumbnails from the shards' "
+                       "original bytes): the pool (sources, formats, sizes, rejects, duplicates), score histograms "
+                       "with each selection's cut, montages of the worst-scored kept and best-scored dropped images "
+                       "per pseudo-class, near-duplicate clusters, each selection's class coverage and manifest, "
+                       "and per round the selection and the student's accuracy and loss curves. With --truth, ROC "
+                       "curves of the scores and the selections' precision.")
+    p.add_argument("--out", default=None, help="the HTML file (default: WORKSPACE/report.html)")
+    p.add_argument("--selection", nargs="+", default=None, metavar="NAME",
+                   help="report these selections (default: all)")
+    p.add_argument("--truth", default=None, metavar="PARQUET",
+                   help="a ground truth: parquet with shard, key, in_domain (optional domain) for ROC and precision")
+    p.set_defaults(func=cmd_report)
+
+
 # --- the verbs that run Prefect flows -------------------------------------------------------
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -758,7 +785,7 @@ def add_demo_parser(sub, ws: argparse.ArgumentParser) -> None:
 
 VERBS = (add_crawl_parser, add_ingest_parser, add_sql_parser, add_refresh_parser, add_embed_parser, add_index_parser,
          add_knn_parser, add_knn_score_parser, add_score_parser, add_select_parser, add_synthesize_parser,
-         add_distill_parser, add_run_parser, add_serve_parser, add_demo_parser)  # in --help's order
+         add_distill_parser, add_report_parser, add_run_parser, add_serve_parser, add_demo_parser)  # in --help's order
 
 
 def build_parser() -> argparse.ArgumentParser:

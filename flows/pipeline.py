@@ -12,6 +12,7 @@
     synthesize: {per_class: 100}                                       # optional (Nguyen et al.)
     select: {policy: "dedup | kd3 | balance:k=2000;by=msp"}
     distill: {student: tiny_cnn, loss: {method: kd}, epochs: 5, nproc: 2, eval: eval/test.tar}
+    report: {out: report.html, truth: ground_truth.parquet}                # optional; both keys optional
     rounds: 2
     trust_model_code: false              # true: model files may run code (TorchScript, any module:factory)
     schedules: {crawl: "0 2 * * *", curation: "0 3 * * *", distill: "0 5 * * 0"}   # webdistill serve
@@ -19,7 +20,9 @@
 Round 1 scores with the teacher alone, selects, and distils. Each later round re-scores the pool
 with the previous round's student (agreement, KL/JS, KD^3's combined prediction), re-selects with
 the same policy, and continues training from the previous student's weights. Every round's
-selection and student are recorded in the catalog (`selections`, `students`, `runs`).
+selection and student are recorded in the catalog (`selections`, `students`, `runs`). With a
+`report` section, the HTML report is written at the end (default: <workspace>/report.html). Each
+flow publishes its summary as Prefect artifacts (flows/artifacts.py); the pipeline adds the rounds.
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ from prefect import flow, get_run_logger, task
 from curation.remote import is_remote, synced
 from curation.workspace import resolve_workspace
 
+from . import artifacts
 from .crawl_flow import crawl_flow
 from .pipeline_config import PipelineConfig, PipelineConfigError, load_pipeline_config  # noqa: F401 - re-exported
 from .stage_runner import run_distill
@@ -38,6 +42,7 @@ from .stages import (
     embed_flow,
     index_flow,
     ingest_flow,
+    report_flow,
     score_flow,
     select_flow,
     synthesize_flow,
@@ -50,7 +55,10 @@ distill_task = task(name="distill", retries=0)(run_distill)
 @flow(name="distill")
 def distill_flow(workspace: str, name: str, selection: str, options: dict, init_from: str | None = None) -> dict:
     ws = resolve_workspace(workspace)
-    return distill_task(str(ws.root), name, selection, dict(options), init_from)
+    summary = distill_task(str(ws.root), name, selection, dict(options), init_from)
+    artifacts.publish_summary("distill", summary, f"student {name} on selection {selection}: "
+                              f"eval accuracy {summary.get('eval_accuracy')}")
+    return summary
 
 
 @flow(name="pipeline")
@@ -135,4 +143,8 @@ def _run_config(cfg: PipelineConfig, with_distill: bool) -> dict:
             student_ckpt = student["checkpoint"]
             init_from = student.get("state_dict") or str(Path(student["checkpoint"]).with_name("student.pt"))
         out["rounds"].append(round_out)
+    if "report" in s:
+        report = cfg.abs_paths(dict(s["report"] or {}), ("out", "truth"))
+        out["report"] = timed("report", report_flow, ws, **report)
+    artifacts.publish_rounds(out["rounds"])
     return out

@@ -12,7 +12,7 @@ from curation.errors import UnsafeName, WebdistillError, first_line
 from curation.files import is_remote
 from curation.workspace import check_name
 
-SECTIONS = ("crawl", "ingest", "embed", "index", "knn_scores", "score", "select", "synthesize", "distill")
+SECTIONS = ("crawl", "ingest", "embed", "index", "knn_scores", "score", "select", "synthesize", "distill", "report")
 TOP_KEYS = {"workspace", "runner", "workers", "max_failure_fraction", "rounds", "schedules", "name", "trust_model_code",
             *SECTIONS}
 

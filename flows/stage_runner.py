@@ -304,6 +304,18 @@ def run_select(ws: Workspace, config) -> dict:
     return summary
 
 
+def run_report(ws: Workspace, out: str | None = None, selections: list[str] | None = None,
+               truth: str | None = None) -> dict:
+    """The HTML report of the workspace (curation.report_build): out defaults to <workspace>/report.html."""
+    from curation.report_build import write_report
+
+    started = _now()
+    summary = write_report(ws, Path(out) if out else None, selections or None, Path(truth) if truth else None)
+    catalog.record_run(ws, "report", started, {"out": out, "selections": selections, "truth": truth},
+                       {k: summary[k] for k in ("path", "bytes", "seconds", "thumbnails")})
+    return summary
+
+
 def run_synthesize(ws: Workspace, config, progress: bool = False) -> dict:
     """Nguyen et al.: confident synthetic images per class, from a cVAE of the scored pool
     (config: a SynthConfig)."""

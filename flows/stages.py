@@ -15,7 +15,7 @@ from prefect import flow, get_run_logger, task, unmapped
 
 from curation.workspace import resolve_workspace
 
-from . import stage_runner
+from . import artifacts, stage_runner
 from .stage_runner import StageFailed, failure_reason  # noqa: F401 - StageFailed: what a failed flow raises
 
 RETRIES = 2
@@ -66,6 +66,7 @@ def ingest_flow(workspace: str, shards: list[str], source: str | None = None, ma
                                       max_failure_fraction=max_failure_fraction)
     if summary["missing"]:
         get_run_logger().warning("ingest: no shard matches %s", "; ".join(summary["missing"]))
+    artifacts.publish_summary("ingest", summary)
     return summary
 
 
@@ -75,9 +76,11 @@ def embed_flow(workspace: str, embedder: str = "open_clip:ViT-S-32", pretrained:
                shards_per_task: int = 8, max_failure_fraction: float = 0.1, trust_model_code: bool = False,
                device: str | None = None) -> dict:
     """Shards are embedded in groups (one model load per group, decode workers inside)."""
-    return stage_runner.run_embed(resolve_workspace(workspace), embedder, pretrained, teacher, device, precision,
-                                  batch_size, workers, trust_model_code, map_shards=prefect_map("embed-shards"),
-                                  shards_per_task=shards_per_task, max_failure_fraction=max_failure_fraction)
+    summary = stage_runner.run_embed(resolve_workspace(workspace), embedder, pretrained, teacher, device, precision,
+                                     batch_size, workers, trust_model_code, map_shards=prefect_map("embed-shards"),
+                                     shards_per_task=shards_per_task, max_failure_fraction=max_failure_fraction)
+    artifacts.publish_summary("embed", summary)
+    return summary
 
 
 @flow(name="index")
@@ -91,6 +94,10 @@ def index_flow(workspace: str, embedder: str = "open_clip:ViT-S-32", config: dic
     out["knn"] = {ref["name"]: knn(ws, ref["name"], embedder, ref.get("k", 5), prompts=ref.get("prompts"),
                                    sql=ref.get("sql"), trust_model_code=trust_model_code)
                   for ref in knn_scores or []}
+    index = out["index"]
+    artifacts.publish_summary("index", {"embedder": index.get("embedder"), "index": index.get("kind"),
+                                        "vectors": index.get("size"), "dup_clusters": out["dups"].get("clusters"),
+                                        "kmeans_k": out["kmeans_k"], "knn_scores": sorted(out["knn"])})
     return out
 
 
@@ -102,8 +109,10 @@ def score_flow(workspace: str, teacher: str, student: str | None = None, name: s
 
     config = ScoreConfig(teacher=teacher, student=student, name=name, **(options or {}),
                          trust_model_code=trust_model_code)
-    return stage_runner.run_score(resolve_workspace(workspace), config, map_shards=prefect_map("score-shards"),
-                                  shards_per_task=shards_per_task, max_failure_fraction=max_failure_fraction)
+    summary = stage_runner.run_score(resolve_workspace(workspace), config, map_shards=prefect_map("score-shards"),
+                                     shards_per_task=shards_per_task, max_failure_fraction=max_failure_fraction)
+    artifacts.publish_summary("score", summary)
+    return summary
 
 
 @flow(name="select")
@@ -115,7 +124,10 @@ def select_flow(workspace: str, name: str, sql: str | None = None, policy: str |
 
     config = SelectConfig(name=name, sql=sql, policy=policy, limit=limit, shard_size=shard_size, seed=seed,
                           synthetic=tuple(synthetic or ()), score_run=score_run)
-    return task(stage_runner.run_select, name="select", retries=1)(resolve_workspace(workspace), config)
+    summary = task(stage_runner.run_select, name="select", retries=1)(resolve_workspace(workspace), config)
+    artifacts.publish_summary("select", summary)
+    artifacts.publish_coverage(summary)
+    return summary
 
 
 @flow(name="synthesize")
@@ -125,9 +137,21 @@ def synthesize_flow(workspace: str, teacher: str, name: str, options: dict | Non
     from curation.synthesize import SynthConfig
 
     config = SynthConfig(teacher=teacher, name=name, **{**(options or {}), "trust_model_code": trust_model_code})
-    return task(stage_runner.run_synthesize, name="synthesize", retries=1)(resolve_workspace(workspace), config)
+    summary = task(stage_runner.run_synthesize, name="synthesize", retries=1)(resolve_workspace(workspace), config)
+    artifacts.publish_summary("synthesize", summary)
+    return summary
+
+
+@flow(name="report")
+def report_flow(workspace: str, out: str | None = None, selections: list[str] | None = None,
+                truth: str | None = None) -> dict:
+    """The self-contained HTML report (default: <workspace>/report.html); with `truth` (a parquet of
+    shard, key, in_domain), ROC curves and precision, and the AUROC table as an artifact."""
+    summary = task(stage_runner.run_report, name="report")(resolve_workspace(workspace), out, selections, truth)
+    artifacts.publish_report(summary)
+    return summary
 
 
 def flows_by_name() -> dict[str, Any]:
     return {"ingest": ingest_flow, "embed": embed_flow, "index": index_flow, "score": score_flow,
-            "select": select_flow, "synthesize": synthesize_flow}
+            "select": select_flow, "synthesize": synthesize_flow, "report": report_flow}

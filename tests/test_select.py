@@ -362,7 +362,7 @@ def test_without_the_atomic_exchange_a_crash_between_the_renames_is_undone(tmp_p
 
 
 def test_stale_temporaries_of_dead_writers_go_and_a_live_writers_stay(tmp_path):
-    from curation.shard_writer import _lock, staging
+    from curation.shard_writer import name_lock, staging
 
     parent, outside = tmp_path / "selections", tmp_path / "outside"
     outside.mkdir()
@@ -374,7 +374,7 @@ def test_stale_temporaries_of_dead_writers_go_and_a_live_writers_stay(tmp_path):
         (parent / stale).mkdir()
         (parent / stale / "half.tar").write_bytes(b"half")
     (parent / ".tmp-evil-87654321").symlink_to(outside, target_is_directory=True)  # planted
-    with _lock(parent, "busy"):  # another writer of `busy` is alive: its temporary is not stale
+    with name_lock(parent, "busy"):  # another writer of `busy` is alive: its temporary is not stale
         with staging(parent / "new") as tmp:
             left = sorted(p.name for p in parent.iterdir() if p.name.startswith((".tmp", ".old")))
             assert left == [".tmp-busy-00000000", tmp.name]

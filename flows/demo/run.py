@@ -188,6 +188,7 @@ def pipeline_config(workspace: Workspace, out_dir: Path, clip: dict, rounds: int
                     "nproc": 2, "workers": 1, "batch_size": 64, "lr": 0.05,
                     "eval": str(out_dir / "eval" / "mnist-test.tar")},
         "rounds": rounds,
+        "report": {"truth": str(out_dir / "crawl" / "ground_truth.parquet")},  # -> <workspace>/report.html
         "schedules": {"curation": "0 3 * * *", "pipeline": "0 4 * * 0"},
     }
     path = out_dir / "pipeline.yaml"
@@ -268,3 +269,5 @@ def print_results(workspace: Workspace, out_dir: Path, crawl: dict, teacher: dic
     print()
     print("  stage times     " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
     print(f"  workspace       {workspace.root} (try: webdistill sql \"SELECT * FROM students\")")
+    print(f"  report          {result['report']['path']} (open it in a browser; rebuild it with "
+          f"webdistill report -w {workspace.root} --truth {truth})")
