@@ -12,6 +12,7 @@ from curation.ingest import ingest
 from curation.schemas import SCORE_COLUMNS
 from curation.score import FUSED_COLUMNS, NO_FEATURES, ScoreConfig, score
 from curation.workspace import Workspace
+from flows.stage_runner import run_score
 
 NEW = ["scale", "ash", "react", "fused"]
 
@@ -72,9 +73,10 @@ def test_fused_is_the_rank_fusion_of_the_label_free_columns(scored):
 
 
 def test_a_teacher_without_reachable_features_gets_nulls_and_a_note(workspace):
-    summary = score(workspace, ScoreConfig(teacher="tests.models_for_tests:no_linear", name="opaque", batch_size=128,
-                                           workers=0, odin=False, trust_model_code=True), progress=False)
-    assert summary.notes == [NO_FEATURES]
+    # through the stage runner, whose summary the CLI and the flows print and record
+    summary = run_score(workspace, ScoreConfig(teacher="tests.models_for_tests:no_linear", name="opaque",
+                                               batch_size=128, workers=0, odin=False, trust_model_code=True))
+    assert summary["notes"] == [NO_FEATURES]
     assert json.loads((workspace.root / "scores" / "opaque" / "run.json").read_text())["summary"]["notes"] == [
         NO_FEATURES]
     catalog.refresh(workspace)
