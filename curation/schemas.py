@@ -81,6 +81,15 @@ SCORE_COLUMNS: dict[str, str] = {
                        "Gaussian of the reference samples (Ren et al. 2021)",
     "knn_teacher": "cosine similarity of teacher features to the k-th nearest confident reference sample "
                    "(Sun et al. 2022)",
+    "scale": "SCALE: energy logsumexp(W f' + b) of the teacher's logits recomputed from its penultimate features f "
+             "scaled by exp(s1/s2), s1 = sum(f), s2 = sum of the top 15% of f (p=85) (Xu et al. 2024)",
+    "ash": "ASH-S: energy logsumexp(W f' + b) of the logits from f with all but its top 10% zeroed (p=90) and the rest "
+           "scaled by exp(s1/s2), s1 / s2 the sums before / after pruning (Djurisic et al. 2023)",
+    "react": "ReAct: energy logsumexp(W min(f, c) + b) of the logits from f clipped at c = the 90th percentile of the "
+             "pool's penultimate activations (Sun et al. 2021)",
+    "fused": "rank fusion: mean over msp, energy, gen, scale, ash, react, mahalanobis, bn_score (those not null over "
+             "the pool) of the sample's percentile rank (rank-1)/(n-1) among the pool's values; in [0, 1]. Only "
+             "label-free teacher scores: no student, no user reference (kNN to prompts or images)",
     "teacher_label": "the teacher's pseudo-label (argmax)",
     "teacher_conf": "the teacher's confidence in its pseudo-label (= msp)",
     "teacher_logits": "the teacher's logits, float16 (they go into the curated shards as logits.npy)",
@@ -99,8 +108,10 @@ SCORE_COLUMNS: dict[str, str] = {
 SCORES = pa.schema(
     [("run", pa.string()), ("sample_id", pa.string()), ("shard", pa.string()), ("row", pa.int32()),
      ("decoded", pa.bool_()), ("teacher_label", pa.int32()), ("teacher_conf", pa.float32()),
-     *[(c, pa.float32()) for c in ("msp", "max_logit", "energy", "neg_entropy", "gen", "bn_score", "odin")],
+     *[(c, pa.float32()) for c in ("msp", "max_logit", "energy", "neg_entropy", "gen", "bn_score", "scale", "ash",
+                                   "odin")],
      ("kd3_label", pa.int32()), ("kd3_conf", pa.float32()), ("teacher_logits", pa.list_(pa.float32())),
      ("mahalanobis", pa.float32()), ("rel_mahalanobis", pa.float32()), ("knn_teacher", pa.float32()),
+     ("react", pa.float32()), ("fused", pa.float32()),
      ("kd3_threshold", pa.float32()), ("kd3_pass", pa.bool_())]
 )

@@ -3,13 +3,18 @@ per-sample columns where higher = more in-distribution (`schemas.SCORE_COLUMNS` 
 
     scores/<run>/pass1/<shard>.parquet    per-sample scores of one shard (its commit record)
     scores/<run>/features/<shard>.npy     the teacher's penultimate features, float16
+    scores/<run>/head.npz                 W and b of the teacher's last Linear (ReAct's logits in pass 2)
     scores/<run>/<shard>.parquet          the final rows (view `scores`): pass 1 + the pool-wide scores
     scores/<run>/run.json                 the run's config and summary
 
 Pass 1 works shard by shard and is skipped for shards already scored with the same inputs and
-config. Pass 2 needs the whole pool: class Gaussians and the kNN reference come from the pool's
-own confidently pseudo-labelled samples, and KD^3's class-adaptive thresholds from every sample's
-combined prediction. Both passes write atomically, so a crash and a rerun lose and repeat nothing.
+config; SCALE and ASH need one sample's features only, so they are pass 1's. Pass 2 needs the
+whole pool: class Gaussians and the kNN reference come from the pool's own confidently
+pseudo-labelled samples, KD^3's class-adaptive thresholds from every sample's combined
+prediction, ReAct's clip from the pool's activations (an exact percentile from float16 histograms
+summed over shards: memory does not grow with the pool), and the fused score from the pool's ranks
+(a few float columns of the pool are held, never its features). Both passes write atomically, so a
+crash and a rerun lose and repeat nothing.
 """
 from __future__ import annotations
 
@@ -36,7 +41,21 @@ from .errors import WebdistillError
 from .shard_reader import ShardJob, per_shard_outputs, shard_jobs
 from .workspace import Workspace, atomic_path, config_hash, read_parquet_metadata, write_parquet_atomic
 
-SCORE_VERSION = 1
+SCORE_VERSION = 2  # 2: SCALE, ASH (pass 1), ReAct and the fused score (pass 2)
+
+# The fused score's columns: those that need neither labels, nor a student, nor a reference the user
+# brings (kNN to prompts or images). A column that is null over the whole pool (no BatchNorm layer,
+# no reachable features, ODIN switched off) is left out of the fusion; see SCORE_COLUMNS["fused"].
+FUSED_COLUMNS = ("msp", "energy", "gen", "scale", "ash", "react", "mahalanobis", "bn_score")
+SHAPED = ("scale", "ash")  # pass-1 activation-shaping scores: null, not NaN, where they cannot be had
+
+# Why the activation-shaping columns are null (the run records it in run.json's notes).
+NO_FEATURES = ("scale, ash, react: null: the teacher has no embed()/classifier and no reachable nn.Linear "
+               "(a TorchScript file hides its layers), so its penultimate features cannot be shaped")
+NO_HEAD = ("scale, ash, react: null: the layer the features feed has no 2-D weight to recompute the logits "
+           "from shaped features")
+NOT_AFFINE = ("scale, ash, react: null: the teacher's logits are not W f + b of its penultimate features "
+              "(something follows its last Linear)")
 
 
 class ScoreError(WebdistillError):
@@ -54,6 +73,9 @@ class ScoreConfig:
     odin_temperature: float = 1000.0
     odin_epsilon: float = 0.0014
     energy_temperature: float = 1.0
+    scale_percentile: float = 85.0  # SCALE's p (Xu et al. 2024; OpenOOD v1.5's default)
+    ash_percentile: float = 90.0  # ASH-S's p (Djurisic et al. 2023; OpenOOD v1.5's default)
+    react_percentile: float = 90.0  # ReAct's clip: this percentile of the pool's activations (Sun et al. 2021)
     kd3_alpha: float = 0.5  # teacher weight in the combined prediction (1.0 without a student)
     kd3_tau: float = 0.95
     reference_confidence: float = 0.99  # pseudo-labelled samples this confident form the reference set
@@ -63,13 +85,15 @@ class ScoreConfig:
     trust_model_code: bool = False  # TorchScript / factories outside the allowlist may run (not part of any hash)
 
     def pass1_part(self) -> dict:
-        keys = ("odin", "odin_temperature", "odin_epsilon", "energy_temperature", "kd3_alpha")
+        keys = ("odin", "odin_temperature", "odin_epsilon", "energy_temperature", "kd3_alpha", "scale_percentile",
+                "ash_percentile")
         return {k: getattr(self, k) for k in keys} | {
             "teacher": spec_fingerprint(self.teacher),
             "student": spec_fingerprint(self.student) if self.student else None, "version": SCORE_VERSION}
 
     def pass2_part(self) -> dict:
-        return {k: getattr(self, k) for k in ("kd3_tau", "reference_confidence", "reference_max", "knn_k")}
+        keys = ("kd3_tau", "reference_confidence", "reference_max", "knn_k", "react_percentile")
+        return {k: getattr(self, k) for k in keys} | {"fused": FUSED_COLUMNS}
 
 
 @dataclass
@@ -83,6 +107,8 @@ class ScoreSummary:
     finalized: bool = False
     teacher: dict | None = None
     unscored: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # why some columns are null
+    react_clip: float | None = None  # ReAct's clip c, taken from the pool
 
 
 def _load(spec: str, role: str, device: str, trust_model_code: bool) -> LoadedModel:
@@ -116,6 +142,32 @@ class BatchScorer:
         self.device = torch.device(config.device)
         self.preprocess = Geometry(self.teacher.input_size, SquareResize(self.teacher.input_size))
         self.has_bn = bool(sf.bn_modules(self.teacher.module))
+        head = sf.linear_head(self.teacher.module)
+        self.head = None if head is None else tuple(t.to(self.device).float() for t in head)
+        self.feature_note: str | None = None  # why SCALE / ASH are null, once a batch showed it
+
+    def _head_note(self, logits: torch.Tensor, feats: torch.Tensor | None) -> str | None:
+        if feats is None:
+            return NO_FEATURES
+        if self.head is None:
+            return NO_HEAD
+        weight, bias = self.head
+        if feats.dim() != 2 or feats.shape[1] != weight.shape[1]:
+            return NOT_AFFINE
+        recomputed = feats.float() @ weight.T + bias
+        if not torch.allclose(recomputed, logits, rtol=1e-3, atol=1e-3 * (1 + float(logits.abs().max()))):
+            return NOT_AFFINE
+        return None
+
+    def _shaped(self, logits: torch.Tensor, feats: torch.Tensor | None) -> dict[str, np.ndarray]:
+        """SCALE and ASH-S: the energy of the logits of the shaped penultimate features."""
+        note = self._head_note(logits, feats)
+        if note is not None:
+            self.feature_note = note
+            return {name: np.full(len(logits), np.nan, np.float32) for name in SHAPED}
+        f, (weight, bias) = feats.float(), self.head
+        return {"scale": sf.head_energy(sf.scale_features(f, self.config.scale_percentile), weight, bias),
+                "ash": sf.head_energy(sf.ash_s_features(f, self.config.ash_percentile), weight, bias)}
 
     def __call__(self, x_uint8: torch.Tensor) -> dict[str, np.ndarray]:
         cfg, t = self.config, self.teacher
@@ -137,6 +189,7 @@ class BatchScorer:
             "features": (feats.float().half().cpu().numpy() if feats is not None
                          else np.zeros((len(x), 0), np.float16)),
         }
+        out |= {k: torch.as_tensor(v).cpu().numpy() for k, v in self._shaped(logits, feats).items()}
         out["odin"] = (sf.odin(t.module, x, t.std, cfg.odin_temperature, cfg.odin_epsilon).cpu().numpy()
                        if cfg.odin else np.full(len(x), np.nan))
         student_logits = None
@@ -171,7 +224,7 @@ def _pass1_table(job: ShardJob, out: dict[str, np.ndarray], ok: np.ndarray) -> p
         if k in ("features", "teacher_logits"):
             continue
         arr = v.astype(np.float32) if v.dtype.kind == "f" else v
-        mask = ~ok
+        mask = ~ok | np.isnan(arr) if k in SHAPED else ~ok
         cols[k] = pa.array(arr, mask=mask)
     logits = out["teacher_logits"]
     cols["teacher_logits"] = pa.FixedSizeListArray.from_arrays(pa.array(logits.ravel()), logits.shape[1])
@@ -203,6 +256,8 @@ def score_pass1(ws: Workspace, config: ScoreConfig, progress: bool = True,
         return summary
     scorer = BatchScorer(config)
     summary.teacher = teacher_info(scorer)
+    scorer.feature_note = None  # what the probe batch showed, the first real batch shows again
+    _write_head(run, scorer.head)
     start = time.perf_counter()
     outputs = per_shard_outputs(todo, scorer.preprocess, scorer, config.batch_size, config.workers, progress,
                                 desc=f"score {config.name}")
@@ -213,11 +268,31 @@ def score_pass1(ws: Workspace, config: ScoreConfig, progress: bool = True,
                 np.save(fh, out["features"])
         # the pass-1 parquet is the shard's commit record: written last
         write_parquet_atomic(_pass1_table(job, out, ok), run / "pass1" / f"{job.shard}.parquet",
-                             {"stamp": job.stamp, "config": asdict(config)})
+                             {"stamp": job.stamp, "config": asdict(config), "feature_note": scorer.feature_note})
         summary.scored.append(job.shard)
         summary.samples += len(ok)
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _write_head(run: Path, head: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+    """The teacher's last Linear, for ReAct in pass 2 (which loads no model). Every pass-1 process
+    of a run writes the same bytes; a teacher without one leaves no stale file behind."""
+    path = run / "head.npz"
+    if head is None:
+        path.unlink(missing_ok=True)
+        return
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, weight=head[0].cpu().numpy(), bias=head[1].cpu().numpy())
+
+
+def _read_head(run: Path) -> tuple[torch.Tensor, torch.Tensor] | None:
+    try:
+        with np.load(run / "head.npz") as z:
+            return torch.from_numpy(z["weight"]).float(), torch.from_numpy(z["bias"]).float()
+    except FileNotFoundError:
+        return None
 
 
 def _pass1_files(run: Path, shards: list[str]) -> list[Path]:
@@ -226,15 +301,19 @@ def _pass1_files(run: Path, shards: list[str]) -> list[Path]:
 
 def score_pass2(ws: Workspace, config: ScoreConfig, summary: ScoreSummary) -> None:
     """Pool-wide scores: Mahalanobis, relative Mahalanobis and kNN against the confident
-    reference set, and KD^3's class-adaptive threshold flag. Rewritten only when pass 1 changed."""
+    reference set, ReAct with its clip taken from the pool, the fused rank score, and KD^3's
+    class-adaptive threshold flag. Rewritten only when pass 1 changed."""
     run = _run_dir(ws, config.name)
     # a shard whose pass 1 failed is left out (and reported by `finish`); the rest go on
     shards = [job.shard for job in shard_jobs(ws) if (run / "pass1" / f"{job.shard}.parquet").exists()]
     files = _pass1_files(run, shards)
-    stamp = config_hash({"pass1": [read_parquet_metadata(f).get("stamp") for f in files], **config.pass2_part()})
+    metas = [read_parquet_metadata(f) for f in files]
+    summary.notes = sorted({m["feature_note"] for m in metas if m.get("feature_note")})
+    stamp = config_hash({"pass1": [m.get("stamp") for m in metas], **config.pass2_part()})
     if all(read_parquet_metadata(run / f"{s}.parquet").get("stamp") == stamp for s in shards):
         return
-    light_columns = ["teacher_label", "teacher_conf", "kd3_label", "kd3_conf", "decoded"]
+    pass1_fused = [c for c in FUSED_COLUMNS if c in pq.read_schema(files[0]).names]
+    light_columns = ["teacher_label", "teacher_conf", "kd3_label", "kd3_conf", "decoded", *pass1_fused]
     light = [pq.read_table(f, columns=light_columns) for f in files]
     n_classes = pq.read_schema(files[0]).field("teacher_logits").type.list_size
     all_light = pa.concat_tables(light)
@@ -251,23 +330,38 @@ def score_pass2(ws: Workspace, config: ScoreConfig, summary: ScoreSummary) -> No
         knn = faiss.IndexFlatIP(ref_feats.shape[1])
         knn.add(_unit(ref_feats))
     k = min(config.knn_k, len(ref_labels))
-    for shard, f, t in zip(shards, files, light):
-        table = pq.read_table(f)
+    head = _read_head(run)
+    shaped = [head is not None and not m.get("feature_note") for m in metas]  # shards ReAct can score
+    clip = _react_clip(run, shards, light, shaped, config.react_percentile)
+    summary.react_clip = None if np.isnan(clip) else clip
+    # first the pool-wide columns of every shard (small: a few floats per sample), then the fusion
+    extras: list[dict[str, np.ndarray]] = []
+    for shard, t, can_shape in zip(shards, light, shaped):
         feats = np.load(run / "features" / f"{shard}.npy").astype(np.float32)
-        ok = t["decoded"].to_numpy(zero_copy_only=False)
-        n = table.num_rows
-        maha = rel = knn_sim = np.full(n, np.nan, np.float32)
+        n = t.num_rows
+        maha = rel = knn_sim = react = np.full(n, np.nan, np.float32)
         if gauss is not None and feats.shape[1] > 0:
             maha, rel = (a.astype(np.float32) for a in sf.mahalanobis_scores(feats, *gauss))
         if knn is not None and k > 0:
             sims, _ = knn.search(_unit(feats), k)
             knn_sim = sims[:, -1].astype(np.float32)  # similarity to the k-th nearest reference sample
+        if can_shape and not np.isnan(clip):
+            react = sf.head_energy(sf.react_features(torch.from_numpy(feats), clip), *head).numpy()
+        ok = t["decoded"].to_numpy(zero_copy_only=False)
+        extras.append({name: np.where(ok, v, np.nan).astype(np.float32) for name, v in
+                       {"mahalanobis": maha, "rel_mahalanobis": rel, "knn_teacher": knn_sim, "react": react}.items()})
+    fused = _fused(light, extras, pass1_fused)
+    offset = 0
+    for shard, f, t, extra in zip(shards, files, light, extras):
+        table = pq.read_table(f)
+        ok = t["decoded"].to_numpy(zero_copy_only=False)
+        n = table.num_rows
+        extra["fused"], offset = fused[offset:offset + n], offset + n
         labels = t["kd3_label"].to_numpy(zero_copy_only=False)
         passes = passes_threshold(np.nan_to_num(labels).astype(np.int64), t["kd3_conf"].to_numpy(zero_copy_only=False),
                                   thresholds) & ok
-        extra = {"mahalanobis": maha, "rel_mahalanobis": rel, "knn_teacher": knn_sim}
         for name, values in extra.items():
-            table = table.append_column(name, pa.array(values, mask=~ok | np.isnan(values)))
+            table = table.append_column(name, pa.array(values, mask=~ok | ~np.isfinite(values)))
         per_sample = thresholds[np.nan_to_num(labels).astype(np.int64)].astype(np.float32)
         table = table.append_column("kd3_threshold", pa.array(per_sample, mask=~ok))
         table = table.append_column("kd3_pass", pa.array(passes))
@@ -277,6 +371,29 @@ def score_pass2(ws: Workspace, config: ScoreConfig, summary: ScoreSummary) -> No
     for stale in set(p.stem for p in run.glob("*.parquet")) - set(shards):
         (run / f"{stale}.parquet").unlink()
     summary.finalized = True
+
+
+def _react_clip(run: Path, shards: list[str], light: list[pa.Table], shaped: list[bool], percentile: float) -> float:
+    """ReAct's clip c: the percentile of every activation of the pool's decoded samples (of the
+    shards whose features the teacher's head maps to its logits); NaN when there are none. Exact on
+    the stored float16 features, from one 65,536-bin histogram summed over shards."""
+    counts = np.zeros(1 << 16, np.int64)
+    for shard, t, can_shape in zip(shards, light, shaped):
+        if can_shape:
+            ok = t["decoded"].to_numpy(zero_copy_only=False)
+            counts += sf.float16_histogram(np.load(run / "features" / f"{shard}.npy")[ok])
+    return sf.histogram_percentile(counts, percentile)
+
+
+def _fused(light: list[pa.Table], extras: list[dict[str, np.ndarray]], pass1_columns: list[str]) -> np.ndarray:
+    """The fused score over the pool: rank fusion of FUSED_COLUMNS (those not null everywhere)."""
+    pool = {c: np.concatenate([t[c].to_numpy(zero_copy_only=False).astype(np.float64) for t in light])
+            for c in pass1_columns}
+    pool |= {c: np.concatenate([e[c] for e in extras]).astype(np.float64) for c in FUSED_COLUMNS if c in extras[0]}
+    columns = [pool[c] for c in FUSED_COLUMNS if c in pool and np.isfinite(pool[c]).any()]
+    n = sum(t.num_rows for t in light)
+    return (sf.rank_fusion([np.where(np.isfinite(c), c, np.nan) for c in columns]).astype(np.float32) if columns
+            else np.full(n, np.nan, np.float32))
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

@@ -3,7 +3,8 @@ in-distribution. The score stage (`curation/score.py`) runs them batch by batch.
 
 References: MSP (Hendrycks & Gimpel 2017), max logit (Hendrycks et al. 2022), energy (Liu et al.
 2020), GEN (Liu et al. CVPR 2023), ODIN (Liang et al. 2018), Mahalanobis (Lee et al. 2018) and
-relative Mahalanobis (Ren et al. 2021), deep kNN (Sun et al. 2022), KD^3 (Tang et al. 2023).
+relative Mahalanobis (Ren et al. 2021), deep kNN (Sun et al. 2022), KD^3 (Tang et al. 2023),
+activation shaping: ReAct (Sun et al. 2021), ASH (Djurisic et al. 2023), SCALE (Xu et al. 2024).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.stats import rankdata
 from torch import nn
 
 from distill.kd3_rules import combined_prediction  # noqa: F401 - KD^3's combined prediction, one copy
@@ -110,6 +112,12 @@ def bn_score_tap(model: nn.Module):
             h.remove()
 
 
+def _last_linear(model: nn.Module) -> nn.Module | None:
+    scripted = isinstance(model, torch.jit.ScriptModule)  # TorchScript hides its layers' types
+    linears = [] if scripted else [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return linears[-1] if linears else None
+
+
 def logits_and_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One forward pass giving the logits and the penultimate features: `embed` + `classifier`
     when the model has them (our CNNs, TorchScript exports of them), else the input of its last
@@ -117,17 +125,118 @@ def logits_and_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor
     if hasattr(model, "embed") and hasattr(model, "classifier"):
         feats = model.embed(x)
         return model.classifier(feats), feats
-    scripted = isinstance(model, torch.jit.ScriptModule)
-    linears = [] if scripted else [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if not linears:
+    last = _last_linear(model)
+    if last is None:
         return model(x), None
     captured: dict[str, torch.Tensor] = {}
-    handle = linears[-1].register_forward_hook(lambda mod, inp, out: captured.__setitem__("x", inp[0]))
+    handle = last.register_forward_hook(lambda mod, inp, out: captured.__setitem__("x", inp[0]))
     try:
         logits = model(x)
     finally:
         handle.remove()
     return logits, torch.flatten(captured["x"], 1)
+
+
+def linear_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(W, b) of the layer `logits_and_features` takes the features before: `classifier` beside
+    `embed`, else the last Linear. None when there is no such layer or it has no 2-D weight. Whether
+    the logits really are `W f + b` (nothing after that layer) is for the caller to check."""
+    if hasattr(model, "embed") and hasattr(model, "classifier"):
+        head = model.classifier
+    else:
+        head = _last_linear(model)
+    weight = getattr(head, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        return None
+    bias = getattr(head, "bias", None)
+    bias = bias if isinstance(bias, torch.Tensor) else torch.zeros(weight.shape[0], dtype=weight.dtype)
+    return weight.detach(), bias.detach()
+
+
+# --- activation shaping: the penultimate features are reshaped, the logits recomputed by the
+# teacher's last Linear (W, b), and the score is the energy logsumexp(W f' + b) (T = 1, as the
+# papers and OpenOOD v1.5 use). The papers' features are post-ReLU (>= 0); signed features are
+# shaped by the same formulas. Checked against OpenOOD's networks/{scale,ash,react}_net.py.
+
+def kept_count(d: int, percentile: float) -> int:
+    """How many of d activations survive pruning at the p-th percentile: the top d - round(d*p/100)
+    (OpenOOD's and the ASH authors' count, numpy's round-half-to-even), at least one."""
+    if not 0.0 <= percentile <= 100.0:
+        raise ValueError(f"percentile must be in [0, 100], got {percentile}")
+    return max(1, d - int(np.round(d * percentile / 100.0)))
+
+
+def _sharpening(total: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+    """exp(s1 / s2), s1 the sum of all activations, s2 the sum of the kept ones. s2 = 0 only when
+    the kept (largest) activations are all zero, i.e. for non-negative features an all-zero vector,
+    which no factor changes: 1 then, instead of 0/0."""
+    return torch.where(top == 0, 1.0, (total / top.where(top != 0, torch.ones_like(top))).exp())
+
+
+def scale_features(f: torch.Tensor, percentile: float = 85.0) -> torch.Tensor:
+    """SCALE (Xu et al. 2024): no pruning; the whole vector times exp(s1 / s2), s2 the sum of the
+    top (100-p)% activations."""
+    top = f.topk(kept_count(f.shape[-1], percentile), dim=-1).values.sum(-1)
+    return f * _sharpening(f.sum(-1), top).unsqueeze(-1)
+
+
+def ash_s_features(f: torch.Tensor, percentile: float = 90.0) -> torch.Tensor:
+    """ASH-S (Djurisic et al. 2023): keep the top (100-p)% activations of each sample, zero the
+    rest, and scale the survivors by exp(s1 / s2), s1 the sum before pruning, s2 after."""
+    values, index = f.topk(kept_count(f.shape[-1], percentile), dim=-1)
+    pruned = torch.zeros_like(f).scatter_(-1, index, values)
+    return pruned * _sharpening(f.sum(-1), values.sum(-1)).unsqueeze(-1)
+
+
+def react_features(f: torch.Tensor, clip: float) -> torch.Tensor:
+    """ReAct (Sun et al. 2021): every activation clipped from above at c (the c-th percentile of
+    the in-distribution activations; here of the pool's)."""
+    return f.clamp(max=clip)
+
+
+def head_energy(shaped: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The energy logsumexp(W f' + b) of the logits the teacher's last Linear gives shaped features."""
+    return energy(shaped @ weight.to(shaped.dtype).T + bias.to(shaped.dtype))
+
+
+def float16_histogram(x: np.ndarray) -> np.ndarray:
+    """Counts of each of the 65,536 float16 bit patterns in x (features are stored as float16, so
+    this is exact, and a pool's histogram is the sum of its shards': bounded memory)."""
+    return np.bincount(np.ascontiguousarray(x, dtype=np.float16).view(np.uint16).ravel(),
+                       minlength=1 << 16).astype(np.int64)
+
+
+def histogram_percentile(counts: np.ndarray, q: float) -> float:
+    """np.percentile (linear interpolation) of the finite values a float16 histogram counts; NaN
+    when it counts none."""
+    values = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float64)
+    finite = np.isfinite(values) & (counts > 0)
+    values, counts = values[finite], counts[finite]
+    if counts.sum() == 0:
+        return float("nan")
+    order = np.argsort(values, kind="stable")
+    values, cum = values[order], np.cumsum(counts[order])
+    h = (cum[-1] - 1) * q / 100.0  # the 0-based fractional rank numpy interpolates at
+    lo, hi = (values[np.searchsorted(cum, r, side="right")] for r in (np.floor(h), np.ceil(h)))
+    return float(lo + (h - np.floor(h)) * (hi - lo))
+
+
+def rank_fusion(columns: list[np.ndarray]) -> np.ndarray:
+    """Mean over columns of each sample's percentile rank in its column, (rank - 1) / (n - 1) with
+    ties averaged and NaN left out (0.5 when a column has a single value); NaN where every column is
+    NaN. In [0, 1]; higher = higher in the columns on average."""
+    ranks = []
+    for c in columns:
+        c = np.asarray(c, dtype=np.float64)
+        r = np.full(len(c), np.nan)
+        ok = ~np.isnan(c)
+        n = int(ok.sum())
+        if n:
+            r[ok] = (rankdata(c[ok]) - 1) / (n - 1) if n > 1 else 0.5
+        ranks.append(r)
+    stacked = np.stack(ranks)
+    counted = (~np.isnan(stacked)).sum(0)
+    return np.where(counted > 0, np.nansum(stacked, 0) / np.maximum(counted, 1), np.nan)
 
 
 # --- reference-based scores over the whole pool (numpy, float64) ---

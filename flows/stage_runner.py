@@ -280,7 +280,7 @@ def run_score(ws: Workspace, config, map_shards: MapShards = in_process, shards_
     done = finish(ws, config, merged, started)
     summary = {"name": config.name, "scored": len(done.scored), "skipped": len(done.skipped), "samples": done.samples,
                "reference_samples": done.reference_samples, "seconds": done.seconds, "unscored": done.unscored,
-               "failed": failed}
+               "notes": done.notes, "failed": failed}
     _record(ws, "score", started, asdict(config), summary)
     check_failures("score", failed, len(groups), max_failure_fraction, summary)
     return summary

@@ -23,3 +23,26 @@ class CenteredThumbnail(nn.Module):
 def thumbnail() -> CenteredThumbnail:
     torch.manual_seed(0)
     return CenteredThumbnail()
+
+
+def no_linear() -> nn.Module:
+    """A classifier without any Linear layer: no penultimate features to reach."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 10, 3, stride=4), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
+class DoubledLogits(nn.Module):
+    """A Linear whose output is doubled: the logits are not W f + b of the Linear's input."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(4)
+        self.fc = nn.Linear(3 * 4 * 4, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2 * self.fc(torch.flatten(self.pool(x), 1)) + 1
+
+
+def doubled_logits() -> DoubledLogits:
+    torch.manual_seed(0)
+    return DoubledLogits()

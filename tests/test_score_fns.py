@@ -9,6 +9,7 @@ import torchvision
 from scipy.spatial.distance import mahalanobis
 from torch import nn
 
+from curation import score
 from curation import score_fns as sf
 from curation.score import BatchScorer, ScoreConfig
 from distill.models import tiny_student
@@ -291,6 +292,204 @@ def test_logits_and_features_without_a_linear_layer():
     assert feats is None
 
 
+# ---------------------------------------------------------------- activation shaping: SCALE, ASH, ReAct
+# The references below follow the papers' definitions in numpy, row by row: keep the k largest
+# activations, k = d - round(d p / 100) (at least one), s1 = the sum of all, s2 = of the kept ones.
+
+def np_energy(z: np.ndarray) -> np.ndarray:
+    m = z.max(-1, keepdims=True)
+    return (m + np.log(np.exp(z - m).sum(-1, keepdims=True)))[..., 0]
+
+
+def np_kept(d: int, p: float) -> int:
+    return max(1, d - int(np.round(d * p / 100.0)))
+
+
+def np_shaped(f: np.ndarray, p: float, prune: bool) -> np.ndarray:
+    out = np.zeros_like(f)
+    for i, row in enumerate(f):
+        top = np.argsort(-row, kind="stable")[: np_kept(len(row), p)]
+        s1, s2 = row.sum(), row[top].sum()
+        factor = 1.0 if s2 == 0 else math.exp(s1 / s2)
+        kept = np.zeros_like(row)
+        kept[top] = row[top]
+        out[i] = (kept if prune else row) * factor
+    return out
+
+
+def np_scale(f, w, b, p):
+    return np_energy(np_shaped(f, p, prune=False) @ w.T + b)
+
+
+def np_ash(f, w, b, p):
+    return np_energy(np_shaped(f, p, prune=True) @ w.T + b)
+
+
+def np_react(f, w, b, c):
+    return np_energy(np.minimum(f, c) @ w.T + b)
+
+
+def shaping_case(seed: int, n: int = 6, d: int = 20, c: int = 4):
+    """Non-negative (post-ReLU) features with distinct values, one all-zero row, a random head."""
+    rng = np.random.default_rng(seed)
+    f = rng.permutation(n * d).reshape(n, d).astype(np.float64) / (n * d) * rng.exponential(2.0, (n, 1))
+    f[rng.random((n, d)) < 0.4] = 0.0  # sparse, like ReLU outputs
+    f[0] = 0.0
+    return f, rng.normal(size=(c, d)), rng.normal(size=c)
+
+
+def shaped_scores(f, w, b, p: float) -> tuple[np.ndarray, np.ndarray]:
+    ft, wt, bt = t64(f), t64(w), t64(b)
+    return (sf.head_energy(sf.scale_features(ft, p), wt, bt).numpy(),
+            sf.head_energy(sf.ash_s_features(ft, p), wt, bt).numpy())
+
+
+def test_kept_count_is_openood_s_with_at_least_one():
+    assert sf.kept_count(10, 85) == 2  # 10 - round(8.5): numpy rounds half to even, 8
+    assert sf.kept_count(2048, 90) == 205 and sf.kept_count(2048, 85) == 307  # ResNet-50's penultimate layer
+    assert sf.kept_count(7, 0) == 7 and sf.kept_count(7, 100) == 1 and sf.kept_count(4, 90) == 1
+    for bad in (-1, 100.5):
+        with pytest.raises(ValueError, match="percentile"):
+            sf.kept_count(10, bad)
+
+
+def test_scale_and_ash_by_hand():
+    # f = (4, 3, 2, 1), p = 50: the top two survive, s1 = 10, s2 = 7, factor e^(10/7); W = I, b = 0
+    f, w, b = np.array([[4.0, 3.0, 2.0, 1.0]]), np.eye(4), np.zeros(4)
+    factor = math.exp(10 / 7)
+    scale, ash = shaped_scores(f, w, b, 50)
+    assert scale[0] == pytest.approx(math.log(sum(math.exp(v * factor) for v in (4, 3, 2, 1))), rel=1e-12)
+    assert ash[0] == pytest.approx(math.log(math.exp(4 * factor) + math.exp(3 * factor) + 2), rel=1e-12)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("p", [0, 50, 85, 90, 100])
+def test_scale_and_ash_match_the_papers_definitions(seed, p):
+    f, w, b = shaping_case(seed)
+    scale, ash = shaped_scores(f, w, b, p)
+    np.testing.assert_allclose(scale, np_scale(f, w, b, p), rtol=1e-10)
+    np.testing.assert_allclose(ash, np_ash(f, w, b, p), rtol=1e-10)
+    # an all-zero vector has nothing to prune or sharpen: the logits are the bias alone
+    assert scale[0] == pytest.approx(np_energy(b), rel=1e-12) and ash[0] == pytest.approx(np_energy(b), rel=1e-12)
+
+
+def test_scale_and_ash_boundaries():
+    f, w, b = shaping_case(3)
+    scale0, ash0 = shaped_scores(f, w, b, 0)
+    # p = 0 prunes nothing: both are the energy of e * f (s1 = s2)
+    np.testing.assert_allclose(scale0, np_energy(math.e * f @ w.T + b), rtol=1e-10)
+    np.testing.assert_allclose(ash0, scale0, rtol=1e-12)
+    # p = 100 keeps the largest activation only
+    _, ash100 = shaped_scores(f, w, b, 100)
+    top = f.max(1, keepdims=True)
+    only_max = np.where(f == top, f, 0.0) * np.exp(f.sum(1, keepdims=True) / np.where(top == 0, np.inf, top))
+    np.testing.assert_allclose(ash100[1:], np_energy(only_max @ w.T + b)[1:], rtol=1e-10)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_react_clips_at_c(seed):
+    f, w, b = shaping_case(seed)
+    for c in (0.0, float(np.percentile(f, 90)), float(f.max()) + 1):
+        got = sf.head_energy(sf.react_features(t64(f), c), t64(w), t64(b)).numpy()
+        np.testing.assert_allclose(got, np_react(f, w, b, c), rtol=1e-10)
+    # a clip above every activation changes nothing: the plain energy of the logits
+    np.testing.assert_allclose(sf.head_energy(sf.react_features(t64(f), f.max() + 1), t64(w), t64(b)).numpy(),
+                               np_energy(f @ w.T + b), rtol=1e-12)
+
+
+def id_and_ood_features(seed: int = 0, d: int = 64, classes: int = 4, n: int = 12):
+    """What the papers observe: an in-distribution sample spreads moderate activations over the units
+    of its class; an OOD one puts abnormally large activations on a few units. Both have the same
+    total, and the same plain energy up to noise."""
+    rng = np.random.default_rng(seed)
+    w = np.zeros((classes, d))
+    for c in range(classes):
+        w[c, c * 16:(c + 1) * 16] = 1.0
+    ind = np.full((n, d), 0.05)
+    ood = np.full((n, d), 0.05)
+    for i in range(n):
+        c = i % classes
+        ind[i, c * 16:(c + 1) * 16] = 1.0
+        ood[i, rng.integers(classes) * 16 + rng.choice(16, 2, replace=False)] = 8.0  # two units of one class
+    noise = lambda: rng.uniform(0, 0.01, (n, d))  # noqa: E731 - distinct values
+    return ind + noise(), ood + noise(), w, np.zeros(classes)
+
+
+def auroc(pos: np.ndarray, neg: np.ndarray) -> float:
+    return float((pos[:, None] > neg[None, :]).mean() + 0.5 * (pos[:, None] == neg[None, :]).mean())
+
+
+def test_shaping_scores_rank_id_above_ood_where_energy_cannot():
+    ind, ood, w, b = id_and_ood_features()
+    wt, bt = t64(w), t64(b)
+    plain = [sf.head_energy(t64(x), wt, bt).numpy() for x in (ind, ood)]
+    assert abs(plain[0].mean() - plain[1].mean()) < 1.0  # energy alone barely tells them apart
+    clip = float(np.percentile(np.concatenate([ind, ood]), 90))  # ReAct's c from the pool
+    for shape in (lambda x: sf.scale_features(x, 85), lambda x: sf.ash_s_features(x, 90),
+                  lambda x: sf.react_features(x, clip)):
+        id_score, ood_score = (sf.head_energy(shape(t64(x)), wt, bt).numpy() for x in (ind, ood))
+        assert auroc(id_score, ood_score) == 1.0
+
+
+def test_float16_histogram_percentile_is_numpy_s():
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(0, 3, 5000), np.zeros(700), np.full(50, 2.5), rng.exponential(1, 999)])
+    x = x.astype(np.float16)
+    halves = sf.float16_histogram(x[:3000]) + sf.float16_histogram(x[3000:])  # summed over shards
+    np.testing.assert_array_equal(halves, sf.float16_histogram(x))
+    for q in (0, 1, 10, 50, 85, 90, 99.9, 100):
+        assert sf.histogram_percentile(halves, q) == pytest.approx(np.percentile(x.astype(np.float64), q), rel=1e-12)
+    with_bad = np.concatenate([x, np.array([np.inf, -np.inf, np.nan], np.float16)])  # not activations: left out
+    expected = np.percentile(x.astype(np.float64), 90)
+    assert sf.histogram_percentile(sf.float16_histogram(with_bad), 90) == pytest.approx(expected, rel=1e-12)
+    assert math.isnan(sf.histogram_percentile(np.zeros(1 << 16, np.int64), 90))
+    one = sf.float16_histogram(np.array([1.5], np.float16))
+    assert sf.histogram_percentile(one, 0) == sf.histogram_percentile(one, 100) == 1.5
+
+
+def test_rank_fusion_by_hand_with_ties_and_nulls():
+    a = np.array([1.0, 2.0, 3.0, 4.0])
+    b = np.array([10.0, 10.0, np.nan, 0.0])  # ties average; a null is left out of its column's ranks
+    # a: ranks 0, 1/3, 2/3, 1; b over (10, 10, 0): ranks 0.75, 0.75, -, 0
+    np.testing.assert_allclose(sf.rank_fusion([a, b]), [(0 + 0.75) / 2, (1 / 3 + 0.75) / 2, 2 / 3, 0.5])
+    assert np.isnan(sf.rank_fusion([np.array([np.nan, 1.0]), np.array([np.nan, 2.0])])[0])
+    assert sf.rank_fusion([np.array([5.0])])[0] == 0.5
+
+
+def test_rank_fusion_is_in_unit_range_and_monotone_in_each_column():
+    rng = np.random.default_rng(0)
+    cols = [rng.normal(size=50), rng.exponential(size=50), rng.integers(0, 5, 50).astype(float)]
+    fused = sf.rank_fusion(cols)
+    assert ((fused >= 0) & (fused <= 1)).all()
+    # an independent computation: average percentile ranks from scipy's definition
+    from scipy.stats import rankdata
+    np.testing.assert_allclose(fused, np.mean([(rankdata(c) - 1) / 49 for c in cols], 0), rtol=1e-12)
+    for col in range(3):  # raising one sample's value in one column, the others fixed, never lowers it
+        previous = -1.0
+        for v in np.linspace(-5, 10, 31):
+            moved = [c.copy() for c in cols]
+            moved[col][7] = v
+            now = sf.rank_fusion(moved)[7]
+            assert now >= previous - 1e-12
+            previous = now
+        assert previous > sf.rank_fusion([c if i != col else np.where(np.arange(50) == 7, -5, c)
+                                          for i, c in enumerate(cols)])[7]
+
+
+def test_linear_head_is_the_layer_the_features_feed():
+    model = tiny_student(num_classes=7).eval()
+    w, b = sf.linear_head(model)
+    assert torch.equal(w, model.classifier.weight) and torch.equal(b, model.classifier.bias)
+    mobilenet = torchvision.models.mobilenet_v3_small(weights=None, num_classes=5).eval()
+    w, _ = sf.linear_head(mobilenet)
+    assert torch.equal(w, mobilenet.classifier[3].weight)
+    no_bias = nn.Sequential(nn.Flatten(), nn.Linear(4, 3, bias=False))
+    w, b = sf.linear_head(no_bias)
+    assert torch.equal(b, torch.zeros(3))
+    assert sf.linear_head(nn.Sequential(nn.Conv2d(3, 4, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten())) is None
+    assert sf.linear_head(torch.jit.script(no_bias)) is None  # TorchScript hides the layer types
+
+
 # ---------------------------------------------------------------- Mahalanobis
 
 # Two classes in 2-D, the same four offsets around each mean, so the tied (within-class) covariance
@@ -348,7 +547,7 @@ def test_classes_without_samples_are_skipped():
 # ---------------------------------------------------------------- the score stage's batch scorer
 
 PER_SAMPLE = ["teacher_label", "teacher_conf", "msp", "max_logit", "energy", "neg_entropy", "gen", "bn_score",
-              "odin", "kd3_label", "kd3_conf"]
+              "scale", "ash", "odin", "kd3_label", "kd3_conf"]
 WITH_STUDENT = ["student_label", "student_conf", "agreement", "neg_kl", "neg_js"]
 
 
@@ -386,6 +585,12 @@ def test_batch_scorer_teacher_columns(tiny_spec):
     np.testing.assert_allclose(out["kd3_conf"], out["teacher_conf"], rtol=1e-6)
     assert np.isfinite(out["bn_score"]).all() and (out["bn_score"] <= 0).all()
     assert np.isfinite(out["odin"]).all()
+    # SCALE and ASH from the model's own penultimate features and classifier, by the numpy definitions
+    with torch.no_grad():
+        f = model.embed((x.float() / 255 - mean) / std).double().numpy()
+    w, b = model.classifier.weight.double().detach().numpy(), model.classifier.bias.double().detach().numpy()
+    np.testing.assert_allclose(out["scale"], np_scale(f, w, b, 85), rtol=1e-4)
+    np.testing.assert_allclose(out["ash"], np_ash(f, w, b, 90), rtol=1e-4)
 
 
 def test_batch_scorer_student_that_is_the_teacher_agrees(tiny_spec):
@@ -398,3 +603,13 @@ def test_batch_scorer_student_that_is_the_teacher_agrees(tiny_spec):
     np.testing.assert_allclose(out["neg_js"], 0.0, atol=1e-6)
     np.testing.assert_allclose(out["student_conf"], out["teacher_conf"], rtol=1e-6)
     assert np.isnan(out["odin"]).all()  # switched off
+
+
+@pytest.mark.parametrize("factory, note", [("no_linear", score.NO_FEATURES), ("doubled_logits", score.NOT_AFFINE)])
+def test_batch_scorer_shaping_scores_are_nan_and_say_why(factory, note):
+    torch.set_num_threads(1)
+    scorer = BatchScorer(ScoreConfig(teacher=f"tests.models_for_tests:{factory}", odin=False, trust_model_code=True))
+    out = scorer(uint8_batch(2, 32))
+    assert np.isnan(out["scale"]).all() and np.isnan(out["ash"]).all()
+    assert np.isfinite(out["energy"]).all()
+    assert scorer.feature_note == note
