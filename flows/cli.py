@@ -503,6 +503,8 @@ def cmd_score(args: argparse.Namespace) -> int:
           f"{summary['skipped']} unchanged and skipped; {summary['reference_samples']} confident reference samples "
           f"(teacher_conf >= {config.reference_confidence}). Query them: webdistill sql \"SELECT * FROM candidates\" "
           f"(columns: SELECT * FROM score_columns)")
+    for note in summary.get("notes") or ():
+        print(f"score {config.name}: note: {note}", file=sys.stderr)
     return 0
 
 
@@ -511,7 +513,8 @@ def add_score_parser(sub, ws: argparse.ArgumentParser) -> None:
                        description="Run the teacher (and, with --student, the student) over every ingested sample and "
                        "store per-sample scores in the `scores` view, all with higher = more in-distribution: MSP, max "
                        "logit, energy, negative entropy, GEN, ODIN, the BatchNorm-statistics score, Mahalanobis and "
-                       "relative Mahalanobis, kNN to the pool's confident samples, the teacher's pseudo-label, "
+                       "relative Mahalanobis, SCALE, ASH, ReAct, a fused rank of the label-free scores, kNN to the "
+                       "pool's confident samples, the teacher's pseudo-label, "
                        "confidence and logits, and with a student agreement, KL, JS and the KD^3 combined "
                        "prediction. `SELECT * FROM score_columns` documents each. " + MODEL_SPECS)
     p.add_argument("--teacher", required=True, help="teacher model spec (see above)")
