@@ -41,7 +41,7 @@ from .score import read_run
 from .selection_members import tar_members, write_members
 from .shard_reader import stored_originals
 from .shard_writer import ShardSink, logits_npy, read_manifest, staging, swap_into_place
-from .workspace import Workspace, check_name, config_hash
+from .workspace import Workspace, check_name, config_hash, storage_errors
 
 SCORE_FIELDS = ("msp", "max_logit", "energy", "neg_entropy", "gen", "odin", "bn_score", "mahalanobis",
                 "rel_mahalanobis", "knn_teacher", "agreement", "neg_kl", "neg_js", "kd3_conf")
@@ -220,7 +220,7 @@ def select(ws: Workspace, config: SelectConfig) -> SelectResult:
     if previous.get("selection_hash") == digest:
         return SelectResult(config.name, previous["total"], final, previous, unchanged=True)
 
-    with staging(final) as tmp:
+    with storage_errors(final), staging(final) as tmp:  # a full disk names the selection
         sink, lost = write_shards(chosen, tmp, config.name, config.shard_size)
         synthetic = [_mix_synthetic(ws, name, tmp) for name in config.synthetic]
         shards = sink.shards + [s for mixed in synthetic for s in mixed["shards"]]

@@ -160,11 +160,12 @@ def test_a_corrupt_catalog_says_so_and_rebuilds(baseline, tmp_path, kind):
 
 
 @pytest.mark.parametrize("fault, stage", [("disk full", "embed"), ("read-only filesystem", "select"),
-                                          ("no permission", "score")])
+                                          ("no permission", "score"), ("disk full", "select")])
 def test_a_write_that_fails_is_one_line_and_leaves_no_partial_artifact(baseline, tmp_path, fault, stage):
     assert fault in STORAGE_FAULTS
     result = storage_fault(baseline, stage, fault, tmp_path / "ws")
     assert result.returncode == 2 and len(result.lines) == 1, result
+    assert str(tmp_path / "ws") in result.lines[0], f"the line names no file of the workspace: {result.lines[0]}"
     assert result.problems == [], result
     assert result.rerun_diff == [], f"after {fault} ({result.how}), the rerun differs: {result.rerun_diff}"
 
