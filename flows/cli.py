@@ -132,23 +132,21 @@ def _print_table(table, args: argparse.Namespace) -> None:
 # --- crawl ----------------------------------------------------------------------------------
 
 def cmd_crawl(args: argparse.Namespace) -> int:
-    from curation.crawl import CrawlConfig, crawl
+    from curation.crawl import CrawlConfig
 
     config = CrawlConfig(shard_size=args.shard_size, timeout_s=args.timeout, max_bytes=args.max_bytes,
                          concurrency=args.concurrency, retries=args.retries, allow_private=args.allow_private,
                          allowed_networks=tuple(args.allow_network or ()))
-    summary = crawl(args.url_list, args.out, config, workers=args.workers)
-    done = [r for r in summary.shards if not r.skipped]
-    kinds: dict[str, int] = {}
-    for r in done:
-        for k, v in r.error_kinds.items():
-            kinds[k] = kinds.get(k, 0) + v
-    print(f"crawl: {len(done)} shard(s) crawled, {len(summary.shards) - len(done)} finished before and skipped; "
-          f"{sum(r.n_success for r in done)} images, {sum(r.n_failed for r in done)} failed" + _counts(kinds)
+    try:
+        summary, failed = stage_runner.run_crawl(args.url_list, args.out, config, workers=args.workers), False
+    except StageFailed as exc:  # printed below, after the shards that did finish
+        summary, failed = exc.summary, True
+    print(f"crawl: {summary['crawled']} shard(s) crawled, {summary['skipped']} finished before and skipped; "
+          f"{summary['successes']} images, {summary['failures']} failed" + _counts(summary["error_kinds"])
           + f"; shards in {args.out} (next: webdistill ingest {args.out})")
-    for name, why in summary.failed.items():
+    for name, why in summary["failed"].items():
         _error(f"shard {name} failed: {why}")
-    return 1 if summary.failed else 0
+    return 1 if failed else 0
 
 
 def add_crawl_parser(sub, ws: argparse.ArgumentParser) -> None:

@@ -2,13 +2,10 @@
 nothing of Prefect. Finished shards are skipped, so a rerun resumes."""
 from __future__ import annotations
 
-import functools
-from datetime import UTC, datetime
-
 from prefect import flow
 
+from . import stage_runner
 from .pipeline_config import load_pipeline_config
-from .stage_runner import check_failures
 from .stages import prefect_map
 
 
@@ -17,19 +14,10 @@ def crawl_flow(url_list: str, out: str, options: dict | None = None, max_failure
     """Crawl a URL list (parquet/csv/jsonl with `url`, optional `caption`) into img2dataset-style shards.
     `options` are CrawlConfig fields: timeout_s, max_bytes, concurrency, retries, allow_private,
     allowed_networks (CIDRs; the only way to open link-local and other special ranges), ..."""
-    from curation.crawl import CrawlConfig, crawl_shard, plan_shards, read_url_list
+    from curation.crawl import CrawlConfig
 
-    started = datetime.now(UTC)
-    config = CrawlConfig(**(options or {}))
-    plans = plan_shards(read_url_list(url_list), config.shard_size)
-    results, failed = prefect_map("crawl-shard")(functools.partial(crawl_shard, out_dir=out, config=config), plans,
-                                                 [p.name for p in plans])
-    summary = {"shards": len(plans), "skipped": sum(r.skipped for r in results),
-               "successes": sum(r.n_success for r in results if not r.skipped),
-               "failures": sum(r.n_failed for r in results if not r.skipped), "failed": failed,
-               "started_at": started.isoformat()}
-    check_failures("crawl", failed, len(plans), max_failure_fraction, summary)
-    return summary
+    return stage_runner.run_crawl(url_list, out, CrawlConfig(**(options or {})), map_shards=prefect_map("crawl-shard"),
+                                  max_failure_fraction=max_failure_fraction)
 
 
 @flow(name="crawl-config")

@@ -34,10 +34,9 @@ from prefect import flow, get_run_logger, task
 from curation.remote import is_remote, synced
 from curation.workspace import resolve_workspace
 
-from . import artifacts
+from . import artifacts, stage_runner
 from .crawl_flow import crawl_flow
 from .pipeline_config import PipelineConfig, PipelineConfigError, load_pipeline_config  # noqa: F401 - re-exported
-from .stage_runner import run_distill
 from .stages import (
     embed_flow,
     index_flow,
@@ -49,13 +48,12 @@ from .stages import (
 )
 from .task_runners import task_runner
 
-distill_task = task(name="distill", retries=0)(run_distill)
-
 
 @flow(name="distill")
 def distill_flow(workspace: str, name: str, selection: str, options: dict, init_from: str | None = None) -> dict:
     ws = resolve_workspace(workspace)
-    summary = distill_task(str(ws.root), name, selection, dict(options), init_from)
+    summary = task(stage_runner.run_distill, name="distill", retries=0)(str(ws.root), name, selection, dict(options),
+                                                                        init_from)
     artifacts.publish_summary("distill", summary, f"student {name} on selection {selection}: "
                               f"eval accuracy {summary.get('eval_accuracy')}")
     return summary

@@ -106,6 +106,36 @@ def _record(ws: Workspace, stage: str, started: datetime, params: dict, summary:
     catalog.record_run(ws, stage, started, params, summary)
 
 
+# --- crawl ----------------------------------------------------------------------------------
+
+def run_crawl(url_list: str, out: str, config=None, map_shards: MapShards | None = None, workers: int = 1,
+              progress: bool = True, max_failure_fraction: float = 0.0) -> dict:
+    """Crawl a URL list into img2dataset-style shards under `out`. There is no workspace yet, so no
+    run is recorded. Without `map_shards` (the CLI) shards run `workers` at a time in threads, under one
+    progress bar over URLs (curation.crawl.crawl); a flow passes its Prefect mapper, one task per shard."""
+    from curation.crawl import CrawlConfig, crawl, crawl_shard, plan_shards, read_url_list
+
+    started = _now()
+    config = config or CrawlConfig()
+    if map_shards is None:
+        done = crawl(url_list, out, config, workers=workers, progress=progress)
+        results, failed = done.shards, done.failed
+    else:
+        plans = plan_shards(read_url_list(url_list), config.shard_size)
+        results, failed = map_shards(functools.partial(crawl_shard, out_dir=out, config=config), plans,
+                                     [p.name for p in plans])
+    crawled = [r for r in results if not r.skipped]
+    kinds: dict[str, int] = {}
+    for r in crawled:
+        for kind, n in r.error_kinds.items():
+            kinds[kind] = kinds.get(kind, 0) + n
+    summary = {"shards": len(results) + len(failed), "crawled": len(crawled), "skipped": len(results) - len(crawled),
+               "successes": sum(r.n_success for r in crawled), "failures": sum(r.n_failed for r in crawled),
+               "error_kinds": kinds, "failed": failed, "started_at": started.isoformat()}
+    check_failures("crawl", failed, summary["shards"], max_failure_fraction, summary)
+    return summary
+
+
 # --- ingest ---------------------------------------------------------------------------------
 
 def run_ingest(ws: Workspace, shards: list[str], config=None, source: str | None = None,

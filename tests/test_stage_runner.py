@@ -112,3 +112,33 @@ def test_the_cli_verbs_that_run_no_flow_import_no_prefect():
         lines = (FLOWS / name).read_text().splitlines()
         top = [line for line in lines if line.startswith(("import prefect", "from prefect"))]
         assert not top, (name, top)
+
+
+def _runner_calls(path: Path) -> dict[str, set[str]]:
+    """{function name: the stage_runner.run_* names it calls} for the top-level functions of a module."""
+    import ast
+
+    calls = {}
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.FunctionDef):
+            calls[node.name] = {n.attr for n in ast.walk(node) if isinstance(n, ast.Attribute)
+                                and isinstance(n.value, ast.Name) and n.value.id == "stage_runner"
+                                and n.attr.startswith("run_")}
+    return calls
+
+
+@pytest.mark.parametrize("stage, verb, flow_module, flow", [
+    ("crawl", "cmd_crawl", "crawl_flow.py", "crawl_flow"), ("ingest", "cmd_ingest", "stages.py", "ingest_flow"),
+    ("embed", "cmd_embed", "stages.py", "embed_flow"), ("index", "cmd_index", "stages.py", "index_flow"),
+    ("knn_score", "cmd_knn_score", "stages.py", "index_flow"), ("score", "cmd_score", "stages.py", "score_flow"),
+    ("select", "cmd_select", "stages.py", "select_flow"),
+    ("synthesize", "cmd_synthesize", "stages.py", "synthesize_flow"),
+    ("report", "cmd_report", "stages.py", "report_flow"), ("distill", "cmd_distill", "pipeline.py", "distill_flow")])
+def test_the_verb_and_the_flow_of_a_stage_call_its_one_runner(stage, verb, flow_module, flow):
+    """Every stage is wired once: its CLI verb and its Prefect flow both call stage_runner.run_<stage>,
+    and neither calls another stage's runner."""
+    from flows import stage_runner
+
+    assert callable(getattr(stage_runner, f"run_{stage}"))
+    assert _runner_calls(FLOWS / "cli.py")[verb] == {f"run_{stage}"}
+    assert f"run_{stage}" in _runner_calls(FLOWS / flow_module)[flow]
