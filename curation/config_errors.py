@@ -17,6 +17,7 @@ from types import UnionType
 from typing import Any, Union, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
+from pydantic.dataclasses import is_pydantic_dataclass
 
 # pydantic's error type -> what the value must be (ctx fills the braces).
 _PREDICATES = {
@@ -32,12 +33,25 @@ _PREDICATES = {
 }
 
 
+# an unknown key: of a model, or a keyword of a pydantic dataclass (the stage configs)
+_UNKNOWN = ("extra_forbidden", "unexpected_keyword_argument")
+
+
 def key_path(loc: tuple[Any, ...]) -> str:
     """('loss', 'extra', 0, 'T') -> 'loss.extra[0].T'."""
     path = ""
     for part in loc:
         path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
     return path
+
+
+def _fields(model: Any) -> dict:
+    """The fields of a pydantic model or of a pydantic dataclass (the stage configs)."""
+    return getattr(model, "__pydantic_fields__", None) or getattr(model, "model_fields", {})
+
+
+def _is_model(annotation: Any) -> bool:
+    return isinstance(annotation, type) and (issubclass(annotation, BaseModel) or is_pydantic_dataclass(annotation))
 
 
 def _walk(model: type[BaseModel], loc: tuple[Any, ...]) -> tuple[tuple[Any, ...], int, type[BaseModel] | None]:
@@ -47,9 +61,13 @@ def _walk(model: type[BaseModel], loc: tuple[Any, ...]) -> tuple[tuple[Any, ...]
     keys: list[Any] = []
     union_len, current, parent = 0, model, None
     parts = iter(loc)
+    element = None  # the model of a list's items: the next part is an index into it
     for part in parts:
         keys.append(part)
-        parent, field = current, current.model_fields.get(part) if current and isinstance(part, str) else None
+        if isinstance(part, int) and element is not None:
+            current, element = element, None
+            continue
+        parent, field = current, _fields(current).get(part) if current and isinstance(part, str) else None
         current = None
         if field is None:
             continue
@@ -58,8 +76,10 @@ def _walk(model: type[BaseModel], loc: tuple[Any, ...]) -> tuple[tuple[Any, ...]
         if len(members) > 1:
             union_len = union_len or len(keys)
             next(parts, None)  # the member tag
-        elif isinstance(members[0], type) and issubclass(members[0], BaseModel):
+        elif _is_model(members[0]):
             current = members[0]
+        elif get_origin(members[0]) is list and _is_model(get_args(members[0])[0]):
+            element = get_args(members[0])[0]
     return tuple(keys), union_len, parent
 
 
@@ -101,15 +121,18 @@ def validation_line(exc: ValidationError, model: type[BaseModel], where: str = "
     then the key named as `noun 'a.b[0].c'` and what is wrong with its value. An unknown key comes
     first: a misspelt key is also a missing one, and its did-you-mean is the useful hint."""
     errors = exc.errors(include_url=False)
-    first = min(errors, key=lambda e: e["type"] != "extra_forbidden")
+    first = min(errors, key=lambda e: e["type"] not in _UNKNOWN)
     loc, union_len, parent = _walk(model, first["loc"])
-    if first["type"] == "extra_forbidden":
-        hint = did_you_mean(str(loc[-1]), list(parent.model_fields)) if parent else ""
+    if first["type"] in _UNKNOWN:
+        hint = did_you_mean(str(loc[-1]), list(_fields(parent))) if parent else ""
         return f"{where}unknown {noun} {key_path(loc)!r}{hint}"
-    if first["type"] == "missing":
+    if first["type"] in ("missing", "missing_argument"):
         return f"{where}missing {noun} {key_path(loc)!r}"
     if first["type"] in ("value_error", "assertion_error"):
-        return f"{where}{first['ctx']['error']}" if "ctx" in first else f"{where}{first['msg']}"
+        # a validator's sentence names its key; inside a section (`index` of a pipeline) it gets the section too
+        message = str(first["ctx"]["error"]) if "ctx" in first else first["msg"]
+        section = key_path(loc[:-1]) if len(loc) > 1 else ""
+        return f"{where}{section}: {message}" if section and not message.startswith(section) else f"{where}{message}"
     if union_len:
         loc, predicate, value = _union_field(model, errors, loc[:union_len])
     else:

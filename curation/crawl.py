@@ -47,10 +47,12 @@ import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 import webdataset as wds
 from aiohttp.abc import AbstractResolver
+from pydantic import ValidationInfo, field_validator
 from tqdm import tqdm
 from yarl import URL
 
 from .errors import StorageError, WebdistillError, first_line
+from .stage_config import Real, stage_config
 from .validate import Rejected, ValidationConfig, validate_image
 from .workspace import atomic_path, config_hash, read_parquet_metadata, storage_errors, write_parquet_atomic
 
@@ -83,15 +85,15 @@ class CrawlError(WebdistillError):
     """A URL list or crawl config that cannot be used (missing file, unknown format, no `url` column)."""
 
 
-@dataclass(frozen=True)
+@stage_config(CrawlError, "crawl config: ")
 class CrawlConfig:
     shard_size: int = 1000
-    timeout_s: float = 10.0  # one attempt in full: connect, redirects, headers and body
-    connect_timeout_s: float = 5.0  # the TCP (and TLS) connect of each hop
+    timeout_s: Real = 10.0  # one attempt in full: connect, redirects, headers and body
+    connect_timeout_s: Real = 5.0  # the TCP (and TLS) connect of each hop
     max_bytes: int = 10 * 2**20  # a body past this is aborted while streaming
     concurrency: int = 16  # requests in flight per shard
     retries: int = 2  # extra attempts after a timeout, a 5xx or a connection error
-    backoff_s: float = 0.5  # wait backoff_s * 2**attempt before retrying
+    backoff_s: Real = 0.5  # wait backoff_s * 2**attempt before retrying
     max_redirects: int = 5
     allow_private: bool = False  # loopback and private ranges: a local test server, an intranet
     allowed_networks: tuple[str, ...] = ()  # CIDRs reachable although not global (--allow-network): the
@@ -101,24 +103,39 @@ class CrawlConfig:
     max_pixels: int = 40_000_000  # width * height from the header, checked before decoding
     min_side: int = 8
 
-    def __post_init__(self) -> None:
-        positive = ("shard_size", "timeout_s", "connect_timeout_s", "max_bytes", "concurrency", "max_pixels")
-        for name in positive:
-            if not getattr(self, name) > 0:
-                raise CrawlError(f"crawl config: {name} must be > 0, got {getattr(self, name)!r}")
-        for name in ("retries", "backoff_s", "max_redirects", "min_side"):
-            if getattr(self, name) < 0:
-                raise CrawlError(f"crawl config: {name} must be >= 0, got {getattr(self, name)!r}")
-        unknown = set(self.allowed_formats) - set(FORMAT_EXT)
-        if unknown or not self.allowed_formats:
-            raise CrawlError(f"crawl config: allowed_formats must be among {sorted(FORMAT_EXT)}, "
-                             f"got {self.allowed_formats}")
-        nets = self.allowed_networks
+    @field_validator("shard_size", "timeout_s", "connect_timeout_s", "max_bytes", "concurrency", "max_pixels")
+    @classmethod
+    def _positive(cls, value: float, info: ValidationInfo) -> float:
+        if not value > 0:
+            raise ValueError(f"{info.field_name} must be > 0, got {value!r}")
+        return value
+
+    @field_validator("retries", "backoff_s", "max_redirects", "min_side")
+    @classmethod
+    def _not_negative(cls, value: float, info: ValidationInfo) -> float:
+        if value < 0:
+            raise ValueError(f"{info.field_name} must be >= 0, got {value!r}")
+        return value
+
+    @field_validator("allowed_formats")
+    @classmethod
+    def _known_formats(cls, formats: tuple[str, ...]) -> tuple[str, ...]:
+        if set(formats) - set(FORMAT_EXT) or not formats:
+            raise ValueError(f"allowed_formats must be among {sorted(FORMAT_EXT)}, got {formats}")
+        return formats
+
+    @field_validator("allowed_networks", mode="before")
+    @classmethod
+    def _cidrs(cls, nets: object) -> tuple[str, ...]:
         nets = (nets,) if isinstance(nets, str) else nets  # `allowed_networks: 10.0.0.0/8` in a YAML
         if not isinstance(nets, (list, tuple)):
-            raise CrawlError(f"crawl config: allowed_networks must be a list of CIDRs, got {nets!r}")
-        object.__setattr__(self, "allowed_networks", tuple(str(n) for n in nets))
-        self.networks()  # fail now on a bad CIDR, not mid-crawl
+            raise ValueError(f"allowed_networks must be a list of CIDRs, got {nets!r}")
+        try:  # fail now on a bad CIDR, not mid-crawl
+            for n in nets:
+                ipaddress.ip_network(str(n), strict=False)
+        except ValueError as exc:
+            raise ValueError(f"allowed_networks: {exc}") from None
+        return tuple(str(n) for n in nets)
 
     def networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
         try:

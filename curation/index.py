@@ -27,12 +27,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from pydantic import ValidationInfo, field_validator
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from . import dup_verify
 from .errors import WebdistillError
 from .schemas import SAMPLES
+from .stage_config import Real, stage_config
 from .workspace import Workspace, atomic_path, check_name, config_hash, read_parquet_metadata, write_parquet_atomic
 
 INDEX_VERSION = 1
@@ -50,14 +52,14 @@ class BadIndexConfig(WebdistillError):
     """An index setting out of its range."""
 
 
-@dataclass(frozen=True)
+@stage_config(BadIndexConfig)
 class IndexConfig:
     ivf_threshold: int = 100_000  # exact search below this many vectors
     nlist: int | None = None  # IVF lists; default about 4 * sqrt(n)
     pq_m: int = 0  # > 0: IVF-PQ with this many sub-quantizers (memory / speed for recall)
     nprobe: int = 32
     train_size: int = 200_000
-    dup_threshold: float = 0.95  # cosine similarity at or above which two samples are near-duplicate candidates
+    dup_threshold: Real = 0.95  # cosine similarity at or above which two samples are near-duplicate candidates
     # per image, at most this many embedding neighbours at or above dup_threshold are candidates: a pool
     # of look-alikes then costs n * dup_max_neighbors pairs, not n^2 (images that hit the cap are counted)
     dup_max_neighbors: int = 32
@@ -65,22 +67,38 @@ class IndexConfig:
     # on the pixels (curation/dup_verify.py); "none": the embedding alone decides, as in DUPS_VERSION 1
     verify: str = "pixels"
     dup_neighbours: int = 4  # "pixels": per image, the k most similar candidates by embedding and k by thumbnail
-    dup_max_residual: float = dup_verify.MAX_RESIDUAL  # "pixels": aligned thumbnails' difference over their detail
-    dup_max_crop: float = dup_verify.MAX_CROP  # "pixels": share of each side a near-duplicate may have lost
+    dup_max_residual: Real = dup_verify.MAX_RESIDUAL  # "pixels": aligned thumbnails' difference over their detail
+    dup_max_crop: Real = dup_verify.MAX_CROP  # "pixels": share of each side a near-duplicate may have lost
     kmeans_k: int = 64
     seed: int = 0
 
-    def __post_init__(self) -> None:
-        if self.verify not in VERIFY_MODES:
-            raise BadIndexConfig(f"verify must be one of {', '.join(VERIFY_MODES)}, not {self.verify!r}")
-        if self.dup_max_neighbors < 1:
-            raise BadIndexConfig(f"dup_max_neighbors must be at least 1, not {self.dup_max_neighbors}")
-        if self.dup_neighbours < 1:
-            raise BadIndexConfig(f"dup_neighbours must be at least 1, not {self.dup_neighbours}")
-        if not self.dup_max_residual > 0:
-            raise BadIndexConfig(f"dup_max_residual must be positive, not {self.dup_max_residual}")
-        if not 0 <= self.dup_max_crop < 0.25:
-            raise BadIndexConfig(f"dup_max_crop is a share of each side in [0, 0.25), not {self.dup_max_crop}")
+    @field_validator("verify")
+    @classmethod
+    def _known_verify(cls, verify: str) -> str:
+        if verify not in VERIFY_MODES:
+            raise ValueError(f"verify must be one of {', '.join(VERIFY_MODES)}, not {verify!r}")
+        return verify
+
+    @field_validator("dup_max_neighbors", "dup_neighbours")
+    @classmethod
+    def _at_least_one(cls, value: int, info: ValidationInfo) -> int:
+        if value < 1:
+            raise ValueError(f"{info.field_name} must be at least 1, not {value}")
+        return value
+
+    @field_validator("dup_max_residual")
+    @classmethod
+    def _positive(cls, value: float) -> float:
+        if not value > 0:
+            raise ValueError(f"dup_max_residual must be positive, not {value}")
+        return value
+
+    @field_validator("dup_max_crop")
+    @classmethod
+    def _a_share_of_a_side(cls, value: float) -> float:
+        if not 0 <= value < 0.25:
+            raise ValueError(f"dup_max_crop is a share of each side in [0, 0.25), not {value}")
+        return value
 
     def index_part(self) -> dict:
         return {k: getattr(self, k) for k in ("ivf_threshold", "nlist", "pq_m", "train_size", "seed")}
@@ -91,6 +109,9 @@ class IndexConfig:
             keys += ["dup_neighbours", "dup_max_residual", "dup_max_crop",  # and the thumbnail index's settings:
                      "ivf_threshold", "nlist", "train_size", "seed"]
         return {k: getattr(self, k) for k in keys}
+
+
+DEFAULT_CONFIG = IndexConfig()  # frozen: one shared default
 
 
 def gpu_available() -> bool:
@@ -153,7 +174,7 @@ def make_index(x: np.ndarray, config: IndexConfig) -> tuple[faiss.Index, str]:
     return index, "ivfpq" if config.pq_m else "ivf"
 
 
-def build_index(ws: Workspace, embedder: str, config: IndexConfig = IndexConfig()) -> dict:
+def build_index(ws: Workspace, embedder: str, config: IndexConfig = DEFAULT_CONFIG) -> dict:
     """Build (or keep, if its inputs and config are unchanged) the embedder's index."""
     vec = load_vectors(ws, embedder)
     paths = _paths(ws, embedder)
@@ -373,7 +394,7 @@ def _pixel_labels(ei: np.ndarray, ej: np.ndarray, sim: np.ndarray, samples: pa.T
     return leader, stats
 
 
-def near_duplicates(ws: Workspace, embedder: str, config: IndexConfig = IndexConfig(), workers: int = 1) -> dict:
+def near_duplicates(ws: Workspace, embedder: str, config: IndexConfig = DEFAULT_CONFIG, workers: int = 1) -> dict:
     """Near-duplicate clusters, one row per sample; identical bytes always share a cluster.
 
     Candidates: each distinct image's at most `dup_max_neighbors` nearest images at cosine >=
@@ -428,7 +449,7 @@ def near_duplicates(ws: Workspace, embedder: str, config: IndexConfig = IndexCon
     return {"skipped": False, **summary}
 
 
-def kmeans_clusters(ws: Workspace, embedder: str, config: IndexConfig = IndexConfig()) -> dict:
+def kmeans_clusters(ws: Workspace, embedder: str, config: IndexConfig = DEFAULT_CONFIG) -> dict:
     """Spherical k-means over the embedder's vectors; every sample gets its cluster."""
     vec = load_vectors(ws, embedder)
     out = ws.owned("clusters", f"{embedder}.parquet", what="embedder")

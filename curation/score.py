@@ -24,6 +24,7 @@ from collections.abc import Collection
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Annotated
 
 import faiss
 import numpy as np
@@ -31,6 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
+from pydantic import Field, NonNegativeInt, PositiveInt
 
 from distill.kd3_rules import class_thresholds, passes_threshold
 from distill.spec import LoadedModel, ModelSpecError, load_model
@@ -39,7 +41,14 @@ from . import score_fns as sf
 from .embedders import Geometry, SquareResize, spec_fingerprint
 from .errors import WebdistillError
 from .shard_reader import ShardJob, per_shard_outputs, shard_jobs
+from .stage_config import Real, stage_config
 from .workspace import Workspace, atomic_path, config_hash, read_parquet_metadata, write_parquet_atomic
+
+# the options' ranges (a float given as an int stays an int: see stage_config.Real)
+Positive = Annotated[Real, Field(gt=0)]
+NonNegative = Annotated[Real, Field(ge=0)]
+Share = Annotated[Real, Field(ge=0, le=1)]
+Percentile = Annotated[Real, Field(ge=0, le=100)]
 
 SCORE_VERSION = 2  # 2: SCALE, ASH (pass 1), ReAct and the fused score (pass 2)
 
@@ -62,25 +71,25 @@ class ScoreError(WebdistillError):
     """A model spec that cannot be loaded, a bad run name, or nothing to score."""
 
 
-@dataclass(frozen=True)
+@stage_config(ScoreError, "score config: ")
 class ScoreConfig:
     teacher: str
     student: str | None = None
     name: str = "default"
-    batch_size: int = 256
-    workers: int = 1
+    batch_size: PositiveInt = 256
+    workers: NonNegativeInt = 1
     odin: bool = True  # ODIN costs a backward pass and a second forward pass per batch
-    odin_temperature: float = 1000.0
-    odin_epsilon: float = 0.0014
-    energy_temperature: float = 1.0
-    scale_percentile: float = 85.0  # SCALE's p (Xu et al. 2024; OpenOOD v1.5's default)
-    ash_percentile: float = 90.0  # ASH-S's p (Djurisic et al. 2023; OpenOOD v1.5's default)
-    react_percentile: float = 90.0  # ReAct's clip: this percentile of the pool's activations (Sun et al. 2021)
-    kd3_alpha: float = 0.5  # teacher weight in the combined prediction (1.0 without a student)
-    kd3_tau: float = 0.95
-    reference_confidence: float = 0.99  # pseudo-labelled samples this confident form the reference set
-    reference_max: int = 50_000  # at most this many (the most confident) for the kNN reference
-    knn_k: int = 10
+    odin_temperature: Positive = 1000.0
+    odin_epsilon: NonNegative = 0.0014
+    energy_temperature: Positive = 1.0
+    scale_percentile: Percentile = 85.0  # SCALE's p (Xu et al. 2024; OpenOOD v1.5's default)
+    ash_percentile: Percentile = 90.0  # ASH-S's p (Djurisic et al. 2023; OpenOOD v1.5's default)
+    react_percentile: Percentile = 90.0  # ReAct's clip: this percentile of the pool's activations (Sun et al. 2021)
+    kd3_alpha: Share = 0.5  # teacher weight in the combined prediction (1.0 without a student)
+    kd3_tau: Real = 0.95
+    reference_confidence: Share = 0.99  # pseudo-labelled samples this confident form the reference set
+    reference_max: PositiveInt = 50_000  # at most this many (the most confident) for the kNN reference
+    knn_k: PositiveInt = 10
     device: str = "cpu"
     trust_model_code: bool = False  # TorchScript / factories outside the allowlist may run (not part of any hash)
 

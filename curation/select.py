@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from pydantic import ValidationInfo, field_validator
 
 from . import catalog, policies
 from .errors import SQLError, WebdistillError
@@ -41,6 +42,7 @@ from .score import read_run
 from .selection_members import tar_members, write_members
 from .shard_reader import stored_originals
 from .shard_writer import ShardSink, logits_npy, read_manifest, staging, swap_into_place
+from .stage_config import stage_config
 from .workspace import Workspace, check_name, config_hash, storage_errors
 
 SCORE_FIELDS = ("msp", "max_logit", "energy", "neg_entropy", "gen", "odin", "bn_score", "mahalanobis",
@@ -51,7 +53,7 @@ class SelectError(WebdistillError):
     """A bad selection name or query, or a selection that would be empty."""
 
 
-@dataclass(frozen=True)
+@stage_config(SelectError)
 class SelectConfig:
     name: str
     sql: str | None = None
@@ -62,18 +64,31 @@ class SelectConfig:
     synthetic: tuple[str, ...] = ()  # synthetic sets (synthetic/<name>/) mixed into the selection
     score_run: str | None = None  # the scoring run the candidates carry (None: the newest finished one)
 
-    def check(self) -> None:
-        """One line for the first parameter that is out of range (before anything is read)."""
-        check_name(self.name, "selection name")
-        for name in self.synthetic:
-            check_name(name, "synthetic set name")
-        if self.score_run is not None:
-            check_name(self.score_run, "scoring run name")
-        for key, value, low in (("limit", self.limit, 1), ("shard_size", self.shard_size, 1), ("seed", self.seed, 0)):
-            if value is None and key == "limit":
-                continue
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise SelectError(f"{key.replace('_', '-')} must be an integer >= {low}, got {value!r}")
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, name: str) -> str:
+        return check_name(name, "selection name")
+
+    @field_validator("synthetic")
+    @classmethod
+    def _safe_synthetic(cls, names: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(check_name(name, "synthetic set name") for name in names)
+
+    @field_validator("score_run")
+    @classmethod
+    def _safe_run(cls, score_run: str | None) -> str | None:
+        return score_run if score_run is None else check_name(score_run, "scoring run name")
+
+    @field_validator("limit", "shard_size", "seed", mode="before")
+    @classmethod
+    def _counts(cls, value: object, info: ValidationInfo) -> object:
+        """The CLI's words (--shard-size), and no bool or float for a count."""
+        low = 0 if info.field_name == "seed" else 1
+        if value is None and info.field_name == "limit":
+            return value
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"{info.field_name.replace('_', '-')} must be an integer >= {low}, got {value!r}")
+        return value
 
 
 @dataclass
@@ -126,7 +141,6 @@ def choose(ws: Workspace, config: SelectConfig, notes: list[str] | None = None,
     """The selected rows (with a `weight` column), without writing anything. What a policy had to
     fall back on (dedup without clusters) is appended to `notes`. `sources`: what the candidates
     join (default: `catalog.candidate_sources` of the config's scoring run)."""
-    config.check()
     if not config.sql and not config.policy:
         raise SelectError("give --sql or --policy (or both)")
     steps = policies.parse_policy(config.policy) if config.policy else []
@@ -207,7 +221,6 @@ def _selection_hash(ws: Workspace, chosen: pd.DataFrame, config: SelectConfig, s
 
 def select(ws: Workspace, config: SelectConfig) -> SelectResult:
     """Choose, write the curated shards and manifest atomically, record the selection."""
-    config.check()
     final = ws.owned("selections", config.name)  # names and planted symlinks refused before any work
     for name in config.synthetic:
         ws.owned("synthetic", name)

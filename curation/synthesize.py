@@ -48,6 +48,7 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from pydantic import ValidationInfo, field_validator
 from scipy.stats import chi2
 from torch import nn
 from tqdm import tqdm
@@ -60,6 +61,7 @@ from .embedders import Geometry, SquareResize, spec_fingerprint
 from .errors import WebdistillError
 from .shard_reader import ShardJob, load_images, shard_jobs
 from .shard_writer import ShardSink, logits_npy, read_manifest, staging, swap_into_place
+from .stage_config import Real, stage_config
 from .workspace import Workspace, check_name, config_hash, storage_errors
 
 SYNTH_VERSION = 1
@@ -70,28 +72,28 @@ class SynthError(WebdistillError):
     """A bad config or teacher spec, no scored pool, or nothing that passes the threshold."""
 
 
-@dataclass(frozen=True)
+@stage_config(SynthError)
 class SynthConfig:
     teacher: str
     name: str
     score_run: str | None = None  # None: the newest finished scoring run (as `select` uses)
     per_class: int = 100
-    conf_threshold: float = 0.9
+    conf_threshold: Real = 0.9
     image_size: int = 32  # generated images are image_size x image_size RGB (a multiple of 8)
     latent_dim: int = 16
     vae_samples: int = 2000  # pool images learnt from: few and confident beat many and mixed (module doc)
     rank_by: str = "teacher_conf"  # the scoring run's column that orders the pool (higher = better)
     vae_epochs: int = 15
     vae_batch_size: int = 128
-    vae_lr: float = 2e-3
+    vae_lr: Real = 2e-3
     search: str = "gradient"  # or "evolution" (black-box: teacher outputs only)
     search_steps: int = 40
-    search_lr: float = 0.5  # length of each latent step
-    prior_mass: float = 0.99  # latents stay in the ball holding this much of the prior's mass
+    search_lr: Real = 0.5  # length of each latent step
+    prior_mass: Real = 0.99  # latents stay in the ball holding this much of the prior's mass
     es_population: int = 8  # evolution: antithetic pairs per step
-    es_sigma: float = 0.1  # evolution: perturbation scale in latent space
+    es_sigma: Real = 0.1  # evolution: perturbation scale in latent space
     candidates_per_class: int | None = None  # latents searched per class; None: 1.5 * per_class
-    weight: float = 1.0  # the samples' training weight in their json
+    weight: Real = 1.0  # the samples' training weight in their json
     seed: int = 0
     shard_size: int = 1000
     batch_size: int = 256  # decoding and search batch
@@ -103,28 +105,66 @@ class SynthConfig:
     def candidates(self) -> int:
         return self.candidates_per_class if self.candidates_per_class is not None else -(-3 * self.per_class // 2)
 
-    def check(self) -> None:
-        check_name(self.name, "synthetic set name")
-        if self.score_run is not None:
-            check_name(self.score_run, "scoring run name")
-        if not (math.isfinite(self.weight) and self.weight > 0):
-            raise SynthError(f"weight must be a finite number > 0, got {self.weight}")
-        if self.image_size < 8 or self.image_size % 8:
-            raise SynthError(f"image_size must be a multiple of 8 (the decoder upsamples 3 times), "
-                             f"got {self.image_size}")
-        if self.search not in SEARCHES:
-            raise SynthError(f"unknown search {self.search!r}: use one of {', '.join(SEARCHES)}")
-        if not 0.0 <= self.conf_threshold <= 1.0:
-            raise SynthError(f"conf_threshold must lie in [0, 1], got {self.conf_threshold}")
-        if not 0.0 < self.prior_mass < 1.0:
-            raise SynthError(f"prior_mass must lie strictly between 0 and 1, got {self.prior_mass}")
-        for name in ("per_class", "latent_dim", "vae_samples", "vae_batch_size", "shard_size", "batch_size",
-                     "es_population", "candidates"):
-            if getattr(self, name) < 1:
-                raise SynthError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("vae_epochs", "search_steps"):
-            if getattr(self, name) < 0:
-                raise SynthError(f"{name} must not be negative, got {getattr(self, name)}")
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, name: str) -> str:
+        return check_name(name, "synthetic set name")
+
+    @field_validator("score_run")
+    @classmethod
+    def _safe_run(cls, score_run: str | None) -> str | None:
+        return score_run if score_run is None else check_name(score_run, "scoring run name")
+
+    @field_validator("weight")
+    @classmethod
+    def _finite_weight(cls, weight: float) -> float:
+        if not (math.isfinite(weight) and weight > 0):
+            raise ValueError(f"weight must be a finite number > 0, got {weight}")
+        return weight
+
+    @field_validator("image_size")
+    @classmethod
+    def _decodable_size(cls, size: int) -> int:
+        if size < 8 or size % 8:
+            raise ValueError(f"image_size must be a multiple of 8 (the decoder upsamples 3 times), got {size}")
+        return size
+
+    @field_validator("search")
+    @classmethod
+    def _known_search(cls, search: str) -> str:
+        if search not in SEARCHES:
+            raise ValueError(f"unknown search {search!r}: use one of {', '.join(SEARCHES)}")
+        return search
+
+    @field_validator("conf_threshold")
+    @classmethod
+    def _a_probability(cls, value: float) -> float:
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"conf_threshold must lie in [0, 1], got {value}")
+        return value
+
+    @field_validator("prior_mass")
+    @classmethod
+    def _inside_the_prior(cls, value: float) -> float:
+        if not 0.0 < value < 1.0:
+            raise ValueError(f"prior_mass must lie strictly between 0 and 1, got {value}")
+        return value
+
+    @field_validator("per_class", "latent_dim", "vae_samples", "vae_batch_size", "shard_size", "batch_size",
+                     "es_population", "candidates_per_class")
+    @classmethod
+    def _at_least_one(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and value < 1:  # candidates_per_class None: 1.5 * per_class
+            name = "candidates" if info.field_name == "candidates_per_class" else info.field_name
+            raise ValueError(f"{name} must be at least 1, got {value}")
+        return value
+
+    @field_validator("vae_epochs", "search_steps")
+    @classmethod
+    def _not_negative(cls, value: int, info: ValidationInfo) -> int:
+        if value < 0:
+            raise ValueError(f"{info.field_name} must not be negative, got {value}")
+        return value
 
 
 @dataclass
@@ -418,7 +458,6 @@ def synthesize(ws: Workspace, config: SynthConfig, progress: bool = True) -> Syn
     """Train the cVAE on the scored pool, search its latent space per class, keep the confident
     images and write them as shards + manifest under synthetic/<name>/ (atomically; a rerun with
     the same config and inputs rewrites nothing)."""
-    config.check()
     teacher = _load_teacher(config.teacher, config.device, config.trust_model_code)
     run, files = _score_files(ws, config)
     num_classes = pq.read_schema(files[0]).field("teacher_logits").type.list_size

@@ -10,7 +10,9 @@ import warnings
 from dataclasses import dataclass, field
 
 from PIL import Image, UnidentifiedImageError
+from pydantic import NonNegativeInt, PositiveInt
 
+from .errors import WebdistillError
 from .image_structure import (
     StructureError,
     check_gif_data,
@@ -21,30 +23,35 @@ from .image_structure import (
     jpeg_refill,
     png_interlaced,
 )
+from .stage_config import stage_config
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
 MiB = 1024 * 1024
 
 
-@dataclass(frozen=True)
+class ValidationConfigError(WebdistillError):
+    """An ingest limit out of its range."""
+
+
+@stage_config(ValidationConfigError, "validation config: ")
 class ValidationConfig:
-    max_image_bytes: int = 32 * MiB
-    max_pixels: int = 40_000_000  # width * height, checked from the header before decoding
-    min_side: int = 8
-    max_side: int = 16_384
+    max_image_bytes: PositiveInt = 32 * MiB
+    max_pixels: PositiveInt = 40_000_000  # width * height, checked from the header before decoding
+    min_side: NonNegativeInt = 8
+    max_side: PositiveInt = 16_384
     formats: tuple[str, ...] = ("jpeg", "png", "webp", "gif", "bmp", "tiff")
     # every tar member is bounded by its declared size before a byte of it is read
-    max_json_bytes: int = 1 * MiB
-    max_txt_bytes: int = 1 * MiB
-    max_other_bytes: int = 4 * MiB  # any other extension (cls, npy, ...)
-    max_members_per_sample: int = 16
-    max_key_length: int = 512  # characters of a sample's key
-    max_members_per_shard: int = 1_000_000
+    max_json_bytes: PositiveInt = 1 * MiB
+    max_txt_bytes: PositiveInt = 1 * MiB
+    max_other_bytes: PositiveInt = 4 * MiB  # any other extension (cls, npy, ...)
+    max_members_per_sample: PositiveInt = 16
+    max_key_length: PositiveInt = 512  # characters of a sample's key
+    max_members_per_shard: PositiveInt = 1_000_000
     # decode budget: counted before decoding, then enforced by the kernel in the decode process
-    max_jpeg_scans: int = 100  # encoders write 1 to ~12; each scan is a pass over the whole image
-    max_jpeg_scan_pixels: int = 1_000_000_000  # scans x pixels: 25 scans at 40 MP, 100 at 10 MP (~0.3 s)
-    decode_cpu_seconds: int = 10  # per image (RLIMIT_CPU granularity: whole seconds)
-    decode_memory_bytes: int = 2048 * MiB  # address space of the decode process
+    max_jpeg_scans: PositiveInt = 100  # encoders write 1 to ~12; each scan is a pass over the whole image
+    max_jpeg_scan_pixels: PositiveInt = 1_000_000_000  # scans x pixels: 25 scans at 40 MP, 100 at 10 MP (~0.3 s)
+    decode_cpu_seconds: PositiveInt = 10  # per image (RLIMIT_CPU granularity: whole seconds)
+    decode_memory_bytes: PositiveInt = 2048 * MiB  # address space of the decode process
 
     def as_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}

@@ -1,16 +1,33 @@
 """The pipeline YAML (`webdistill run` / `serve`): its keys, checked on load, and paths in it made
 absolute against the file's folder. Shared by flows/pipeline.py and flows/crawl_flow.py, which
-both import it and not each other."""
+both import it and not each other.
+
+Every section is checked against its stage's config before any stage runs: a typo anywhere
+(`distill: {epoch: 3}`, `index: {dup_treshold: 0.9}`) or a bad policy string is one line naming the
+full key, not a failure hours later when that stage starts. The sections themselves are kept as
+written: the stages read them as they always did."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import Annotated, Any
 
 import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError
+from pydantic import dataclasses as pydantic_dataclasses
 
+from curation.config_errors import validation_line
+from curation.crawl import CrawlConfig
 from curation.errors import UnsafeName, WebdistillError, first_line
 from curation.files import is_remote
+from curation.index import IndexConfig
+from curation.policies import PolicyError, parse_policy
+from curation.score import ScoreConfig
+from curation.select import SelectConfig
+from curation.synthesize import SynthConfig
 from curation.workspace import check_name
+from distill.config import DistillConfig
 
 SECTIONS = ("crawl", "ingest", "embed", "index", "knn_scores", "score", "select", "synthesize", "distill", "report")
 TOP_KEYS = {"workspace", "runner", "workers", "max_failure_fraction", "rounds", "schedules", "name", "trust_model_code",
@@ -19,6 +36,118 @@ TOP_KEYS = {"workspace", "runner", "workers", "max_failure_fraction", "rounds", 
 
 class PipelineConfigError(WebdistillError):
     """The pipeline YAML is unreadable, or has an unknown or missing key."""
+
+
+# --- each section's keys: the stage's own config, less what the pipeline sets for each round --------
+
+def _stage_options(section: str, filled: dict[str, Any], why: dict[str, str], value: Any) -> Any:
+    """A section's dict with the keys the pipeline sets filled in, so that the stage's config checks
+    the rest; a key the pipeline sets is refused (`why` says so for the keys users try)."""
+    if value is None:
+        value = {}
+    if not isinstance(value, dict):
+        return value  # the stage's model says it must be a mapping
+    for key in value:
+        if key in filled:
+            raise ValueError(f"{section}.{key}: " + why.get(key, "the pipeline sets it; leave the key out"))
+    return value | filled
+
+
+def _section(model: type, section: str, filled: dict[str, Any] | None = None, why: dict[str, str] | None = None):
+    return Annotated[model, BeforeValidator(partial(_stage_options, section, filled or {}, why or {}))]
+
+
+_EACH_ROUND = {"score_run": "each round reads the scoring run it made; leave the key out"}
+
+
+@pydantic_dataclasses.dataclass(frozen=True, kw_only=True, config=ConfigDict(extra="forbid"))
+class CrawlSection(CrawlConfig):
+    url_list: str
+    out: str
+
+
+class _Keys(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class IngestSection(_Keys):
+    shards: str | list[str]
+    source: str | None = None
+    max_image_bytes: PositiveInt = 32 * 2**20
+    max_pixels: PositiveInt = 40_000_000
+    min_side: NonNegativeInt = 8
+
+
+class EmbedSection(_Keys):
+    embedder: str = "open_clip:ViT-S-32"
+    pretrained: str | None = None
+    teacher: str | None = None
+    precision: str = "fp32"
+    batch_size: PositiveInt = 256
+    workers: NonNegativeInt = 2
+    shards_per_task: PositiveInt = 8
+    device: str | None = None
+
+
+class KnnScore(_Keys):
+    name: str
+    k: PositiveInt = 5
+    prompts: list[str] | None = None
+    sql: str | None = None
+
+
+class ScoreSection(_Keys):
+    teacher: str
+    options: _section(ScoreConfig, "score.options",
+                      {"teacher": "pipeline", "name": "pipeline", "student": None, "trust_model_code": False}) = None
+
+
+class DistillSection(DistillConfig):
+    nproc: PositiveInt = 1  # processes under torchrun
+
+
+class ReportSection(_Keys):
+    out: str | None = None
+    selections: list[str] | None = None
+    truth: str | None = None
+
+
+class PipelineKeys(_Keys):
+    workspace: str = "workspace"
+    runner: str = "local"
+    workers: int = 2
+    max_failure_fraction: Annotated[float, Field(ge=0, le=1)] = 0.1
+    rounds: Annotated[int, Field(ge=1)] = 1
+    name: str | None = None
+    schedules: dict[str, str] | None = None
+    trust_model_code: Annotated[bool, Field(strict=True)] = False
+    crawl: _section(CrawlSection, "crawl") = None
+    ingest: IngestSection
+    embed: _section(EmbedSection, "embed") = None
+    index: _section(IndexConfig, "index") = None
+    knn_scores: list[KnnScore] | None = None
+    score: ScoreSection
+    select: _section(SelectConfig, "select", {"name": "pipeline", "score_run": None}, _EACH_ROUND)
+    synthesize: _section(SynthConfig, "synthesize", {"teacher": "pipeline", "name": "pipeline", "score_run": None,
+                                                     "trust_model_code": False}, _EACH_ROUND) = None
+    distill: _section(DistillSection, "distill", {"selection": "pipeline", "out": "pipeline"}) = None
+    report: _section(ReportSection, "report") = None
+
+
+def check_keys(raw: dict, where: str = "") -> None:
+    """Every key of a parsed pipeline YAML, every section against its stage's config, and the
+    select policy parsed: PipelineConfigError naming the first bad key."""
+    try:
+        PipelineKeys.model_validate(raw)
+        policy = (raw.get("select") or {}).get("policy")
+        if policy is not None:
+            parse_policy(policy)
+    except ValidationError as exc:
+        raise PipelineConfigError(validation_line(exc, PipelineKeys, where)) from None
+    except PolicyError as exc:
+        raise PipelineConfigError(f"{where}select.policy: {exc}") from None
+    except UnsafeName as exc:  # a name in a section (select.synthetic)
+        raise PipelineConfigError(f"{where}{exc}") from None
 
 
 @dataclass
@@ -58,17 +187,7 @@ def load_pipeline_config(path: str | Path) -> PipelineConfig:
         raise PipelineConfigError(f"{path} is not valid YAML: {first_line(exc)}") from exc
     if not isinstance(raw, dict):
         raise PipelineConfigError(f"{path} must be a mapping of sections")
-    unknown = set(raw) - TOP_KEYS
-    if unknown:
-        raise PipelineConfigError(f"{path}: unknown key(s) {', '.join(sorted(unknown))} "
-                                  f"(known: {', '.join(sorted(TOP_KEYS))})")
-    for needed in ("ingest", "score", "select"):
-        if needed not in raw:
-            raise PipelineConfigError(f"{path}: section {needed!r} is required")
-    for section in ("select", "synthesize"):
-        if isinstance(raw.get(section), dict) and "score_run" in raw[section]:
-            raise PipelineConfigError(f"{path}: {section}.score_run: each round reads the scoring run it made; "
-                                      "leave the key out")
+    check_keys(raw, f"{path}: ")
     cfg = PipelineConfig(workspace="", base=str(path.resolve().parent), runner=raw.get("runner", "local"),
                          workers=int(raw.get("workers", 2)),
                          max_failure_fraction=float(raw.get("max_failure_fraction", 0.1)),
@@ -77,10 +196,6 @@ def load_pipeline_config(path: str | Path) -> PipelineConfig:
                          trust_model_code=raw.get("trust_model_code", False),
                          sections={k: raw[k] for k in SECTIONS if k in raw})
     cfg.workspace = cfg.path(raw.get("workspace", "workspace"))
-    if cfg.rounds < 1:
-        raise PipelineConfigError(f"{path}: rounds must be >= 1")
-    if not isinstance(cfg.trust_model_code, bool):
-        raise PipelineConfigError(f"{path}: trust_model_code must be true or false")
     # every round's scoring run, synthetic set, selection and student is a folder named <name>-round<r>
     try:
         check_name(cfg.name, "pipeline name")
