@@ -16,9 +16,12 @@ The scoring stage (combined prediction, threshold flag), the `kd3` selection pol
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # tensors only pass through: the selection policies use these rules without torch
+    import torch
 
 DEFAULT_TAU = 0.95
 
