@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import ipaddress
 import lzma
 import os
 import re
+import socket
 import stat
 import sys
 import tarfile
@@ -27,6 +29,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
+from urllib.parse import urlsplit
 
 import braceexpand
 import fsspec
@@ -185,9 +188,13 @@ def stored_url_refusal(url: object) -> str | None:
     if _COMMAND.match(url):
         return ("a pipe: command read back from stored data is never run; only a shard spec typed on the "
                 "command line or in the pipeline YAML may be one")
-    if any(ord(c) < 32 for c in url) or "::" in url:
-        return "control characters or a chained URL ('::') are not read from stored data"
+    if any(ord(c) < 32 for c in url):
+        return "control characters are not read from stored data"
     scheme = _SCHEME.match(url)
+    if scheme and scheme.group(1).lower() in ("http", "https"):
+        return _http_host_refusal(url)  # opened by HTTPFileSystem itself: '::' is an IPv6 host, no chain
+    if "::" in url:
+        return "a chained URL ('::') is not read from stored data"
     if scheme:
         protocol = scheme.group(1).lower()
         if protocol not in STORED_PROTOCOLS:
@@ -210,10 +217,68 @@ def open_stored_shard(url: object) -> BinaryIO:
     if why:
         shown = repr(url) if len(repr(url)) <= 200 else repr(url)[:200] + "..."
         raise UnsafeShardURL(f"refusing the stored shard URL {shown}: {why}")
+    scheme = _SCHEME.match(url)
     try:
+        if scheme and scheme.group(1).lower() in ("http", "https"):
+            return _guarded_http_open(url)
         return fsspec.open(url, "rb").open()
     except (OSError, ValueError) as exc:
         raise ShardReadError(f"cannot open shard {url}: {exc}") from exc
+
+
+def _http_host_refusal(url: str) -> str | None:
+    """A stored http(s) URL may reach public addresses only, as the crawler's default: a workspace
+    from elsewhere must not make webdistill request cloud metadata (169.254.169.254), loopback or
+    intranet services. The host is resolved here so that ingest keeps a local copy of a shard the
+    user typed on a private network; the connection itself is checked again (GuardedResolver)."""
+    from .network_policy import AddressPolicy
+
+    host = urlsplit(url).hostname
+    if not host:
+        return "it has no host"
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)}
+    except (OSError, UnicodeError):
+        return None  # unresolvable: opening it fails with its own error, and reaches nothing
+    why = next(filter(None, map(AddressPolicy().refusal, sorted(addresses))), None)
+    return f"a stored http(s) URL may reach public addresses only, and {why}" if why else None
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _guarded_http_open(url: str) -> BinaryIO:
+    """Open a stored http(s) shard with every connection checked by the address policy (so DNS
+    rebinding after `_http_host_refusal` cannot reach a refused address) and redirects not followed
+    (aiohttp does not resolve an IP-literal redirect target, so the resolver would not see it)."""
+    import aiohttp
+    from fsspec.implementations.http import HTTPFileSystem
+
+    from .network_policy import AddressPolicy, BlockedAddress, GuardedResolver
+
+    async def guarded_client(**kwargs):
+        return aiohttp.ClientSession(connector=aiohttp.TCPConnector(resolver=GuardedResolver(AddressPolicy())),
+                                     **kwargs)
+
+    host = (urlsplit(url).hostname or "").split("%")[0]
+    literal = AddressPolicy().refusal(host) if _is_ip(host) else None  # aiohttp resolves no IP literal
+    if literal:
+        raise UnsafeShardURL(f"refusing the stored shard URL {url!r}: {literal}")
+    fs = HTTPFileSystem(get_client=guarded_client, allow_redirects=False, skip_instance_cache=True)
+    try:
+        return fs.open(url, "rb")
+    except Exception as exc:
+        cause = exc  # fsspec reports a failed connection as FileNotFoundError; the refusal is its cause
+        while cause is not None and not isinstance(cause, BlockedAddress):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        raise UnsafeShardURL(f"refusing the stored shard URL {url!r}: {cause}") from None
 
 
 class SpooledShard:
