@@ -5,12 +5,13 @@ Each source gives uint8 arrays (N, H, W) or (N, H, W, 3) and a class name per im
     digits8    sklearn's 8x8 digits, upscaled: a shifted digit domain
     fashion    Fashion-MNIST (Debian package dataset-fashion-mnist, 70,000)
     animals    animal silhouettes (PyPI animal-mnist, 10,000)
-    letters    letters rendered from the system's fonts (unbounded)
+    letters    letters rendered from the fonts matplotlib ships (unbounded)
     natural    crops of scikit-image's and scikit-learn's sample photos (unbounded)
 """
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import io
 import os
 import pickle
@@ -101,15 +102,27 @@ def animals() -> Source:
     return Source("animals", np.asarray(images, np.uint8), [f"animal {int(i)}" for i in labels], in_domain=False)
 
 
+# The fonts that matplotlib (a pinned dependency) ships: the same files on every machine, so the demo
+# crawl is byte-identical everywhere. System fonts vary with what else is installed. Symbol-only
+# fonts (cmex, cmsy, STIXSiz*, LastResort) are left out: they have no letters.
+LETTER_FONTS = ("DejaVuSans", "DejaVuSans-Bold", "DejaVuSans-Oblique", "DejaVuSans-BoldOblique",
+                "DejaVuSansMono", "DejaVuSansMono-Bold", "DejaVuSansMono-Oblique", "DejaVuSerif",
+                "DejaVuSerif-Bold", "DejaVuSerif-Italic", "DejaVuSerif-BoldItalic", "STIXGeneral",
+                "STIXGeneralBol", "STIXGeneralItalic", "STIXGeneralBolIta", "cmr10", "cmss10", "cmtt10",
+                "cmb10", "cmti10")
+
+
 @cache
 def _fonts() -> tuple[str, ...]:
-    roots = [Path("/usr/share/fonts"), Path("/usr/local/share/fonts")]
-    found = sorted(str(p) for r in roots if r.exists() for p in r.rglob("*.ttf"))
-    return tuple(found[:40])
+    package = importlib.util.find_spec("matplotlib")  # found, not imported: importing it is slow
+    if package is None or not package.submodule_search_locations:
+        return ()
+    folder = Path(package.submodule_search_locations[0]) / "mpl-data" / "fonts" / "ttf"
+    return tuple(str(folder / f"{name}.ttf") for name in LETTER_FONTS if (folder / f"{name}.ttf").is_file())
 
 
 def render_letter(rng: np.random.Generator) -> tuple[np.ndarray, str]:
-    """A letter in a random system font (Pillow's bundled font if there is none), size and angle."""
+    """A letter in a random font of LETTER_FONTS (Pillow's bundled font if there is none), size and angle."""
     letter = LETTERS[rng.integers(len(LETTERS))]
     size = int(rng.integers(40, 90))
     fonts = _fonts()
