@@ -239,7 +239,7 @@ def embedder_from_workspace(ws_root: Path, name: str, device: str | None = None,
     folder = Workspace(ws_root).owned("embeddings", embedder_dir_name(name))
     first = next(iter(sorted(folder.glob("*.parquet"))), None)
     if first is None:
-        raise EmbedderError(f"no embeddings for {name!r}; run `webdistill embed` first")
+        raise EmbedderError(Workspace(ws_root).no_embeddings(name))
     import json
 
     try:

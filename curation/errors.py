@@ -18,8 +18,15 @@ def first_line(exc: BaseException, limit: int | None = None) -> str:
         last = text.splitlines()[-1]
         line = last.split(": ", 1)[1] if ": " in last else last
     else:
-        line = text.splitlines()[0] if text else exc.__class__.__name__
+        lines = text.splitlines()
+        line = lines[0] if text else exc.__class__.__name__
+        hints = [h.strip() for h in lines[1:] if _HINT.match(h.strip())]
+        line = " ".join([line, *hints])  # DuckDB's "Candidate bindings" / "Did you mean": the fix itself
     return line if limit is None else line[:limit]
+
+
+# Lines after the first that tell the user what to do; kept on the one line.
+_HINT = re.compile(r"^(Candidate bindings:|Did you mean\b|HINT:|Hint:)")
 
 
 class ShardNotFound(WebdistillError):
@@ -101,6 +108,28 @@ def storage_error(exc: BaseException, path: object = None, writing: bool = False
         return StorageError(f"{what} ({first_line(exc)})")
     ambiguous = what in ("permission denied", "operation not permitted") and not writing
     return StorageError((f"{what}: {target}" if ambiguous else f"{what} writing {target}") + note)
+
+
+# Storage packages the project declares as extras (pyproject.toml); others are named by package.
+_STORAGE_EXTRAS = {"s3fs": "webdistill[s3]"}
+
+
+def missing_storage_package(exc: BaseException) -> str | None:
+    """The line for a storage URL whose fsspec backend is not installed (`-w s3://...` without
+    s3fs): fsspec raises ImportError with its registry's words; say what to install. None for any
+    other error."""
+    while exc is not None and not isinstance(exc, ImportError):
+        exc = exc.__cause__ or exc.__context__
+    if exc is None:
+        return None
+    from fsspec.registry import known_implementations  # only on this failure path: errors stays light
+
+    matched = next((e for e in known_implementations.values() if e.get("err") and e["err"] in str(exc)), None)
+    if matched is None:
+        return None
+    protocols = ", ".join(f"{p}://" for p, e in known_implementations.items() if e.get("err") == matched["err"])
+    package = matched["class"].split(".", 1)[0]
+    return f"{protocols} URLs need the {package} package: pip install '{_STORAGE_EXTRAS.get(package, package)}'"
 
 
 class DemoDataError(WebdistillError):

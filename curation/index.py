@@ -130,7 +130,7 @@ def load_vectors(ws: Workspace, embedder: str) -> Vectors:
     folder = ws.owned("embeddings", embedder, what="embedder")
     id_maps = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
     if not id_maps:
-        raise IndexMissing(f"no embeddings for {embedder!r} in {ws.root}; run `webdistill embed` first")
+        raise IndexMissing(ws.no_embeddings(embedder))
     shapes, ids, stamps = [], [], []
     for m in id_maps:
         shapes.append(np.load(m.with_suffix(".npy"), mmap_mode="r").shape)  # reads the header only

@@ -89,6 +89,18 @@ class Workspace:
             raise UnsafeName(f"{path} resolves outside {folder}: refusing to use it")
         return path
 
+    def embedders(self) -> list[str]:
+        """The embedders whose embeddings this workspace holds (folders with an id map)."""
+        folder = self.root / "embeddings"
+        found = folder.iterdir() if folder.is_dir() else []
+        return sorted(d.name for d in found if d.is_dir() and not d.is_symlink() and any(d.glob("*.parquet")))
+
+    def no_embeddings(self, embedder: str) -> str:
+        """The line for a missing embedder, naming the ones that exist (a typo, or another model)."""
+        present = ", ".join(self.embedders()) or "none"
+        return (f"no embeddings for {embedder!r} in {self.root} (it has: {present}); "
+                f"pass one of those, or run `webdistill embed` first")
+
 
 def remove_tree(path: Path, owner: Path) -> None:
     """Delete `path` only when it lies under `owner` (the folder the stage owns) and is not itself a

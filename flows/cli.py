@@ -31,7 +31,7 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.csv as pacsv  # noqa: E402
 
 from curation import catalog, policies, user_sql  # noqa: E402
-from curation.errors import WebdistillError, first_line, storage_error  # noqa: E402
+from curation.errors import WebdistillError, first_line, missing_storage_package, storage_error  # noqa: E402
 from curation.remote import is_remote, synced  # noqa: E402
 from curation.validate import ValidationConfig  # noqa: E402
 from curation.workspace import resolve_workspace  # noqa: E402
@@ -827,6 +827,10 @@ def main(argv: list[str] | None = None) -> int:
         storage = storage_error(exc)  # a full disk or a folder it may not write, whichever stage hit it
         if storage is not None:
             _error(str(storage))
+            return 2
+        missing = missing_storage_package(exc)  # -w s3://... without s3fs: say what to install
+        if missing is not None:
+            _error(missing)
             return 2
         if os.environ.get("WEBDISTILL_DEBUG"):
             traceback.print_exc()
