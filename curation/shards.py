@@ -36,7 +36,7 @@ import fsspec
 from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext
 
-from .errors import ShardNotFound, ShardReadError, UnsafeShardURL
+from .errors import ShardNotFound, ShardReadError, UnsafeShardURL, first_line
 from .files import is_remote
 from .validate import ValidationConfig
 from .workspace import atomic_path, check_name
@@ -110,6 +110,36 @@ def _not_a_regular_file(path: str) -> str | None:
     return next((name for test, name in kinds.items() if test(mode)), "not a file")
 
 
+_URL_LIST_SUFFIX = re.compile(r"\.(parquet|csv|tsv|jsonl?|txt)$", re.IGNORECASE)
+
+
+def _url_list_kind(path: str) -> str | None:
+    """"a parquet file" (or csv, json, text) when `path` is a file of a URL list's kind rather than a
+    tar: parquet by its magic, the text formats by their suffix when the tar magic is absent."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(512 + 8)
+    except OSError:
+        return None
+    if head[:4] == b"PAR1":
+        return "a parquet file"
+    suffix = _URL_LIST_SUFFIX.search(path)
+    if suffix and head[257:262] != b"ustar":
+        return f"a {suffix.group(1).lower()} file"
+    return None
+
+
+def _unreadable(exc: OSError) -> str:
+    """Why a shard could not be looked at: fsspec reports an unreachable host (no network, DNS) as
+    FileNotFoundError, with the connection error as its cause; that cause is what the user needs."""
+    cause = exc.__cause__ or exc.__context__
+    while cause is not None:
+        if isinstance(cause, OSError) and not isinstance(cause, FileNotFoundError):
+            return f"cannot reach it: {first_line(cause)}"
+        cause = cause.__cause__ or cause.__context__
+    return exc.__class__.__name__
+
+
 def expand_shards(specs: list[str], source: str | None = None) -> tuple[list[ShardRef], list[str]]:
     """Expand specs into shard references. Returns (shards, specs that matched nothing).
 
@@ -137,10 +167,15 @@ def expand_shards(specs: list[str], source: str | None = None) -> tuple[list[Sha
                 if odd:  # a FIFO would block the reader forever, a device never end: refused unopened
                     absent.append(f"{url} (not a regular file: {odd})")
                     continue
+                listing = None if _is_url(url) else _url_list_kind(url)
+                if listing:  # a common slip: the crawl's input given to ingest
+                    absent.append(f"{url} ({listing}, not a tar shard: if it lists URLs, "
+                                  f"`webdistill crawl {url}` downloads them into shards to ingest)")
+                    continue
                 try:
                     fp = _fingerprint(url)
                 except OSError as exc:  # FileNotFoundError for URLs too
-                    absent.append(f"{url} ({exc.__class__.__name__})")
+                    absent.append(f"{url} ({_unreadable(exc)})")
                     continue
                 found[url] = ShardRef(url=url, name=shard_name(url, source), fingerprint=fp)
             if not urls:

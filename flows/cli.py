@@ -146,7 +146,25 @@ def cmd_crawl(args: argparse.Namespace) -> int:
           + f"; shards in {args.out} (next: webdistill ingest {args.out})")
     for name, why in summary["failed"].items():
         _error(f"shard {name} failed: {why}")
+    if summary["successes"] == 0 and summary["failures"] and not summary["skipped"]:
+        kinds = summary["error_kinds"]
+        commonest = max(kinds, key=kinds.get) if kinds else None
+        _error(f"not one of the {summary['failures']} URLs was downloaded; " + _CRAWL_HINTS.get(
+            commonest, f"each URL's reason is in {args.out}/NNNNN.parquet (error_kind, error_message)"))
+        return 2
     return 1 if failed else 0
+
+
+# What to do when every URL failed, by the most common reason.
+_CRAWL_HINTS = {
+    "blocked_address": "they point at non-public addresses: --allow-private opens loopback and private ranges, "
+                       "--allow-network CIDR a network you name",
+    "dns_error": "their hosts do not resolve: is this machine offline, or the list's hosts wrong?",
+    "connect_timeout": "no host answered: is this machine offline, or behind a proxy?",
+    "connection_error": "no host could be reached: is this machine offline?",
+    "bad_url": "the list's url column holds no valid URLs",
+    "bad_scheme": "only http and https URLs are crawled",
+}
 
 
 def add_crawl_parser(sub, ws: argparse.ArgumentParser) -> None:

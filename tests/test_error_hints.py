@@ -83,3 +83,43 @@ def test_a_storage_url_without_its_package_says_what_to_install(tmp_path, capsys
         assert "webdistill[s3]" in missing_storage_package(ImportError(known_implementations["s3"]["err"]))
     assert missing_storage_package(ImportError("No module named 'foo'")) is None
     assert missing_storage_package(ValueError("x")) is None
+
+
+def test_an_unreachable_shard_url_says_so(tmp_path, capsys):
+    for url in ("http://127.0.0.1:1/x.tar", "https://127.0.0.1:1/{a,b}.tar"):
+        err = one_error_line(capsys, ["ingest", "-w", str(tmp_path / "ws"), url])
+        assert "cannot reach it" in err and "Cannot connect to host 127.0.0.1:1" in err, err
+
+
+def test_a_url_list_given_to_ingest_points_to_crawl(tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from .conftest import write_tar
+    lists = {"urls.parquet": None, "urls.csv": b"url\nhttp://x/a.jpg\n", "urls.jsonl": b'{"url": "http://x/a.jpg"}\n',
+             "urls.json": b'[{"url": "http://x/a.jpg"}]', "urls.txt": b"http://x/a.jpg\n",
+             "renamed-list.tar.parquet": None}
+    for name, body in lists.items():
+        if body is None:
+            pq.write_table(pa.table({"url": ["http://x/a.jpg"]}), tmp_path / name)
+        else:
+            (tmp_path / name).write_bytes(body)
+        err = one_error_line(capsys, ["ingest", "-w", str(tmp_path / "ws"), str(tmp_path / name)])
+        assert "not a tar shard" in err and f"webdistill crawl {tmp_path / name}" in err, err
+    assert not (tmp_path / "ws" / "samples").exists() or not any((tmp_path / "ws" / "samples").iterdir())
+    # a real tar keeps working whatever its name says
+    write_tar(tmp_path / "shard.txt", [{"__key__": "a", "txt": b"hello"}])
+    assert main(["ingest", "-w", str(tmp_path / "ws2"), str(tmp_path / "shard.txt")]) in (0, 1)
+    assert "not a tar shard" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("rows, hint", [
+    (["http://127.0.0.1:9/a.jpg", "http://10.1.2.3/b.jpg"], "--allow-private"),
+    (["ftp://x/y.jpg", "file:///etc/passwd"], "only http and https"),
+])
+def test_a_crawl_where_every_url_fails_exits_non_zero_with_a_hint(tmp_path, capsys, rows, hint):
+    (tmp_path / "urls.csv").write_text("url\n" + "\n".join(rows) + "\n")
+    argv = ["crawl", str(tmp_path / "urls.csv"), "--out", str(tmp_path / "out"), "--retries", "0"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("webdistill: error: not one of the 2 URLs was downloaded") and hint in err[-1], err
