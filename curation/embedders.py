@@ -19,6 +19,7 @@ from PIL import Image
 from torchvision import transforms
 
 from .errors import WebdistillError, first_line
+from .stage_config import check_device
 from .workspace import Workspace, check_name
 
 MODEL_CONFIGS = Path(__file__).parent / "model_configs"  # our own open_clip configs (the demo's tiny CLIP)
@@ -215,6 +216,10 @@ def make_embedder(name: str, pretrained: str | None = None, teacher: str | None 
     """`open_clip:<model>` or `teacher` (with `teacher` = a model spec; TorchScript or a factory outside
     the allowlist only with `trust_model_code`)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        check_device(device)
+    except ValueError as exc:
+        raise EmbedderError(str(exc)) from None
     if name.startswith("open_clip:"):
         return OpenClipEmbedder(name.split(":", 1)[1], pretrained, device, precision)
     if name == "teacher":

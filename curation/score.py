@@ -41,7 +41,7 @@ from . import score_fns as sf
 from .embedders import Geometry, SquareResize, spec_fingerprint
 from .errors import WebdistillError
 from .shard_reader import ShardJob, per_shard_outputs, shard_jobs
-from .stage_config import Real, stage_config
+from .stage_config import Device, Real, stage_config
 from .workspace import Workspace, atomic_path, config_hash, read_parquet_metadata, write_parquet_atomic
 
 # the options' ranges (a float given as an int stays an int: see stage_config.Real)
@@ -90,7 +90,7 @@ class ScoreConfig:
     reference_confidence: Share = 0.99  # pseudo-labelled samples this confident form the reference set
     reference_max: PositiveInt = 50_000  # at most this many (the most confident) for the kNN reference
     knn_k: PositiveInt = 10
-    device: str = "cpu"
+    device: Device = "cpu"
     trust_model_code: bool = False  # TorchScript / factories outside the allowlist may run (not part of any hash)
 
     def pass1_part(self) -> dict:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 from typing import Annotated, Any
 
-from pydantic import ConfigDict, ValidationError, WrapValidator
+from pydantic import AfterValidator, ConfigDict, ValidationError, WrapValidator
 from pydantic.dataclasses import dataclass
 
 from .config_errors import validation_line
@@ -27,6 +27,30 @@ def _keep_int(value: Any, handler) -> Any:
 
 
 Real = Annotated[float, WrapValidator(_keep_int)]
+
+
+def check_device(name: str) -> str:
+    """A torch device this machine has ("cpu", "cuda", "cuda:1", "mps"); ValueError in one line
+    otherwise, instead of torch's driver error deep in a stage. torch is imported only here."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {name!r} (cpu, cuda, cuda:N, mps)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r}: no CUDA GPU is visible on this machine; use cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {name!r}: MPS is not available on this machine; use cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device {name!r} is not supported (cpu, cuda, cuda:N, mps)")
+    return name
+
+
+Device = Annotated[str, AfterValidator(check_device)]
 
 
 def stage_config(error: type[Exception], where: str = ""):

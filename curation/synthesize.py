@@ -61,7 +61,7 @@ from .embedders import Geometry, SquareResize, spec_fingerprint
 from .errors import WebdistillError
 from .shard_reader import ShardJob, load_images, shard_jobs
 from .shard_writer import ShardSink, logits_npy, read_manifest, staging, swap_into_place
-from .stage_config import Real, stage_config
+from .stage_config import Device, Real, stage_config
 from .workspace import Workspace, check_name, config_hash, storage_errors
 
 SYNTH_VERSION = 1
@@ -98,7 +98,7 @@ class SynthConfig:
     shard_size: int = 1000
     batch_size: int = 256  # decoding and search batch
     workers: int = 1  # pool decoding workers
-    device: str = "cpu"
+    device: Device = "cpu"
     trust_model_code: bool = False  # TorchScript / factories outside the allowlist may run (not hashed)
 
     @property

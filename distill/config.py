@@ -39,7 +39,7 @@ from curation.config_errors import validation_line
 from curation.errors import WebdistillError, first_line
 from curation.files import is_remote
 
-from .losses import LOSSES
+from .losses import LOSSES, check_loss_config
 from .students import STUDENTS, is_student_name
 
 
@@ -103,9 +103,10 @@ class DistillConfig(BaseModel):
 
     @field_validator("loss")
     @classmethod
-    def _loss_has_method(cls, loss: dict) -> dict:
+    def _loss_is_known(cls, loss: dict) -> dict:
         if not isinstance(loss.get("method"), str):
             raise ValueError(f"config key 'loss' needs a 'method' ({', '.join(LOSSES)})")
+        check_loss_config(loss)  # methods, parameters, weights: before any process starts
         return loss
 
     @model_validator(mode="after")

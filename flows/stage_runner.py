@@ -369,6 +369,7 @@ def run_distill(ws_root: str, name: str, selection: str, options: dict, init_fro
                 stream=None) -> dict:
     """Write the job's config under students/<name>/, run it under torchrun, record the student.
     Both names pass `Workspace.owned`: the job writes, and a changed run deletes, only under students/."""
+    from distill.config import config_from_dict
     from distill.launch import launch
 
     options = dict(options)
@@ -378,11 +379,12 @@ def run_distill(ws_root: str, name: str, selection: str, options: dict, init_fro
     if not manifest.is_file():
         raise WebdistillError(f"no selection {selection!r} in {manifest.parent.parent} (see: webdistill sql "
                               "\"SELECT name, size FROM selections\")")
-    out.mkdir(parents=True, exist_ok=True)
     nproc = int(options.pop("nproc", 1))
     job = {"selection": str(manifest), "out": str(out), "name": name, "progress": False, **options}
     if init_from:
         job["init_from"] = init_from
+    config_from_dict(job, out)  # a bad key, student or loss is one line here, not a failed torchrun job
+    out.mkdir(parents=True, exist_ok=True)
     config_path = out / "job.json"
     stamp = out / "selection.sha256"
     digest = hashlib.sha256(Path(job["selection"]).read_bytes()).hexdigest()

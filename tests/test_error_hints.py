@@ -123,3 +123,39 @@ def test_a_crawl_where_every_url_fails_exits_non_zero_with_a_hint(tmp_path, caps
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("webdistill: error: not one of the 2 URLs was downloaded") and hint in err[-1], err
+
+
+@pytest.mark.parametrize("loss, expected", [
+    ("kdd", "unknown loss method 'kdd'"),
+    ('{"method": "kd", "T": 0}', "T must be > 0"),
+    ('{"method": "kd", "Tt": 2}', "did you mean 'T'"),
+    ('{"method": "kd", "extra": [{"method": "kd3"}]}', "cannot be an extra"),
+    ('{"method": "kd", "weights": {"kd": -1}}', "weights"),
+])
+def test_a_bad_loss_is_one_line_before_any_process_starts(ws, tmp_path, capsys, loss, expected):
+    """No torchrun output, no job folder: the config is checked in the CLI's own process."""
+    write_selection(ws)
+    err = one_error_line(capsys, ["distill", "-w", str(ws.root), "--selection", "few", "--student", "tiny_cnn",
+                                  "--loss", loss, "--name", "bad-loss"])
+    assert expected in err and "torch.distributed" not in err, err
+    assert not (ws.root / "students" / "bad-loss").exists()
+
+
+def write_selection(ws: Workspace) -> None:
+    if not (ws.root / "selections" / "few" / "manifest.json").exists():
+        assert main(["select", "-w", str(ws.root), "--name", "few", "--sql",
+                     "SELECT sample_id FROM candidates LIMIT 8"]) == 0
+
+
+@pytest.mark.parametrize("device, expected", [("cuda", "no CUDA GPU"), ("cuda:7", "no CUDA GPU"),
+                                              ("tpu", "unknown device"), ("gpu0", "unknown device")])
+def test_a_device_this_machine_lacks_is_one_line(ws, small_teacher, capsys, device, expected):
+    import torch
+    if device.startswith("cuda") and torch.cuda.is_available():
+        device = f"cuda:{torch.cuda.device_count()}"  # a GPU machine: one index past its last GPU
+        expected = "CUDA GPU(s)"
+    for verb in (["score", "--teacher", str(small_teacher), "--name", "dev"],
+                 ["embed", "--embedder", "teacher", "--teacher", str(small_teacher)]):
+        err = one_error_line(capsys, [verb[0], "-w", str(ws.root), *verb[1:], "--device", device])
+        assert expected in err and "internal error" not in err, err
+    assert not (ws.root / "scores" / "dev").exists()

@@ -28,7 +28,7 @@ LOSSES: dict[str, type[Distiller]] = {
 }
 
 __all__ = ["Distiller", "LogitDistiller", "LossConfigError", "StepOutput", "LOSSES", "build_distiller",
-           "weighted_mean"]
+           "check_loss_config", "weighted_mean"]
 
 _RESERVED = ("method", "weights", "extra", "weight")
 
@@ -49,14 +49,16 @@ def _check_teacher(cls: type[Distiller], teacher: nn.Module | None) -> None:
         raise LossConfigError(f"loss {cls.method!r} needs a live teacher (teacher_mode: live)")
 
 
-def build_distiller(config: dict, student: nn.Module, teacher: nn.Module | None,
-                    num_classes: int) -> Distiller:
-    """The configured distiller; the teacher (if any) is frozen: eval mode, no gradients."""
+def check_loss_config(config: Any) -> list[tuple[type[Distiller], dict, dict, float]]:
+    """Everything about a loss config that needs no model: the methods, their parameters and term
+    weights, the extras' kinds and weights. (class, params, weights, weight) for the main method
+    and each extra; raises LossConfigError in one line. The launcher calls it before torchrun starts,
+    so a typo costs one line, not a failed job."""
     cls, params, weights = _split(config, "loss config")
     if "weight" in config:
         raise LossConfigError("'weight' belongs to an 'extra' entry; use 'weights' for the main method's terms")
-    _check_teacher(cls, teacher)
-    distiller = cls(student, teacher, num_classes, params, weights)
+    cls.resolve_params(params), cls.resolve_weights(weights)  # checked here; the class resolves its own
+    parts = [(cls, params, weights, 1.0)]
     extras = config.get("extra") or []
     if not isinstance(extras, list):
         raise LossConfigError("'extra' must be a list of loss configs")
@@ -72,8 +74,20 @@ def build_distiller(config: dict, student: nn.Module, teacher: nn.Module | None,
         weight = extra_config.get("weight", 1.0)
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
             raise LossConfigError(f"{where}: 'weight' must be a number >= 0, got {weight!r}")
+        extra_cls.resolve_params(extra_params), extra_cls.resolve_weights(extra_weights)
+        parts.append((extra_cls, extra_params, extra_weights, float(weight)))
+    return parts
+
+
+def build_distiller(config: dict, student: nn.Module, teacher: nn.Module | None,
+                    num_classes: int) -> Distiller:
+    """The configured distiller; the teacher (if any) is frozen: eval mode, no gradients."""
+    (cls, params, weights, _), *extras = check_loss_config(config)
+    _check_teacher(cls, teacher)
+    distiller = cls(student, teacher, num_classes, params, weights)
+    for extra_cls, extra_params, extra_weights, weight in extras:
         _check_teacher(extra_cls, teacher)
-        distiller.add_extra(float(weight), extra_cls(student, teacher, num_classes, extra_params, extra_weights))
+        distiller.add_extra(weight, extra_cls(student, teacher, num_classes, extra_params, extra_weights))
     if not distiller.term_names():
         raise LossConfigError(f"loss {distiller.method!r}: every term has weight 0, nothing to train")
     return distiller
