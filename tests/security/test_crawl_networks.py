@@ -116,7 +116,7 @@ def crawl_rows(tmp_path, name, base, *flags) -> tuple[int, list[dict]]:
 def test_cli_allow_network_opens_the_named_network_and_its_redirects(server, tmp_path, capsys):
     base, hits = server
     rc, rows = crawl_rows(tmp_path, "default", base)
-    assert rc == 0 and [r["error_kind"] for r in rows] == ["blocked_address"] * 2
+    assert rc == 2 and [r["error_kind"] for r in rows] == ["blocked_address"] * 2  # none downloaded: exit 2
     assert rows[0]["error_message"] == "127.0.0.1 is loopback" and sum(hits.values()) == 0
 
     rc, rows = crawl_rows(tmp_path, "named", base, "--allow-network", "127.0.0.1/32")
