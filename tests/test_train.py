@@ -27,7 +27,7 @@ from PIL import Image
 
 from distill.config import ConfigError, config_from_dict, load_config, write_config
 from distill.data import DataError, EpochPlan, EpochStream, Preprocess, epoch_batches, load_manifest
-from distill.launch import DistillJobError, launch, torchrun_command
+from distill.launch import launch, torchrun_command
 from distill.losses import build_distiller
 from distill.models import tiny_student
 from distill.spec import load_model
@@ -405,7 +405,7 @@ def test_job_errors_are_one_line(data, tmp_path, capsys):
     assert "needs a live teacher" in err and len(err.splitlines()) == 1
     config = write_config({"selection": str(data["manifest"]), "student": "tiny_cnn", "out": str(tmp_path / "o3"),
                            "loss": {"method": "kd", "Tx": 2}}, tmp_path / "c3.json")
-    with pytest.raises(DistillJobError, match="unknown parameter 'Tx'"):
+    with pytest.raises(ConfigError, match="unknown parameter 'Tx'"):  # refused before torchrun starts
         launch(config, nproc=1, stream=None)
     with pytest.raises(DataError, match="no selection manifest"):
         load_manifest(tmp_path / "nowhere" / "manifest.json")
