@@ -250,6 +250,25 @@ def epoch_batches(stream: EpochStream, workers: int, pin_memory: bool = False) -
         del it  # stops the workers, which would otherwise keep decoding the endless stream
 
 
+def pool_batches(urls: list[str], prep: Preprocess, batch_size: int,
+                 part: tuple[int, int] = (0, 1)) -> Iterator[torch.Tensor]:
+    """The selection's images (B, 3, H, W), each sample once, in manifest order, no augmentation; with
+    `part=(rank, world)` every world-th sample from the rank-th on (skipped before decoding). For
+    methods that look at the whole pool each epoch (KD^3's thresholds)."""
+    rank, world = part
+
+    def image(sample: dict) -> torch.Tensor:
+        return decode_sample(sample, prep, num_classes=0, need_logits=False)[0]
+
+    return iter(wds.DataPipeline(
+        wds.SimpleShardList(list(urls)),
+        wds.tarfile_to_samples(),
+        lambda src: islice(src, rank, None, world),
+        wds.map(image),
+        wds.batched(batch_size, collation_fn=torch.stack, partial=True),
+    ))
+
+
 def eval_batches(shards: str | list[str], prep: Preprocess, batch_size: int,
                  part: tuple[int, int] = (0, 1)) -> Iterator[tuple]:
     """(images, true labels) from a labelled WebDataset: an image (png/jpg/webp) + `cls` per sample.

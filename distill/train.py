@@ -48,6 +48,7 @@ from tqdm import tqdm
 
 from curation.errors import WebdistillError, first_line
 from curation.files import atomic_path
+from curation.progress import bar_disabled
 
 from .config import ConfigError, DistillConfig, load_config
 from .data import (
@@ -61,8 +62,9 @@ from .data import (
     epoch_batches,
     eval_batches,
     load_manifest,
+    pool_batches,
 )
-from .losses import Distiller, LogitDistiller, build_distiller
+from .losses import Distiller, LogitDistiller, PoolPass, build_distiller
 from .model_files import save_exported_program
 from .spec import ModelSpecError, load_model
 from .students import build_student
@@ -261,10 +263,19 @@ def load_live_teacher(spec: str | None, prep: Preprocess, num_classes: int,
     return teacher
 
 
-def make_optimizer(cfg: DistillConfig, params: list) -> torch.optim.Optimizer:
+def make_optimizer(cfg: DistillConfig, groups: list) -> torch.optim.Optimizer:
+    """The job's optimizer over the distiller's parameter groups (`Distiller.optimizer_groups`); a group's
+    `lr_scale` (default 1) scales the job's learning rate and schedule, its `weight_decay` overrides the job's."""
+    groups = [{"lr_scale": 1.0, **g, "lr": cfg.lr * g.get("lr_scale", 1.0)} for g in groups]
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The job's learning rate for this step, times each group's `lr_scale` (SAKD's policy: 0.5)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 def lr_at(cfg: DistillConfig, step: int, total: int) -> float:
@@ -396,7 +407,7 @@ class Job:
         self.distiller = build_distiller(cfg.loss, student, teacher, num_classes).to(world.device)
         if cfg.init_from:  # a new round continues from the previous round's student
             load_initial_weights(self.distiller.deployable(), cfg.init_from)
-        self.optimizer = make_optimizer(cfg, self.distiller.trainable_parameters())
+        self.optimizer = make_optimizer(cfg, self.distiller.optimizer_groups())
         self.forward = TrainForward(self.distiller)
         if world.world > 1:
             find_unused = cfg.find_unused_parameters
@@ -407,8 +418,9 @@ class Job:
                 forward_sync_buffers=False, find_unused_parameters=find_unused)
         seed_rank(cfg.seed, world.rank)
         # what a checkpoint must match to be resumed: the config and the selection it reads
-        selection = Path(cfg.selection).read_text()
-        self.run_hash = hashlib.sha256((cfg.trajectory_hash() + selection).encode()).hexdigest()[:16]
+        selection = Path(cfg.selection).read_bytes()
+        self.selection_sha256 = hashlib.sha256(selection).hexdigest()  # lineage: the exact selection trained on
+        self.run_hash = hashlib.sha256(cfg.trajectory_hash().encode() + selection).hexdigest()[:16]
         self.metrics = MetricsLog(self.out / METRICS, world.main)
         self.epoch = self.step_in_epoch = self.global_step = 0
         self.epoch_started = False
@@ -447,7 +459,7 @@ class Job:
                            f"or delete {path} to start over")
         if ckpt["world_size"] != self.d.world:
             raise JobError(f"{path} was written by {ckpt['world_size']} processes, this run has {self.d.world}: "
-                           "resume with the same number")
+                           f"resume with the same number (torchrun --nproc-per-node {ckpt['world_size']})")
         self.epoch, self.step_in_epoch, self.global_step = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"]
         self.seconds, self.eval_accuracy = ckpt["seconds"], ckpt["eval_accuracy"]
         self.metrics.truncate(ckpt["metrics_lines"])
@@ -466,16 +478,24 @@ class Job:
         """`on_epoch_start`, and the checkpoint's state restored in the order in which it was saved."""
         if self.resume_state is not None and not self.resume_state["epoch_started"]:
             self.restore()
-        self.distiller.on_epoch_start(self.epoch, self.cfg.epochs)
+        self.distiller.on_epoch_start(self.epoch, self.cfg.epochs, self.pool_pass())
         self.epoch_started = True
         if self.resume_state is not None:
             self.restore()
 
+    def pool_pass(self) -> PoolPass:
+        """The whole selection, this rank's share, for methods with per-epoch pool statistics (KD^3)."""
+        urls, d = [s.url for s in self.manifest.shards], self.d
+
+        def batches():
+            for images in pool_batches(urls, self.prep, self.cfg.eval_batch_size, part=(d.rank, d.world)):
+                yield images.to(d.device, non_blocking=True)
+        return PoolPass(batches, d.all_reduce)
+
     # -- training -----------------------------------------------------------------------------
     def train_step(self, batch, lr: float) -> dict[str, torch.Tensor]:
         images, logits, weights, _ = (t.to(self.d.device, non_blocking=True) for t in batch)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(self.optimizer, lr)
         _, terms = self.forward(images, logits if self.stored else None,
                                 weights if self.cfg.use_sample_weights else None)
         loss = sum(terms.values())
@@ -543,7 +563,8 @@ class Job:
         self.d.barrier()
         self.find_checkpoint()
         resumed_at = self.global_step
-        bar = tqdm(total=self.total_steps, initial=self.global_step, disable=not (self.d.main and self.cfg.progress),
+        shown = not bar_disabled(self.d.main and self.cfg.progress)  # shown through torchrun's pipe too
+        bar = tqdm(total=self.total_steps, initial=self.global_step, disable=not shown,
                    desc=f"distill {self.cfg.run_name}", unit="step", mininterval=1.0, file=sys.stderr)
         with bar:
             while self.epoch < self.cfg.epochs:
@@ -561,6 +582,7 @@ class Job:
         samples = self.global_step * cfg.batch_size * self.d.world
         summary = {
             "name": cfg.run_name, "selection": cfg.selection, "selection_name": self.manifest.name,
+            "selection_sha256": self.selection_sha256,
             "student": cfg.student, "loss": cfg.loss["method"], "loss_config": cfg.loss,
             "teacher": self.teacher_spec, "teacher_mode": cfg.teacher_mode, "eval": cfg.eval,
             "eval_accuracy": self.eval_accuracy, "checkpoint": str(self.out / "student.json"),

@@ -214,13 +214,13 @@ def test_sakd_policy_gets_no_gradient_when_its_weight_is_zero():
 
 
 def test_sakd_decisions_are_hard_one_hot_with_straight_through_gradient():
-    d = sakd()
+    d = sakd(same_family=False)
     torch.manual_seed(0)
     decisions = d.decide(torch.randn(32, 64), torch.randn(32, 32))
-    assert decisions.shape == (32, d.n_spots, 2) == (32, 3, 2)
+    assert decisions.shape == (32, d.n_spots, 2) == (32, 4, 2)  # 3 stages (the last included) + the output
     assert set(decisions.unique().tolist()) <= {0.0, 1.0}
-    assert torch.equal(decisions.sum(dim=-1), torch.ones(32, 3))
-    (grad,) = torch.autograd.grad((decisions[..., 0] * torch.arange(3.0)).sum(), d.policy.weight)
+    assert torch.equal(decisions.sum(dim=-1), torch.ones(32, 4))
+    (grad,) = torch.autograd.grad((decisions[..., 0] * torch.arange(4.0)).sum(), d.policy.weight)
     assert grad.abs().sum() > 0
 
 
@@ -274,25 +274,28 @@ def kd3(**params):
 
 def test_kd3_combine_weight_schedule():
     d = kd3()
-    expected = {e: 1 - math.exp(-5 * ((e + 1) / 160 - 1) ** 2) if e < 120 else 0.0 for e in (0, 60, 119, 120, 200)}
+    # the official time_d(epoch, 120) with 1-based epochs: 1 - exp(-5((epoch + 1)/160 - 1)^2) while epoch < 120
+    expected = {e - 1: 1 - math.exp(-5 * ((e + 1) / 160 - 1) ** 2) if e < 120 else 0.0 for e in (1, 60, 119, 120, 200)}
     for e, a in expected.items():
         d.on_epoch_start(e, 240)
         assert float(d.teacher_weight) == pytest.approx(a, abs=1e-6)
-    assert [round(expected[e], 2) for e in (0, 60, 119, 120)] == [0.99, 0.85, 0.27, 0.0]
+    assert [round(expected[e], 2) for e in (0, 59, 118, 119)] == [0.99, 0.85, 0.27, 0.0]
     fixed = kd3(epochs=240)  # the config's schedule length wins over the job's
-    fixed.on_epoch_start(60, 10)
-    assert float(fixed.teacher_weight) == pytest.approx(expected[60], abs=1e-6)
+    fixed.on_epoch_start(59, 10)
+    assert float(fixed.teacher_weight) == pytest.approx(expected[59], abs=1e-6)
 
 
-def test_kd3_batch_mask_is_passes_threshold_on_the_combined_prediction():
-    d = kd3()
+@pytest.mark.parametrize("variant", ["official", "webdistill"])
+def test_kd3_batch_mask_is_passes_threshold_on_the_combined_prediction(variant):
+    d = kd3(variant=variant)
     d.on_epoch_start(30, 100)
     a = float(d.teacher_weight)
     rng = np.random.default_rng(4)
     thresholds = rng.uniform(0.1, 0.6, 10).astype(np.float32)
     d.thresholds.copy_(torch.tensor(thresholds))
     z_t, z_s = rng.normal(scale=3, size=(64, 10)), rng.normal(scale=3, size=(64, 10))
-    p = a * softmax(z_t) + (1 - a) * softmax(z_s)
+    # official: logits mixed; webdistill's earlier variant: probabilities mixed
+    p = softmax(a * z_t + (1 - a) * z_s) if variant == "official" else a * softmax(z_t) + (1 - a) * softmax(z_s)
     expected = passes_threshold(p.argmax(axis=1), p.max(axis=1), thresholds)
     assert 0 < expected.sum() < 64
     mask = d.selection_mask(torch.tensor(z_t, dtype=torch.float32), torch.tensor(z_s, dtype=torch.float32))
@@ -300,7 +303,8 @@ def test_kd3_batch_mask_is_passes_threshold_on_the_combined_prediction():
 
 
 def test_kd3_counts_over_the_epoch_give_next_epochs_thresholds():
-    d = kd3(tau=0.9)
+    """webdistill's earlier variant: confident predictions of the training batches set the next epoch's thresholds."""
+    d = kd3(tau=0.9, variant="webdistill")
     d.on_epoch_start(0, 10)
     confident = torch.full((7, 10), -10.0)
     labels = [0, 0, 0, 0, 1, 1, 2]                   # N = [4, 2, 1, 0, ...] per rank
@@ -312,13 +316,14 @@ def test_kd3_counts_over_the_epoch_give_next_epochs_thresholds():
     assert d.class_counts.tolist() == [8, 4, 2] + [0] * 7
     s = np.array([8, 4, 2] + [0] * 7) / 8
     np.testing.assert_allclose(d.thresholds.numpy(), 0.9 * s / (2 - s), rtol=1e-6)
-    restored = kd3(tau=0.9)                           # the thresholds survive a checkpoint
+    restored = kd3(tau=0.9, variant="webdistill")     # the thresholds survive a checkpoint
     restored.load_state_dict(d.state_dict())
     assert torch.equal(restored.thresholds, d.thresholds)
 
 
 def test_kd3_weighted_feature_alignment_by_hand():
-    d = kd3(select=False, weights={"kd": 0.0, "align": 1.0, "ntxent": 0.0})
+    """`align: pooled` (webdistill's earlier variant); the official spatial alignment: test_methods_fidelity."""
+    d = kd3(select=False, align="pooled", weights={"kd": 0.0, "align": 1.0, "ntxent": 0.0})
     x = images()
     _, terms = d.forward_train(x)
     with torch.no_grad():
@@ -334,7 +339,8 @@ def test_kd3_weighted_feature_alignment_by_hand():
 def test_kd3_terms_and_selection_zero_out_unselected_samples():
     d = kd3()
     _, terms = d.forward_train(images())
-    assert set(terms) == {"kd", "align", "ntxent"}
+    assert set(terms) == {"align", "ntxent"}  # the official loss: no KD term
+    assert set(kd3(variant="webdistill").forward_train(images())[1]) == {"kd", "align", "ntxent"}
     d.thresholds.fill_(1.0)  # nothing can pass: every term is 0, and finite
     _, terms = d.forward_train(images())
     assert all(v.item() == 0.0 for v in terms.values())

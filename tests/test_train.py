@@ -268,10 +268,12 @@ def test_stored_and_live_teacher_runs_export_a_loadable_student(data):
 
 def test_sigterm_checkpoints_and_the_rerun_continues_the_same_trajectory(data):
     """kd3 draws random numbers every step (MixStyle's Beta and permutation): the rerun follows the
-    uninterrupted run only if the checkpoint restored the RNG states as well as the data position."""
+    uninterrupted run only if the checkpoint restored the RNG states as well as the data position (and
+    the thresholds of the epoch's pool pass)."""
     root = data["root"] / "runs"
     steps = 400 // 16  # one process, one epoch
-    kd3 = {"teacher_mode": "live", "loss": {"method": "kd3", "select": False}, "epochs": 1, "checkpoint_every": 1000}
+    kd3 = {"teacher_mode": "live", "loss": {"method": "kd3", "weights": {"kd": 1.0}}, "epochs": 1,
+           "checkpoint_every": 1000}
     reference = run_in_process(job_config(data, root / "uninterrupted", **kd3))
     config = job_config(data, root / "sigterm", **kd3)  # no periodic checkpoint: SIGTERM's is the only one
     metrics = root / "sigterm" / "metrics.jsonl"

@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from .base import Distiller, LogitDistiller, LossConfigError, StepOutput, weighted_mean
+from .base import Distiller, LogitDistiller, LossConfigError, PoolPass, StepOutput, weighted_mean
 from .ce import PseudoLabelCE
 from .confidence_weighted import ConfidenceWeightedKD
 from .kd import KD
@@ -27,7 +27,7 @@ LOSSES: dict[str, type[Distiller]] = {
     "sakd": SAKD,
 }
 
-__all__ = ["Distiller", "LogitDistiller", "LossConfigError", "StepOutput", "LOSSES", "build_distiller",
+__all__ = ["Distiller", "LogitDistiller", "LossConfigError", "PoolPass", "StepOutput", "LOSSES", "build_distiller",
            "check_loss_config", "weighted_mean"]
 
 _RESERVED = ("method", "weights", "extra", "weight")
@@ -57,7 +57,7 @@ def check_loss_config(config: Any) -> list[tuple[type[Distiller], dict, dict, fl
     cls, params, weights = _split(config, "loss config")
     if "weight" in config:
         raise LossConfigError("'weight' belongs to an 'extra' entry; use 'weights' for the main method's terms")
-    cls.resolve_params(params), cls.resolve_weights(weights)  # checked here; the class resolves its own
+    cls.resolve_weights(weights, cls.resolve_params(params))  # checked here; the class resolves its own
     parts = [(cls, params, weights, 1.0)]
     extras = config.get("extra") or []
     if not isinstance(extras, list):
@@ -74,7 +74,7 @@ def check_loss_config(config: Any) -> list[tuple[type[Distiller], dict, dict, fl
         weight = extra_config.get("weight", 1.0)
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
             raise LossConfigError(f"{where}: 'weight' must be a number >= 0, got {weight!r}")
-        extra_cls.resolve_params(extra_params), extra_cls.resolve_weights(extra_weights)
+        extra_cls.resolve_weights(extra_weights, extra_cls.resolve_params(extra_params))
         parts.append((extra_cls, extra_params, extra_weights, float(weight)))
     return parts
 

@@ -6,13 +6,18 @@ A method is one subclass with
   a float >= 0, checked by the `Weights` model built from TERMS);
 - `step(images, teacher_logits, sample_weights) -> StepOutput`.
 `forward_train` returns `(student logits, {term: weighted scalar})`; a term whose weight is 0 is
-neither computed nor returned. Per-sample losses are reduced with the selection's sample weights
+neither computed nor returned.
+
+A method reproducing a paper has the official code's behaviour by default and may keep other
+variants as named presets: `VARIANTS = {"webdistill": {param: value, ..., "weights": {term: w}}}`,
+chosen with the parameter `variant`. A preset only changes defaults: a parameter or weight the config
+gives itself wins. Per-sample losses are reduced with the selection's sample weights
 as `sum(w*l)/sum(w)` (`weighted_mean`).
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, NamedTuple
+from collections.abc import Callable, Iterator
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from pydantic import (
@@ -38,6 +43,14 @@ class StepOutput(NamedTuple):
     logits: Tensor          # the deployable student's logits (B, C)
     teacher_logits: Tensor  # what the logit terms compared against (B, C), no grad
     terms: dict[str, Tensor]
+
+
+class PoolPass(NamedTuple):
+    """What a method that looks at the whole pool each epoch gets from the job (KD^3's thresholds):
+    `batches()` yields this rank's share of the selection's images (B, 3, H, W) on the device, in a
+    fixed order, without augmentation; `all_reduce` sums a tensor over ranks."""
+    batches: Callable[[], Iterator[Tensor]]
+    all_reduce: Callable[[Tensor], Tensor]
 
 
 def weighted_mean(per_sample: Tensor, sample_weights: Tensor | None) -> Tensor:
@@ -88,6 +101,8 @@ class Distiller(nn.Module):
     TERMS: dict[str, float] = {}
     Weights: type[BaseModel]  # built from TERMS for each subclass
     method: str = ""
+    # named presets of parameter and weight defaults ("weights": {...}), chosen by the parameter `variant`
+    VARIANTS: ClassVar[dict[str, dict[str, Any]]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -101,18 +116,28 @@ class Distiller(nn.Module):
         self.teacher = freeze(teacher) if teacher is not None else None
         self.num_classes = num_classes
         self.params = self.resolve_params(params or {})
-        self.term_weights = self.resolve_weights(weights or {})
+        self.term_weights = self.resolve_weights(weights or {}, self.params)
         self._extras: list[tuple[float, LogitDistiller]] = []
 
     # -- config -------------------------------------------------------------------------------
     @classmethod
-    def resolve_params(cls, given: dict[str, Any]) -> dict[str, Any]:
-        """Every parameter of the method, typed and checked: the given ones, defaults for the rest."""
-        return cls._checked(cls.Params, given, f"loss {cls.method!r}: ", "parameter")
+    def _preset(cls, variant: Any) -> dict[str, Any]:
+        # an unknown name gets no preset here: the Params model words the error (a Literal of the names)
+        return cls.VARIANTS.get(variant, {}) if isinstance(variant, str) else {}
 
     @classmethod
-    def resolve_weights(cls, given: dict[str, float]) -> dict[str, float]:
-        return cls._checked(cls.Weights, given, f"loss {cls.method!r}: weights: ", "term")
+    def resolve_params(cls, given: dict[str, Any]) -> dict[str, Any]:
+        """Every parameter of the method, typed and checked: the given ones, then the chosen
+        variant's preset, then the defaults."""
+        preset = {k: v for k, v in cls._preset(given.get("variant")).items() if k != "weights"}
+        return cls._checked(cls.Params, {**preset, **given}, f"loss {cls.method!r}: ", "parameter")
+
+    @classmethod
+    def resolve_weights(cls, given: dict[str, float], params: dict[str, Any] | None = None) -> dict[str, float]:
+        """Every term's weight: the given ones, then the variant's preset (`params["variant"]`), then TERMS."""
+        preset = cls._preset((params or {}).get("variant")).get("weights", {})
+        merged = {**preset, **given} if isinstance(given, dict) else given  # a non-mapping: the model refuses it
+        return cls._checked(cls.Weights, merged, f"loss {cls.method!r}: weights: ", "term")
 
     @staticmethod
     def _checked(model: type[BaseModel], given: Any, where: str, noun: str) -> dict[str, Any]:
@@ -178,8 +203,8 @@ class Distiller(nn.Module):
         names = [t for t in self.TERMS if self.active(t)]
         return names + [f"{e.method}.{t}" for w, e in self._extras if w > 0 for t in e.term_names()]
 
-    def on_epoch_start(self, epoch: int, epochs: int) -> None:
-        """Per-epoch schedules (kd3's a(e) and thresholds)."""
+    def on_epoch_start(self, epoch: int, epochs: int, pool: PoolPass | None = None) -> None:
+        """Per-epoch schedules (kd3's a(e)) and whole-pool statistics (kd3's thresholds, from `pool`)."""
 
     def on_epoch_end(self, all_reduce: Callable[[Tensor], Tensor]) -> None:
         """Cross-rank syncing of per-epoch statistics (kd3's per-class counts)."""
@@ -187,6 +212,11 @@ class Distiller(nn.Module):
     def deployable(self) -> nn.Module:
         """What is evaluated and exported."""
         return self.student
+
+    def optimizer_groups(self) -> list[dict[str, Any]]:
+        """The optimizer's parameter groups: one by default. A group may carry `lr_scale` (its learning
+        rate is the job's times that, schedule included) and its own `weight_decay`."""
+        return [{"params": self.trainable_parameters()}]
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Everything that trains: never the teacher's parameters."""
