@@ -20,7 +20,8 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
-from . import schemas
+from . import catalog_compact, schemas
+from .coverage import class_coverage
 from .errors import CatalogBusy, CatalogCorrupt, WebdistillError, first_line, storage_error
 from .user_sql import sql_literal
 from .workspace import Workspace, discard, storage_errors, sweep_stale_temporaries, temporary_name
@@ -59,13 +60,20 @@ TABLES = {
         params JSON, summary JSON)""",
     "catalog_info": "CREATE TABLE IF NOT EXISTS catalog_info (key VARCHAR PRIMARY KEY, value VARCHAR)",
     "score_columns": "CREATE TABLE IF NOT EXISTS score_columns (name VARCHAR PRIMARY KEY, description VARCHAR)",
+    # class_entropy, min_class_share: the selection's class coverage (curation/coverage.py)
     "selections": """CREATE TABLE IF NOT EXISTS selections (
         name VARCHAR PRIMARY KEY, size BIGINT, query VARCHAR, policy VARCHAR, score_run VARCHAR,
-        path VARCHAR, manifest_sha256 VARCHAR, created_at TIMESTAMPTZ, config JSON)""",
+        path VARCHAR, manifest_sha256 VARCHAR, created_at TIMESTAMPTZ, config JSON,
+        class_entropy DOUBLE, min_class_share DOUBLE)""",
     "students": """CREATE TABLE IF NOT EXISTS students (
         name VARCHAR PRIMARY KEY, selection VARCHAR, loss VARCHAR, teacher_mode VARCHAR, eval_accuracy DOUBLE,
-        checkpoint VARCHAR, created_at TIMESTAMPTZ, summary JSON)""",
+        checkpoint VARCHAR, created_at TIMESTAMPTZ, summary JSON, selection_sha256 VARCHAR)""",
 }
+
+# Columns added to a table after catalogs were made with it: refresh adds them to an older catalog
+# (at the end, where the rows put them).
+ADDED_COLUMNS = {"students": {"selection_sha256": "VARCHAR"},
+                 "selections": {"class_entropy": "DOUBLE", "min_class_share": "DOUBLE"}}
 
 # What DuckDB says of a file that is not a database, or of a damaged one.
 _CORRUPT = ("not a valid duckdb database", "corrupt", "checksum", "invalidated", "serialization error",
@@ -174,24 +182,68 @@ def _view_sql(ws: Workspace, name: str, spec: ViewSpec) -> str:
     return f"CREATE OR REPLACE VIEW {name} AS SELECT {cols} WHERE false"
 
 
-def refresh(ws: Workspace) -> None:
+def refresh(ws: Workspace, recompact: bool = False) -> None:
     """(Re)create every view and bookkeeping table, and bring the selections and students tables in
     line with the manifests and summaries on disk (a stage killed between writing its folder and its
-    row, or a rebuilt catalog), and give older selections their members file. Idempotent."""
+    row, or a rebuilt catalog), and give older selections their members file. `candidates` reads
+    its compacted copy (curation/catalog_compact.py), rebuilt here when its inputs changed
+    (`recompact`: always). Idempotent."""
     from .selection_members import backfill  # reads tars: only where a selection lacks the file
 
+    catalog_compact.path(ws, "candidates")  # a planted `compacted` link is refused before anything is written
     backfill(ws)
-    with _writing(ws) as con:
-        for ddl in TABLES.values():
-            con.execute(ddl)
-        for name, spec in VIEWS.items():
-            con.execute(_view_sql(ws, name, spec))
-        con.executemany("INSERT OR REPLACE INTO score_columns VALUES (?, ?)", list(schemas.SCORE_COLUMNS.items()))
+    with catalog_compact.compacting(ws, "candidates"):  # refreshes in turn: the last one sees the newest files
         sources = candidate_sources(ws)
-        con.execute(f"CREATE OR REPLACE VIEW candidates AS {candidates_query(sources)}")
-        info = [("workspace", str(ws.root))] + [(f"candidates.{k}", json.dumps(v)) for k, v in sources.items()]
-        con.executemany("INSERT OR REPLACE INTO catalog_info VALUES (?, ?)", info)
-        _restore_records(ws, con)
+        view_sqls = {name: _view_sql(ws, name, spec) for name, spec in VIEWS.items()}
+        built = _compact_candidates(ws, sources, view_sqls, recompact)
+        try:
+            with _writing(ws) as con:
+                for table in TABLES:
+                    _create_table(con, table)
+                for sql in view_sqls.values():
+                    con.execute(sql)
+                con.executemany("INSERT OR REPLACE INTO score_columns VALUES (?, ?)",
+                                list(schemas.SCORE_COLUMNS.items()))
+                con.execute(f"CREATE OR REPLACE VIEW candidates AS {_candidates_view(ws, sources, built)}")
+                info = [("workspace", str(ws.root))] + [(f"candidates.{k}", json.dumps(v)) for k, v in sources.items()]
+                con.executemany("INSERT OR REPLACE INTO catalog_info VALUES (?, ?)", info)
+                _restore_records(ws, con)
+        finally:
+            if built is not None:
+                discard(built)  # left only when the catalog could not be written
+
+
+# What the `candidates` join reads, besides scores/<run>/: its compacted copy is rebuilt when these change.
+_CANDIDATE_INPUTS = ("samples", "dups", "clusters", "knn_scores")
+
+
+def _compact_candidates(ws: Workspace, sources: dict, view_sqls: dict[str, str], recompact: bool) -> Path | None:
+    """A new compacted copy of the `candidates` join (a temporary file), or None when the one in
+    place was made from the same inputs, or there are no samples to join."""
+    if not any(ws.root.glob(VIEWS["samples"].pattern)):
+        return None
+    select_sql = candidates_query(sources)
+    patterns = [VIEWS[v].pattern for v in _CANDIDATE_INPUTS]
+    if sources["score_run"] is not None:
+        patterns.append(f"scores/{sources['score_run']}/*.parquet")
+    made_from = catalog_compact.stamp(ws, select_sql, patterns)
+    if not recompact and catalog_compact.stamp_of(catalog_compact.path(ws, "candidates")) == made_from:
+        return None
+    return catalog_compact.build(ws, "candidates", [view_sqls[v] for v in (*_CANDIDATE_INPUTS, "scores")],
+                                 select_sql, made_from)
+
+
+def _candidates_view(ws: Workspace, sources: dict, built: Path | None) -> str:
+    """The `candidates` view's query: its compacted copy (`built` is renamed into place first), or the
+    join itself while there are no samples (and no copy is kept)."""
+    copy = catalog_compact.path(ws, "candidates")
+    if built is not None:
+        catalog_compact.install(built, "candidates", ws)
+    elif not any(ws.root.glob(VIEWS["samples"].pattern)):
+        discard(copy)
+    if copy.exists():
+        return f"SELECT * FROM read_parquet({sql_literal(copy)})"
+    return candidates_query(sources)
 
 
 def rebuild(ws: Workspace) -> Path | None:
@@ -205,7 +257,7 @@ def rebuild(ws: Workspace) -> Path | None:
             if wal.exists():
                 os.replace(wal, aside.with_name(aside.name + ".wal"))
             os.replace(ws.catalog_path, aside)
-    refresh(ws)
+    refresh(ws, recompact=True)
     return aside
 
 
@@ -271,20 +323,34 @@ def record_run(ws: Workspace, stage: str, started_at: datetime, params: dict, su
     return run_id
 
 
-def _upsert(con: duckdb.DuckDBPyConnection, table: str, row: list) -> None:
+def _create_table(con: duckdb.DuckDBPyConnection, table: str) -> None:
+    """The table, with the columns added since an older catalog made it."""
     con.execute(TABLES[table])
+    for column, kind in ADDED_COLUMNS.get(table, {}).items():
+        con.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {kind}")
+
+
+def _upsert(con: duckdb.DuckDBPyConnection, table: str, row: list) -> None:
+    _create_table(con, table)
     con.execute(f"INSERT OR REPLACE INTO {table} VALUES ({', '.join('?' * len(row))})", row)
 
 
 def _selection_row(manifest: dict, path: Path, digest: str, created_at: datetime) -> list:
-    config = {k: manifest.get(k) for k in ("limit", "seed", "score_run", "teacher", "counts_per_class")}
+    config = {k: manifest.get(k) for k in ("limit", "seed", "score_run", "teacher", "counts_per_class",
+                                           "policy_steps", "coverage")}
+    coverage = manifest.get("coverage")
+    if not isinstance(coverage, dict):  # a manifest from before coverage was recorded: from its counts
+        counts = manifest.get("counts_per_class")
+        coverage = class_coverage(counts if isinstance(counts, dict) else {}, manifest.get("num_classes"))
     return [path.name, manifest["total"], manifest.get("query"), manifest.get("policy"), manifest.get("score_run"),
-            str(path), digest, created_at, json.dumps(config)]
+            str(path), digest, created_at, json.dumps(config), coverage.get("class_entropy"),
+            coverage.get("min_class_share")]
 
 
 def _student_row(summary: dict, created_at: datetime) -> list:
     return [summary["name"], summary.get("selection"), summary.get("loss"), summary.get("teacher_mode"),
-            summary.get("eval_accuracy"), summary.get("checkpoint"), created_at, json.dumps(summary, default=str)]
+            summary.get("eval_accuracy"), summary.get("checkpoint"), created_at, json.dumps(summary, default=str),
+            summary.get("selection_sha256")]
 
 
 def record_selection(ws: Workspace, manifest: dict, path: Path) -> None:
@@ -292,6 +358,15 @@ def record_selection(ws: Workspace, manifest: dict, path: Path) -> None:
     with _writing(ws) as con:
         _upsert(con, "selections", _selection_row(manifest | {"name": path.name}, path, digest,
                                                   datetime.now(UTC)))
+
+
+def forget(ws: Workspace, table: str, name: str) -> None:
+    """Drop the row of a deleted selection or student."""
+    if table not in ("selections", "students"):
+        raise ValueError(f"not a table of named records: {table}")
+    with _writing(ws) as con:
+        _create_table(con, table)
+        con.execute(f"DELETE FROM {table} WHERE name = ?", [name])
 
 
 def record_student(ws: Workspace, summary: dict) -> None:

@@ -17,6 +17,7 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import TypeVar
 
 from .errors import WorkerDied
+from .progress import bar_disabled
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -49,7 +50,7 @@ def map_shards(
     from tqdm import tqdm  # here: the decode sandbox imports this module and needs no progress bar
 
     items = list(items)
-    bar = tqdm(total=len(items), desc=desc, unit="shard", disable=not progress or None)
+    bar = tqdm(total=len(items), desc=desc, unit="shard", disable=bar_disabled(progress))
     try:
         if workers <= 1 or len(items) <= 1:
             for item in items:

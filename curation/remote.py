@@ -10,13 +10,23 @@ differs from the remote index, then the new index. The index came from elsewhere
 (relative keys that stay inside the cache folder, symlinks resolved; 64-hex sha256 values) before it
 writes anything. Per-shard artifacts never collide between
 writers; `catalog.duckdb` is last-writer-wins (its views are rebuilt from the artifacts anyway).
+
+Two writers commit at once: each merges its changes into the index it reads last. On S3 (and
+S3-compatible stores) the index is written only if it is still the one read (a conditional PUT,
+If-Match on its ETag, If-None-Match for the first), else read, merged and written again, so a
+writer that committed in between is never overwritten. Other fsspec stores have no such write: the
+read-merge-write there leaves a window of milliseconds in which a concurrent commit can be lost.
+An S3-compatible server other than AWS is named by AWS_ENDPOINT_URL (botocore reads it; or
+FSSPEC_S3_ENDPOINT_URL, fsspec's own setting for s3fs).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import random
 import re
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -68,6 +78,49 @@ def _remote_index(fs, base: str) -> dict[str, str]:
         return {}
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise RemoteWorkspaceError(f"cannot read {base}/{INDEX}: {exc}") from exc
+
+
+# Stores whose fsspec filesystem takes a conditional PUT (s3fs passes IfMatch/IfNoneMatch to put_object).
+CONDITIONAL = ("s3", "s3a")
+COMMIT_ATTEMPTS = 20
+
+
+def _precondition_failed(exc: OSError) -> bool:
+    """Whether the conditional PUT was refused because another writer committed first (HTTP 412)."""
+    if isinstance(exc, FileExistsError):  # If-None-Match: the first index appeared meanwhile
+        return True
+    response = getattr(exc.__cause__, "response", None) or {}
+    return response.get("Error", {}).get("Code") in ("PreconditionFailed", "412", "ConditionalRequestConflict")
+
+
+def _commit(fs, base: str, changed: dict[str, str], removed: set[str]) -> dict[str, str]:
+    """Write the index: the latest committed one, plus `changed`, less `removed`. Where the store
+    has conditional writes, compare-and-swap on the index's ETag, retried with jitter."""
+    path = f"{base}/{INDEX}"
+    conditional = any(p in CONDITIONAL for p in ((fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol))
+    for _attempt in range(COMMIT_ATTEMPTS):
+        fs.invalidate_cache(path)  # s3fs caches listings and info: the ETag must be the store's now
+        try:
+            etag = fs.info(path).get("ETag") if conditional else None
+        except FileNotFoundError:
+            etag = None
+        latest = _remote_index(fs, base)  # read after the ETag: if newer, the PUT below fails and retries
+        merged = {**latest, **changed}
+        for rel in removed:
+            merged.pop(rel, None)
+        data = json.dumps(merged, indent=0, sort_keys=True).encode()
+        if not conditional:
+            fs.pipe_file(path, data)
+            return merged
+        try:
+            fs.pipe_file(path, data, **({"IfMatch": etag} if etag else {"mode": "create"}))
+            return merged
+        except OSError as exc:
+            if not _precondition_failed(exc):
+                raise
+        time.sleep(random.uniform(0.05, 0.3))  # another writer committed first: merge into theirs
+    raise RemoteWorkspaceError(f"{base}/{INDEX}: could not commit in {COMMIT_ATTEMPTS} attempts "
+                               "(other writers kept committing first)")
 
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -126,12 +179,9 @@ def push(url: str, root: Path, pulled: dict[str, str]) -> int:
             fs.makedirs(f"{base}/{Path(rel).parent.as_posix()}", exist_ok=True)
             fs.put_file(str(root / rel), f"{base}/{rel}")
             sent += 1
-    latest = _remote_index(fs, base)  # another writer may have committed since our pull
-    merged = {**latest, **{rel: d for rel, d in local.items() if pulled.get(rel) != d}}
-    for rel in set(pulled) - set(local):  # removed here since the pull (e.g. a replaced selection)
-        merged.pop(rel, None)
-    with fs.open(f"{base}/{INDEX}", "w") as fh:  # written last: the commit
-        json.dump(merged, fh, indent=0, sort_keys=True)
+    # written last: the commit, merged with what other writers committed since our pull; removed
+    # here since the pull (e.g. a replaced selection) leaves the index
+    _commit(fs, base, {rel: d for rel, d in local.items() if pulled.get(rel) != d}, set(pulled) - set(local))
     return sent
 
 
