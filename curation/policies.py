@@ -32,8 +32,26 @@ Steps (DESIGN.md, "Select"):
   `p_i ∝ exp(s_i / tau)`. Without replacement, numpy `Generator.choice(replace=False, p=p)`; with
   replacement, a row drawn m times comes back once with its weight multiplied by m. Rows whose
   score is null or not finite are never drawn.
-- `kd3[:tau=0.95]`: KD^3 class-adaptive selection on (`kd3_label`, `kd3_conf`), thresholds from
-  `distill.kd3_rules` computed over the frame the step receives.
+- `kd3[:tau=0.95][;count=all]`: KD^3 class-adaptive selection on (`kd3_label`, `kd3_conf`), thresholds
+  from `distill.kd3_rules` computed over the frame the step receives. `count=all` (the official
+  code) counts every prediction of a class in N_c; `count=confident` (webdistill's earlier rule) only
+  those above tau, which admits a class that gets many predictions, none confident, wholesale.
+- `default[:k=N][;fill=false]`: the policy that needs no tuning (`default_steps`), what `webdistill select` and
+  the pipeline apply when given no policy. It expands, on the frame it receives, into
+  `dedup:by=S | diversity:max_per_cluster=M;by=S | balance:k=N;label=L;by=S`: one sample per
+  near-duplicate cluster (per sha256 without an index); at most M per k-means cluster, M = twice a
+  fair share of N over the classes or the clusters, whichever are fewer (only with an index); then a
+  quota per pseudo-class, best first by S. S is the fused rank score (`msp` for a scoring run
+  without it); L is KD^3's combined prediction (`kd3_label`: the teacher's argmax in round 1, teacher
+  and student mixed once a student re-scored the pool), else `teacher_label`. N defaults to a tenth
+  of the rows the step receives. k is a budget, not a quota: where a mixture of two Gaussians over the
+  log Mahalanobis distances (`in_distribution_count`, label-free) puts fewer than N candidates in the
+  teacher's distribution, the quotas share that many and the manifest's notes say so; `fill=true`
+  spends N whatever the pool holds. Why: on the demo's crawl (3% in-domain) filling k=10% took 70%
+  look-alikes, and its student fell from above the oracle to 0.86x it (bench/results/quality.md).
+  Why quotas: a top-k by any single score, however pure, let one or two
+  pseudo-classes take the budget and gave a student below random (DESIGN.md, "What decides curation
+  quality").
 
 `apply_policies` sorts the frame by sample_id first, so the result depends only on the rows and
 the seed, not on the order a SQL query returned them in; the kept rows come back in sample_id order
@@ -52,7 +70,7 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, create_model
 
-from distill.kd3_rules import DEFAULT_TAU, class_thresholds, passes_threshold
+from distill.kd3_rules import COUNTS, DEFAULT_TAU, class_thresholds, passes_threshold
 
 from .config_errors import validation_line
 from .errors import WebdistillError
@@ -141,6 +159,12 @@ def _bool(key: str, text: str) -> bool:
     raise PolicyError(f"policy parameter {key}={text!r} must be true or false")
 
 
+def _count_rule(key: str, text: str) -> str:
+    if text not in COUNTS:
+        raise PolicyError(f"policy parameter {key}={text!r} must be one of {', '.join(COUNTS)}")
+    return text
+
+
 def _column_name(key: str, text: str) -> str:
     if not _IDENTIFIER.match(text):
         raise PolicyError(f"policy parameter {key}={text!r} must be a column name")
@@ -166,9 +190,10 @@ def _params(kind: str, **params: tuple) -> type[BaseModel]:
 @dataclass(frozen=True)
 class _Policy:
     params: type[BaseModel]
-    apply: Callable  # (frame, params, rng) -> (kept positions, weight factors or None)
+    apply: Callable | None  # (frame, params, rng) -> (kept positions, weight factors or None)
     check: Callable[[dict], str | None] = lambda params: None  # a problem across parameters
     note: Callable[[pd.DataFrame], str | None] = lambda frame: None  # what the user should know about a run
+    expand: Callable | None = None  # (frame, params, notes) -> steps: a step made of other steps, run in its place
 
 
 def _policy_error(kind: str, problem: str) -> PolicyError:
@@ -227,13 +252,15 @@ def policy_expression_column(expr: str) -> str:
 
 # ---------------------------------------------------------------- columns of the frame
 
-def _require(frame: pd.DataFrame, column: str, kind: str) -> pd.Series:
-    """A column a step needs: present, and not null on every row (a stage that has not run)."""
+def _require(frame: pd.DataFrame, column: str, kind: str, shown: str | None = None) -> pd.Series:
+    """A column a step needs: present, and not null on every row (a stage that has not run).
+    `shown`: what the user wrote (a score expression), named in the error instead of the column."""
+    what = f"the score {shown!r}" if shown else f"the column {column!r}"
     if column not in frame.columns:
-        raise PolicyError(f"policy {kind!r} needs the column {column!r}, which the candidates lack")
+        raise PolicyError(f"policy {kind!r} needs {what}, which the candidates lack")
     values = frame[column]
     if len(values) and values.isna().all():
-        raise PolicyError(f"policy {kind!r} needs the column {column!r}, which is null on every candidate")
+        raise PolicyError(f"policy {kind!r} needs {what}, which is null on every candidate")
     return values
 
 
@@ -249,10 +276,9 @@ def _scores(frame: pd.DataFrame, expr: str, kind: str) -> np.ndarray:
     column = policy_expression_column(expr)
     if column not in frame.columns:
         if expr.strip() not in frame.columns:
-            raise PolicyError(f"policy {kind!r}: score expression {expr!r} was not computed "
-                              f"(no column {column!r} or {expr.strip()!r} in the candidates)")
+            raise PolicyError(f"policy {kind!r}: the score {expr!r} is not a column of the candidates")
         column = expr.strip()
-    return _as_float(_require(frame, column, kind), f"score expression {expr!r}")
+    return _as_float(_require(frame, column, kind, shown=expr.strip()), f"score expression {expr!r}")
 
 
 # ---------------------------------------------------------------- ordering helpers
@@ -407,8 +433,90 @@ def _kd3(frame, params, rng):
     labels, conf = labels[known].astype(np.int64), conf[known]
     if labels.min() < 0:
         raise PolicyError("policy 'kd3': kd3_label has negative classes")
-    thresholds = class_thresholds(labels, conf, int(labels.max()) + 1, params["tau"])
+    thresholds = class_thresholds(labels, conf, int(labels.max()) + 1, params["tau"], params["count"])
     return known[passes_threshold(labels, conf, thresholds)], None
+
+
+DEFAULT_SHARE = 0.10  # the default policy's size without k: a tenth of the candidates it sees
+_DIVERSITY_FAIR_SHARES = 2  # a k-means cluster holds at most twice its fair share of the default selection
+
+
+def _has_values(frame: pd.DataFrame, column: str) -> bool:
+    return column in frame.columns and bool(frame[column].notna().any())
+
+
+_IN_DISTRIBUTION_MIN_ROWS = 50  # fewer distances than this: no mixture is fitted, k stays what it was
+_IN_DISTRIBUTION_FIT_ROWS = 100_000
+
+
+def in_distribution_count(frame: pd.DataFrame) -> int | None:
+    """How many candidates sit in the teacher's own distribution, estimated without labels: a mixture
+    of two Gaussians over the log Mahalanobis distances to the reference set's class Gaussians (the
+    `mahalanobis` column, -d^2), kept only where BIC prefers two components to one and the near one
+    is a minority; the estimate is the near component's posterior mass. None: no such split (too few
+    distances, no `mahalanobis` column, one population), so k stays a quota. Why a mixture of
+    log distances: in-domain samples lie a few typical distances from their class mean, everything
+    else (look-alikes, other domains, noise) orders of magnitude farther, and the log makes the two
+    roughly Gaussian; the teacher's confidence cannot tell them apart (an overconfident teacher)."""
+    if "mahalanobis" not in frame.columns:
+        return None
+    d2 = -_as_float(frame["mahalanobis"], "mahalanobis")
+    d2 = d2[np.isfinite(d2)]
+    if len(d2) < _IN_DISTRIBUTION_MIN_ROWS:
+        return None
+    from sklearn.mixture import GaussianMixture  # only the default policy needs it: imported on use
+
+    x = np.log(np.maximum(d2, 1e-12))[:, None]
+    # a million-row pool is fitted on a fixed sample of it: seconds, not minutes; the estimate scales back
+    fit = x if len(x) <= _IN_DISTRIBUTION_FIT_ROWS else np.random.default_rng(0).choice(x, _IN_DISTRIBUTION_FIT_ROWS)
+    one, two = (GaussianMixture(n, random_state=0, n_init=3).fit(fit) for n in (1, 2))
+    near = int(np.argmin(two.means_.ravel()))
+    if two.bic(fit) >= one.bic(fit) or two.weights_[near] >= 0.5:
+        return None
+    return max(1, round(float(two.predict_proba(x)[:, near].sum())))
+
+
+def default_steps(frame: pd.DataFrame, k: int | None = None, fill: bool = False,
+                  notes: list[str] | None = None) -> list[PolicyStep]:
+    """The `default` step's expansion for this frame (see the module docstring): which steps run
+    depends on what the candidates carry (clusters, hashes, the fused score, KD^3's labels, the
+    Mahalanobis distances). Unless `fill`, k is a budget: where `in_distribution_count` finds fewer
+    in-distribution candidates than k, the quotas share that many, and a line in `notes` says so."""
+    if not len(frame):
+        return []  # nothing to choose from: the caller says the selection is empty
+    by = next((c for c in ("fused", "msp") if _has_values(frame, c)), None)
+    if by is None:
+        raise PolicyError("policy 'default' needs the scores of a scoring run (fused or msp), which the candidates "
+                          "lack: run `webdistill score` first")
+    label = "kd3_label" if _has_values(frame, "kd3_label") else "teacher_label"
+    _require(frame, label, "default")
+    k = k or max(1, round(DEFAULT_SHARE * len(frame)))
+    found = None if fill else in_distribution_count(frame)
+    if found is not None and found < k:
+        if notes is not None:
+            notes.append(f"default: took at most {found} of k={k}: a two-Gaussian mixture of the candidates' log "
+                         f"Mahalanobis distances puts about {found} of {len(frame)} in the teacher's distribution; "
+                         "k is a budget, not a quota, so the rest (look-alikes, other domains) is left out "
+                         "(`default:fill=true` fills k)")
+        k = found
+    texts = []
+    if _has_values(frame, "cluster_id") or _has_values(frame, "sha256"):
+        texts.append(f"dedup:by={by}")
+    if _has_values(frame, "cluster"):
+        # a guard against one look-alike cluster filling a class, loose enough that a class whose
+        # in-domain samples sit in one cluster still fills its quota from it
+        groups = min(frame["cluster"].nunique(), frame[label].nunique())
+        texts.append(f"diversity:max_per_cluster={math.ceil(_DIVERSITY_FAIR_SHARES * k / max(groups, 1))};by={by}")
+    texts.append(f"balance:k={k};label={label};by={by}")
+    return [_parse_step(text) for text in texts]
+
+
+def step_text(step: PolicyStep) -> str:
+    """The step as policy text that parses back to it, e.g. `balance:k=500;label=kd3_label;by=fused`."""
+    def value(v: object) -> str:
+        return str(v).lower() if isinstance(v, bool) else str(v)
+    params = ";".join(f"{k}={value(v)}" for k, v in step.params.items() if v is not None)
+    return step.kind + (":" + params if params else "")
 
 
 def _one_of(keys: tuple[str, ...], exactly: bool) -> Callable[[dict], str | None]:
@@ -435,7 +543,10 @@ POLICIES: dict[str, _Policy] = {
     "softmax": _Policy(_params("softmax", k=_param(_positive_int, required=True), by=_BY,
                                tau=_param(_positive_float, default=1.0), replace=_param(_bool, default=False)),
                        _softmax),
-    "kd3": _Policy(_params("kd3", tau=_param(_fraction, default=DEFAULT_TAU)), _kd3),
+    "kd3": _Policy(_params("kd3", tau=_param(_fraction, default=DEFAULT_TAU), count=_param(_count_rule, default="all")),
+                   _kd3),
+    "default": _Policy(_params("default", k=_param(_positive_int), fill=_param(_bool, default=False)), None,
+                       expand=lambda frame, params, notes: default_steps(frame, params["k"], params["fill"], notes)),
 }
 
 
@@ -466,20 +577,30 @@ def _sorted_candidates(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def apply_policies(df: pd.DataFrame, steps: list[PolicyStep], seed: int = 0,
-                   notes: list[str] | None = None) -> pd.DataFrame:
+                   notes: list[str] | None = None, trace: list[str] | None = None) -> pd.DataFrame:
     """The rows the steps keep, in sample_id order, with a float `weight` column. A step that
-    had to fall back on something (dedup without clusters) appends a line to `notes`."""
-    frame = _sorted_candidates(df)
+    had to fall back on something (dedup without clusters) appends a line to `notes`; `trace`
+    receives the text of every step that ran, `default` expanded into its steps."""
+    return _run_steps(_sorted_candidates(df), steps, [seed], notes, trace)
+
+
+def _run_steps(frame: pd.DataFrame, steps: list[PolicyStep], stream: list[int], notes: list[str] | None,
+               trace: list[str] | None) -> pd.DataFrame:
     for index, step in enumerate(steps):
         policy = POLICIES.get(step.kind)
         if policy is None:
             raise PolicyError(f"unknown policy {step.kind!r} (known: {', '.join(sorted(POLICIES))})")
+        if policy.expand is not None:  # its steps see the frame this step receives, each with its own stream
+            frame = _run_steps(frame, policy.expand(frame, step.params, notes), [*stream, index], notes, trace)
+            continue
         # one random stream per step: a step's draws do not shift when another step changes
-        rng = np.random.default_rng([seed, index])
+        rng = np.random.default_rng([*stream, index])
         positions, factors = policy.apply(frame, step.params, rng)
         note = policy.note(frame) if notes is not None else None
         if note:
             notes.append(note)
+        if trace is not None:
+            trace.append(step_text(step))
         positions = np.asarray(positions, dtype=np.int64)
         weight = frame["weight"].to_numpy()[positions] * (1.0 if factors is None else factors)
         keep_order = np.argsort(positions, kind="stable")

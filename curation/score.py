@@ -3,18 +3,21 @@ per-sample columns where higher = more in-distribution (`schemas.SCORE_COLUMNS` 
 
     scores/<run>/pass1/<shard>.parquet    per-sample scores of one shard (its commit record)
     scores/<run>/features/<shard>.npy     the teacher's penultimate features, float16
+    scores/<run>/layers/<i>/<shard>.npy   the pooled features of the i-th of --feature-layers (the
+                                          penultimate one is read from features/), float16
     scores/<run>/head.npz                 W and b of the teacher's last Linear (ReAct's logits in pass 2)
     scores/<run>/<shard>.parquet          the final rows (view `scores`): pass 1 + the pool-wide scores
     scores/<run>/run.json                 the run's config and summary
 
 Pass 1 works shard by shard and is skipped for shards already scored with the same inputs and
 config; SCALE and ASH need one sample's features only, so they are pass 1's. Pass 2 needs the
-whole pool: class Gaussians and the kNN reference come from the pool's own confidently
-pseudo-labelled samples, KD^3's class-adaptive thresholds from every sample's combined
-prediction, ReAct's clip from the pool's activations (an exact percentile from float16 histograms
-summed over shards: memory does not grow with the pool), and the fused score from the pool's ranks
-(a few float columns of the pool are held, never its features). Both passes write atomically, so a
-crash and a rerun lose and repeat nothing.
+whole pool: class Gaussians and the kNN reference come from the reference set (curation/reference.py:
+the pool's samples several scores agree on, refined in rounds, or the user's target images),
+KD^3's class-adaptive thresholds from every sample's combined prediction, ReAct's clip from the
+pool's activations (an exact percentile from float16 histograms summed over shards: memory does
+not grow with the pool), and the fused score from the pool's ranks (a few float columns of the pool
+are held, never its features). Both passes write atomically, so a crash and a rerun lose and repeat
+nothing.
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
-from pydantic import Field, NonNegativeInt, PositiveInt
+from pydantic import AfterValidator, BeforeValidator, Field, NonNegativeInt, PositiveInt
 
 from distill.kd3_rules import class_thresholds, passes_threshold
 from distill.spec import LoadedModel, ModelSpecError, load_model
@@ -40,6 +43,8 @@ from distill.spec import LoadedModel, ModelSpecError, load_model
 from . import score_fns as sf
 from .embedders import Geometry, SquareResize, spec_fingerprint
 from .errors import WebdistillError
+from .feature_taps import PENULTIMATE, LayerNotFound, check_layer_names, feature_taps
+from .reference import build_reference, check_reference, read_summary, reference_stamp
 from .shard_reader import ShardJob, per_shard_outputs, shard_jobs
 from .stage_config import Device, Real, stage_config
 from .workspace import Workspace, atomic_path, config_hash, read_parquet_metadata, write_parquet_atomic
@@ -50,7 +55,8 @@ NonNegative = Annotated[Real, Field(ge=0)]
 Share = Annotated[Real, Field(ge=0, le=1)]
 Percentile = Annotated[Real, Field(ge=0, le=100)]
 
-SCORE_VERSION = 2  # 2: SCALE, ASH (pass 1), ReAct and the fused score (pass 2)
+SCORE_VERSION = 3  # 2: SCALE, ASH (pass 1), ReAct and the fused score (pass 2); 3: feature layers of any
+# model file (TorchScript and .pt2 teachers get features, BN and activation-shaping scores), mahalanobis_layers
 
 # The fused score's columns: those that need neither labels, nor a student, nor a reference the user
 # brings (kNN to prompts or images). A column that is null over the whole pool (no BatchNorm layer,
@@ -59,8 +65,8 @@ FUSED_COLUMNS = ("msp", "energy", "gen", "scale", "ash", "react", "mahalanobis",
 SHAPED = ("scale", "ash")  # pass-1 activation-shaping scores: null, not NaN, where they cannot be had
 
 # Why the activation-shaping columns are null (the run records it in run.json's notes).
-NO_FEATURES = ("scale, ash, react: null: the teacher has no embed()/classifier and no reachable nn.Linear "
-               "(a TorchScript file hides its layers), so its penultimate features cannot be shaped")
+NO_FEATURES = ("scale, ash, react, mahalanobis, knn_teacher: null: the teacher has no Linear classifier, so no "
+               "penultimate features (mahalanobis_layers still uses the layers --feature-layers names)")
 NO_HEAD = ("scale, ash, react: null: the layer the features feed has no 2-D weight to recompute the logits "
            "from shaped features")
 NOT_AFFINE = ("scale, ash, react: null: the teacher's logits are not W f + b of its penultimate features "
@@ -87,21 +93,32 @@ class ScoreConfig:
     react_percentile: Percentile = 90.0  # ReAct's clip: this percentile of the pool's activations (Sun et al. 2021)
     kd3_alpha: Share = 0.5  # teacher weight in the combined prediction (1.0 without a student)
     kd3_tau: Real = 0.95
-    reference_confidence: Share = 0.99  # pseudo-labelled samples this confident form the reference set
-    reference_max: PositiveInt = 50_000  # at most this many (the most confident) for the kNN reference
+    reference_confidence: Share = 0.99  # reference "confidence": samples this confident form the reference set
+    reference_max: PositiveInt = 50_000  # at most this many reference samples
+    # the reference set (curation/reference.py, docs/reference.md): agreement | confidence | a folder of images
+    reference: Annotated[str, AfterValidator(check_reference)] = "agreement"
+    reference_rounds: NonNegativeInt = 2  # agreement: refinement rounds (fit Gaussians, re-score, re-pick)
+    reference_top: Annotated[Real, Field(gt=0, le=1)] = 0.01  # agreement: the set's size, a share of the pool
+    reference_min_per_class: NonNegativeInt = 3  # agreement: a class with fewer members gets no Gaussian
+    reference_max_images: PositiveInt = 10_000  # a reference folder with more images is refused
     knn_k: PositiveInt = 10
+    # the layers of mahalanobis_layers (curation/feature_taps.py): None = the classifier's input and the last
+    # two stages; NAME, NAME:input or penultimate, as a list or "a,b,c"
+    feature_layers: Annotated[tuple[str, ...] | None, BeforeValidator(lambda v: v if v is None else
+                                                                       check_layer_names(v))] = None
     device: Device = "cpu"
     trust_model_code: bool = False  # TorchScript / factories outside the allowlist may run (not part of any hash)
 
     def pass1_part(self) -> dict:
         keys = ("odin", "odin_temperature", "odin_epsilon", "energy_temperature", "kd3_alpha", "scale_percentile",
-                "ash_percentile")
+                "ash_percentile", "feature_layers")
         return {k: getattr(self, k) for k in keys} | {
             "teacher": spec_fingerprint(self.teacher),
             "student": spec_fingerprint(self.student) if self.student else None, "version": SCORE_VERSION}
 
     def pass2_part(self) -> dict:
-        keys = ("kd3_tau", "reference_confidence", "reference_max", "knn_k", "react_percentile")
+        keys = ("kd3_tau", "reference_confidence", "reference_max", "knn_k", "react_percentile", "reference",
+                "reference_rounds", "reference_top", "reference_min_per_class", "reference_max_images")
         return {k: getattr(self, k) for k in keys} | {"fused": FUSED_COLUMNS}
 
 
@@ -112,6 +129,7 @@ class ScoreSummary:
     skipped: list[str] = field(default_factory=list)
     samples: int = 0
     reference_samples: int = 0
+    reference: dict | None = None  # kind, size, per_class, rounds (curation/reference.py)
     seconds: float = 0.0
     finalized: bool = False
     teacher: dict | None = None
@@ -150,8 +168,14 @@ class BatchScorer:
                         if config.student else None)
         self.device = torch.device(config.device)
         self.preprocess = Geometry(self.teacher.input_size, SquareResize(self.teacher.input_size))
-        self.has_bn = bool(sf.bn_modules(self.teacher.module))
-        head = sf.linear_head(self.teacher.module)
+        self.taps = feature_taps(self.teacher.module, self.teacher.input_size)
+        try:
+            self.layers = self.taps.resolve(config.feature_layers)  # the layers of mahalanobis_layers
+        except LayerNotFound as exc:
+            raise ScoreError(f"feature layers: {exc}") from None
+        self.bn = self.taps.bn_layers()
+        self.has_bn = bool(self.bn)
+        head = self.taps.linear_head()
         self.head = None if head is None else tuple(t.to(self.device).float() for t in head)
         self.feature_note: str | None = None  # why SCALE / ASH are null, once a batch showed it
 
@@ -181,10 +205,12 @@ class BatchScorer:
     def __call__(self, x_uint8: torch.Tensor) -> dict[str, np.ndarray]:
         cfg, t = self.config, self.teacher
         x = _normalise(x_uint8, t.mean, t.std).to(self.device)
-        with torch.no_grad(), sf.bn_score_tap(t.module) as tap:
-            logits, feats = sf.logits_and_features(t.module, x)
-            tap.active = False
-        logits = logits.float()
+        penultimate = [PENULTIMATE] if self.taps.classifier is not None else []
+        with torch.no_grad():
+            logits, pooled = self.taps(x, list(dict.fromkeys(penultimate + self.layers + list(self.bn))),
+                                       channels_first=self.bn)
+        logits, feats = logits.float(), pooled.get(PENULTIMATE)
+        bn_score = sf.bn_score(pooled, self.bn)
         out = {
             "teacher_logits": logits.half().cpu().numpy(),
             "teacher_label": logits.argmax(-1).int().cpu().numpy(),
@@ -194,10 +220,12 @@ class BatchScorer:
             "energy": sf.energy(logits, cfg.energy_temperature).cpu().numpy(),
             "neg_entropy": sf.neg_entropy(logits).cpu().numpy(),
             "gen": sf.gen(logits).cpu().numpy(),
-            "bn_score": (tap.score.cpu().numpy() if tap.score is not None else np.full(len(x), np.nan)),
+            "bn_score": (bn_score.cpu().numpy() if bn_score is not None else np.full(len(x), np.nan)),
             "features": (feats.float().half().cpu().numpy() if feats is not None
                          else np.zeros((len(x), 0), np.float16)),
         }
+        out |= {layer_key(i): pooled[n].float().half().cpu().numpy() for i, n in enumerate(self.layers)
+                if n != PENULTIMATE}
         out |= {k: torch.as_tensor(v).cpu().numpy() for k, v in self._shaped(logits, feats).items()}
         out["odin"] = (sf.odin(t.module, x, t.std, cfg.odin_temperature, cfg.odin_epsilon).cpu().numpy()
                        if cfg.odin else np.full(len(x), np.nan))
@@ -222,6 +250,17 @@ class BatchScorer:
         return {k: (v.astype(np.float32) if v.dtype == np.float64 else v) for k, v in out.items()}
 
 
+def layer_key(i: int) -> str:
+    return f"layer_{i}"
+
+
+def layer_sources(layers: list[str]) -> list[tuple[str, str]]:
+    """(folder under the run, key of BatchScorer's output) of each feature layer: the penultimate
+    features are stored once, in features/."""
+    return [("features", "features") if n == PENULTIMATE else (f"layers/{i}", layer_key(i))
+            for i, n in enumerate(layers)]
+
+
 def _run_dir(ws: Workspace, name: str) -> Path:
     return ws.owned("scores", name, what="scoring run name")
 
@@ -230,7 +269,7 @@ def _pass1_table(job: ShardJob, out: dict[str, np.ndarray], ok: np.ndarray) -> p
     cols: dict[str, pa.Array] = {"sample_id": pa.array(job.sample_ids), "shard": pa.array([job.shard] * len(ok)),
                                  "row": pa.array(np.arange(len(ok), dtype=np.int32)), "decoded": pa.array(ok)}
     for k, v in out.items():
-        if k in ("features", "teacher_logits"):
+        if k in ("features", "teacher_logits") or k.startswith("layer_"):
             continue
         arr = v.astype(np.float32) if v.dtype.kind == "f" else v
         mask = ~ok | np.isnan(arr) if k in SHAPED else ~ok
@@ -272,12 +311,14 @@ def score_pass1(ws: Workspace, config: ScoreConfig, progress: bool = True,
                                 desc=f"score {config.name}")
     for j, out, ok in outputs:
         job = todo[j]
-        with atomic_path(run / "features" / f"{job.shard}.npy") as tmp:
-            with open(tmp, "wb") as fh:
-                np.save(fh, out["features"])
+        for folder, key in [("features", "features"), *layer_sources(scorer.layers)]:
+            with atomic_path(run / folder / f"{job.shard}.npy") as tmp:
+                with open(tmp, "wb") as fh:
+                    np.save(fh, out[key])
         # the pass-1 parquet is the shard's commit record: written last
         write_parquet_atomic(_pass1_table(job, out, ok), run / "pass1" / f"{job.shard}.parquet",
-                             {"stamp": job.stamp, "config": asdict(config), "feature_note": scorer.feature_note})
+                             {"stamp": job.stamp, "config": asdict(config), "feature_note": scorer.feature_note,
+                              "feature_layers": scorer.layers})
         summary.scored.append(job.shard)
         summary.samples += len(ok)
     summary.seconds = time.perf_counter() - start
@@ -309,8 +350,9 @@ def _pass1_files(run: Path, shards: list[str]) -> list[Path]:
 
 
 def score_pass2(ws: Workspace, config: ScoreConfig, summary: ScoreSummary) -> None:
-    """Pool-wide scores: Mahalanobis, relative Mahalanobis and kNN against the confident
-    reference set, ReAct with its clip taken from the pool, the fused rank score, and KD^3's
+    """Pool-wide scores: Mahalanobis, relative Mahalanobis, multi-layer Mahalanobis (each feature layer's
+    class Gaussians from the same members) and kNN against the reference set
+    (curation/reference.py), ReAct with its clip taken from the pool, the fused rank score, and KD^3's
     class-adaptive threshold flag. Rewritten only when pass 1 changed."""
     run = _run_dir(ws, config.name)
     # a shard whose pass 1 failed is left out (and reported by `finish`); the rest go on
@@ -318,8 +360,10 @@ def score_pass2(ws: Workspace, config: ScoreConfig, summary: ScoreSummary) -> No
     files = _pass1_files(run, shards)
     metas = [read_parquet_metadata(f) for f in files]
     summary.notes = sorted({m["feature_note"] for m in metas if m.get("feature_note")})
-    stamp = config_hash({"pass1": [m.get("stamp") for m in metas], **config.pass2_part()})
+    stamp = config_hash({"pass1": [m.get("stamp") for m in metas], **config.pass2_part(), **reference_stamp(config)})
     if all(read_parquet_metadata(run / f"{s}.parquet").get("stamp") == stamp for s in shards):
+        summary.reference = read_summary(run)
+        summary.reference_samples = (summary.reference or {}).get("size", 0)
         return
     pass1_fused = [c for c in FUSED_COLUMNS if c in pq.read_schema(files[0]).names]
     light_columns = ["teacher_label", "teacher_conf", "kd3_label", "kd3_conf", "decoded", *pass1_fused]
@@ -331,9 +375,15 @@ def score_pass2(ws: Workspace, config: ScoreConfig, summary: ScoreSummary) -> No
     kd3_conf = all_light["kd3_conf"].to_numpy(zero_copy_only=False)
     thresholds = class_thresholds(kd3_label[decoded], kd3_conf[decoded], n_classes, config.kd3_tau)
 
-    ref_feats, ref_labels = _reference_set(run, shards, light, config)
-    summary.reference_samples = len(ref_labels)
-    gauss = sf.class_gaussians(ref_feats, ref_labels, n_classes) if len(ref_labels) > 1 else None
+    # every shard's pass 1 ran with the same config, so with the same layers
+    sources = layer_sources(metas[0].get("feature_layers") or []) if metas else []
+    ref, ref_notes = build_reference(run, shards, config, n_classes,
+                                     lambda: BatchScorer(replace(config, student=None, odin=False)), sources)
+    ref_feats, ref_labels = ref.features, ref.labels
+    summary.reference, summary.reference_samples = ref.summary, len(ref_labels)
+    summary.notes += ref_notes
+    gauss = ref.gaussians(n_classes)
+    layer_gauss = [ref.gaussians(n_classes, f) for f in ref.layers]
     knn = None
     if len(ref_labels) > 0 and ref_feats.shape[1] > 0:
         knn = faiss.IndexFlatIP(ref_feats.shape[1])
@@ -351,6 +401,7 @@ def score_pass2(ws: Workspace, config: ScoreConfig, summary: ScoreSummary) -> No
         maha = rel = knn_sim = react = np.full(n, np.nan, np.float32)
         if gauss is not None and feats.shape[1] > 0:
             maha, rel = (a.astype(np.float32) for a in sf.mahalanobis_scores(feats, *gauss))
+        maha_layers = _mahalanobis_layers(run, shard, sources, layer_gauss, n)
         if knn is not None and k > 0:
             sims, _ = knn.search(_unit(feats), k)
             knn_sim = sims[:, -1].astype(np.float32)  # similarity to the k-th nearest reference sample
@@ -358,7 +409,8 @@ def score_pass2(ws: Workspace, config: ScoreConfig, summary: ScoreSummary) -> No
             react = sf.head_energy(sf.react_features(torch.from_numpy(feats), clip), *head).numpy()
         ok = t["decoded"].to_numpy(zero_copy_only=False)
         extras.append({name: np.where(ok, v, np.nan).astype(np.float32) for name, v in
-                       {"mahalanobis": maha, "rel_mahalanobis": rel, "knn_teacher": knn_sim, "react": react}.items()})
+                       {"mahalanobis": maha, "rel_mahalanobis": rel, "mahalanobis_layers": maha_layers,
+                        "knn_teacher": knn_sim, "react": react}.items()})
     fused = _fused(light, extras, pass1_fused)
     offset = 0
     for shard, f, t, extra in zip(shards, files, light, extras):
@@ -380,6 +432,19 @@ def score_pass2(ws: Workspace, config: ScoreConfig, summary: ScoreSummary) -> No
     for stale in set(p.stem for p in run.glob("*.parquet")) - set(shards):
         (run / f"{stale}.parquet").unlink()
     summary.finalized = True
+
+
+def _mahalanobis_layers(run: Path, shard: str, sources: list[tuple[str, str]], gaussians: list, n: int) -> np.ndarray:
+    """The mean over the feature layers of minus each layer's Mahalanobis distance divided by its
+    dimension d (the distance of an in-distribution sample is about d: the division puts a 16-channel
+    stage and a 2048-d embedding on one scale). NaN where no layer has class Gaussians."""
+    per_layer = []
+    for (folder, _), gauss in zip(sources, gaussians):
+        if gauss is None:
+            continue
+        feats = np.load(run / folder / f"{shard}.npy").astype(np.float32)
+        per_layer.append(sf.mahalanobis_scores(feats, *gauss)[0] / feats.shape[1])
+    return np.mean(per_layer, 0).astype(np.float32) if per_layer else np.full(n, np.nan, np.float32)
 
 
 def _react_clip(run: Path, shards: list[str], light: list[pa.Table], shaped: list[bool], percentile: float) -> float:
@@ -410,26 +475,6 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def _reference_set(run: Path, shards: list[str], light: list[pa.Table],
-                   config: ScoreConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Teacher features and pseudo-labels of the pool's most confident samples."""
-    feats, labels, confs = [], [], []
-    for shard, t in zip(shards, light):
-        conf = t["teacher_conf"].to_numpy(zero_copy_only=False)
-        sel = (conf >= config.reference_confidence) & t["decoded"].to_numpy(zero_copy_only=False)
-        if sel.any():
-            feats.append(np.load(run / "features" / f"{shard}.npy")[sel].astype(np.float32))
-            labels.append(t["teacher_label"].to_numpy(zero_copy_only=False)[sel])
-            confs.append(conf[sel])
-    if not feats:
-        return np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
-    f, y, c = np.concatenate(feats), np.concatenate(labels).astype(np.int64), np.concatenate(confs)
-    if len(y) > config.reference_max:
-        keep = np.argsort(-c, kind="stable")[: config.reference_max]
-        f, y = f[keep], y[keep]
-    return f, y
-
-
 def score(ws: Workspace, config: ScoreConfig, progress: bool = True) -> ScoreSummary:
     """Score every ingested sample (pass 1 per shard, then pass 2 over the pool)."""
     started = datetime.now(UTC)
@@ -447,18 +492,29 @@ def finish(ws: Workspace, config: ScoreConfig, summary: ScoreSummary, started: d
         raise ScoreError("no shard could be scored")
     score_pass2(ws, config, summary)
     run = _run_dir(ws, config.name)
-    previous = read_run(ws, config.name)
-    if not summary.scored and not summary.finalized and previous.get("config") == json.loads(
-            json.dumps(asdict(config), default=str)):
+    previous, identity = read_run(ws, config.name), run_identity(config)
+    if not summary.scored and not summary.finalized and (previous.get("identity") == identity or previous.get(
+            "config") == json.loads(json.dumps(asdict(config), default=str))):
         return summary  # nothing changed: keep the run's record (and its finished_at) as it is
     if summary.teacher is None:  # every shard was already scored: keep what the last run recorded
         summary.teacher = read_run(ws, config.name).get("teacher") or _describe_teacher(config)
     with atomic_path(run / "run.json") as tmp:
-        tmp.write_text(json.dumps({"name": config.name, "config": asdict(config), "teacher": summary.teacher,
+        tmp.write_text(json.dumps({"name": config.name, "config": asdict(config), "identity": identity,
+                                   "teacher": summary.teacher,
                                    "started_at": started.isoformat(),
                                    "finished_at": datetime.now(UTC).isoformat(),
                                    "summary": asdict(summary)}, indent=2, default=str))
     return summary
+
+
+def run_identity(config: ScoreConfig) -> str:
+    """What makes a scoring run the same run: its settings and its models by content, not by path
+    (a workspace moved with its teacher keeps its runs, and the selections made from them)."""
+    settings = {k: v for k, v in asdict(config).items()
+                if k not in ("teacher", "student", "trust_model_code", "device", "batch_size", "workers")
+                and not (k == "feature_layers" and v is None)}  # the default: runs from before the option
+    return config_hash(settings | {"teacher": spec_fingerprint(config.teacher),
+                                   "student": spec_fingerprint(config.student) if config.student else None})
 
 
 def _describe_teacher(config: ScoreConfig) -> dict:

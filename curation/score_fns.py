@@ -8,8 +8,6 @@ activation shaping: ReAct (Sun et al. 2021), ASH (Djurisic et al. 2023), SCALE (
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -74,83 +72,22 @@ def odin(model: nn.Module, x: torch.Tensor, std: tuple[float, ...], temperature:
         return (model(x.detach() - step * grad.sign()) / temperature).softmax(-1).max(-1).values
 
 
-def bn_modules(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
-    """The model's affine BatchNorm layers with running statistics (none for TorchScript)."""
-    if isinstance(model, torch.jit.ScriptModule):
-        return []
-    return [m for m in model.modules()
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine and m.track_running_stats]
-
-
-@contextmanager
-def bn_score_tap(model: nn.Module):
-    """While active, every forward adds to `tap.score` the BatchNorm-statistics score:
-    `-sum over BN layers and channels of mean_hw(u)^2`, `u = (a - beta) / gamma` (the layer's
+def bn_term(pooled: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """One BatchNorm layer's part of the BN-statistics score: `-sum over channels of mean_hw(u)^2`,
+    `u = (a - beta) / gamma`, from `pooled` = mean_hw(a) (B, C) of the layer's output a: the layer's
     input standardised by the running statistics the teacher learnt on its own data, which are
-    zero-mean there). White-box and sample-free. `tap.score` is None when no BN layer exists."""
-
-    class Tap:
-        score: torch.Tensor | None = None
-        active = True
-
-    tap = Tap()
-
-    def hook(mod, _inp, out):
-        if not tap.active:
-            return
-        gamma = mod.weight.view(1, -1, *([1] * (out.dim() - 2)))
-        beta = mod.bias.view_as(gamma)
-        u = (out.detach() - beta) / gamma.where(gamma.abs() > 1e-12, torch.full_like(gamma, 1e-12))
-        term = -u.flatten(2).mean(-1).pow(2).sum(-1) if out.dim() > 2 else -u.pow(2).sum(-1)
-        tap.score = term if tap.score is None else tap.score + term
-
-    handles = [m.register_forward_hook(hook) for m in bn_modules(model)]
-    try:
-        yield tap
-    finally:
-        for h in handles:
-            h.remove()
+    zero-mean there. White-box and sample-free."""
+    gamma = gamma.to(pooled.dtype)
+    safe = gamma.where(gamma.abs() > 1e-12, torch.full_like(gamma, 1e-12))
+    return -((pooled - beta.to(pooled.dtype)) / safe).pow(2).sum(-1)
 
 
-def _last_linear(model: nn.Module) -> nn.Module | None:
-    scripted = isinstance(model, torch.jit.ScriptModule)  # TorchScript hides its layers' types
-    linears = [] if scripted else [m for m in model.modules() if isinstance(m, nn.Linear)]
-    return linears[-1] if linears else None
-
-
-def logits_and_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One forward pass giving the logits and the penultimate features: `embed` + `classifier`
-    when the model has them (our CNNs, TorchScript exports of them), else the input of its last
-    Linear layer, else no features."""
-    if hasattr(model, "embed") and hasattr(model, "classifier"):
-        feats = model.embed(x)
-        return model.classifier(feats), feats
-    last = _last_linear(model)
-    if last is None:
-        return model(x), None
-    captured: dict[str, torch.Tensor] = {}
-    handle = last.register_forward_hook(lambda mod, inp, out: captured.__setitem__("x", inp[0]))
-    try:
-        logits = model(x)
-    finally:
-        handle.remove()
-    return logits, torch.flatten(captured["x"], 1)
-
-
-def linear_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(W, b) of the layer `logits_and_features` takes the features before: `classifier` beside
-    `embed`, else the last Linear. None when there is no such layer or it has no 2-D weight. Whether
-    the logits really are `W f + b` (nothing after that layer) is for the caller to check."""
-    if hasattr(model, "embed") and hasattr(model, "classifier"):
-        head = model.classifier
-    else:
-        head = _last_linear(model)
-    weight = getattr(head, "weight", None)
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        return None
-    bias = getattr(head, "bias", None)
-    bias = bias if isinstance(bias, torch.Tensor) else torch.zeros(weight.shape[0], dtype=weight.dtype)
-    return weight.detach(), bias.detach()
+def bn_score(pooled: dict[str, torch.Tensor],
+             bn_layers: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor | None:
+    """The BN-statistics score: the sum of `bn_term` over the BatchNorm layers (name -> (gamma, beta),
+    `FeatureTaps.bn_layers`) whose pooled outputs `pooled` holds; None without such a layer."""
+    terms = [bn_term(pooled[n], gamma, beta) for n, (gamma, beta) in bn_layers.items()]
+    return torch.stack(terms).sum(0) if terms else None
 
 
 # --- activation shaping: the penultimate features are reshaped, the logits recomputed by the

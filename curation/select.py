@@ -7,9 +7,15 @@ manifest and the `selections` row name the run that was read.
                                               extension, `json` (ids, caption, scores, weight),
                                               `logits.npy` (the teacher's float16 logits), `cls`
     selections/<name>/manifest.json           name, total, shards (path, count, sha256), counts per
-                                              class, the query / policy (`notes`: what it fell
-                                              back on), teacher and sources
+                                              class and their `coverage` (curation/coverage.py),
+                                              the query / policy and the steps that ran
+                                              (`policy_steps`; `notes`: what they fell back on),
+                                              teacher and sources
     selections/.tmp-<name>-*, .lock-<name>    the selection while it is written, and its writer's lock
+
+With neither --sql nor --policy, the `default` policy runs (curation/policies.py: dedup, a quota
+per pseudo-class best-first by the fused score, a cap per k-means cluster), --limit samples or a
+tenth of the candidates; the manifest names it `default` and lists the steps it expanded into.
 
 The selection is written into a hidden folder beside it (`selections/.tmp-<name>-*`) and swapped into
 place in one atomic step (`shard_writer.swap_into_place`), so a reader or a crash at any instant finds
@@ -37,7 +43,8 @@ import pandas as pd
 from pydantic import ValidationInfo, field_validator
 
 from . import catalog, policies
-from .errors import SQLError, WebdistillError
+from .coverage import class_coverage
+from .errors import SQLError, WebdistillError, WouldOverwrite
 from .score import read_run
 from .selection_members import tar_members, write_members
 from .shard_reader import stored_originals
@@ -46,7 +53,7 @@ from .stage_config import stage_config
 from .workspace import Workspace, check_name, config_hash, storage_errors
 
 SCORE_FIELDS = ("msp", "max_logit", "energy", "neg_entropy", "gen", "odin", "bn_score", "mahalanobis",
-                "rel_mahalanobis", "knn_teacher", "agreement", "neg_kl", "neg_js", "kd3_conf")
+                "rel_mahalanobis", "mahalanobis_layers", "knn_teacher", "agreement", "neg_kl", "neg_js", "kd3_conf")
 
 
 class SelectError(WebdistillError):
@@ -136,21 +143,41 @@ def candidate_frame(ws: Workspace, config: SelectConfig, steps: list[policies.Po
         raise SelectError(f"cannot evaluate the selection: {exc}") from exc
 
 
+DEFAULT_POLICY = "default"
+
+
+def effective_policy(config: SelectConfig) -> str | None:
+    """The policy a selection runs: the config's, else `default` unless a --sql query alone chooses."""
+    return config.policy if config.policy or config.sql else DEFAULT_POLICY
+
+
+def _policy_steps(config: SelectConfig) -> list[policies.PolicyStep]:
+    """The parsed policy; a `default` step without k takes --limit as its size (not a cut afterwards,
+    which would drop samples in sample_id order and undo the quotas)."""
+    policy = effective_policy(config)
+    steps = policies.parse_policy(policy) if policy else []
+    return [policies.PolicyStep(s.kind, s.params | {"k": config.limit})
+            if s.kind == "default" and s.params["k"] is None and config.limit else s for s in steps]
+
+
 def choose(ws: Workspace, config: SelectConfig, notes: list[str] | None = None,
-           sources: dict | None = None) -> pd.DataFrame:
+           sources: dict | None = None, trace: list[str] | None = None) -> pd.DataFrame:
     """The selected rows (with a `weight` column), without writing anything. What a policy had to
-    fall back on (dedup without clusters) is appended to `notes`. `sources`: what the candidates
-    join (default: `catalog.candidate_sources` of the config's scoring run)."""
-    if not config.sql and not config.policy:
-        raise SelectError("give --sql or --policy (or both)")
-    steps = policies.parse_policy(config.policy) if config.policy else []
+    fall back on (dedup without clusters) is appended to `notes`, the text of each step that ran to
+    `trace`. `sources`: what the candidates join (default: `catalog.candidate_sources` of the
+    config's scoring run)."""
+    steps = _policy_steps(config)
+    sources = sources or catalog.candidate_sources(ws, score_run=config.score_run)
     frame = candidate_frame(ws, config, steps, sources)
     if "weight" in frame:
         _check_weights(frame, "the query returned")
     else:
         frame["weight"] = 1.0
     if steps:
-        chosen = policies.apply_policies(frame, steps, seed=config.seed, notes=notes)
+        try:
+            chosen = policies.apply_policies(frame, steps, seed=config.seed, notes=notes, trace=trace)
+        except policies.PolicyError as exc:  # which scores it saw: a column null here may be filled in another run
+            raise policies.PolicyError(f"{exc} (candidates of scoring run {sources['score_run']!r})") from None
     else:
         chosen = frame.sort_values("sample_id")
     if config.limit is not None:
@@ -215,21 +242,50 @@ def _selection_hash(ws: Workspace, chosen: pd.DataFrame, config: SelectConfig, s
         manifest = ws.owned("synthetic", name, "manifest.json")
         synthetic[name] = hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.exists() else None
     settings = {k: v for k, v in asdict(config).items() if k != "score_run"}  # the run itself is hashed below
-    return config_hash({"ids": ids.hexdigest(), "config": settings, "synthetic": synthetic,
+    # "manifest": 2 since manifests carry the class coverage and the steps that ran: older ones are rewritten
+    return config_hash({"ids": ids.hexdigest(), "config": settings, "synthetic": synthetic, "manifest": 2,
                         "score_run": [score_run.get("name"), score_run.get("finished_at")]})
 
 
-def select(ws: Workspace, config: SelectConfig) -> SelectResult:
-    """Choose, write the curated shards and manifest atomically, record the selection."""
+def definition(config: SelectConfig) -> dict:
+    """What the user asked a selection to be (not what the data made of it): another definition under
+    a taken name would silently replace a different selection."""
+    return {"query": config.sql, "policy": effective_policy(config), "limit": config.limit, "seed": config.seed,
+            "synthetic": sorted(config.synthetic)}
+
+
+def _stored_definition(manifest: dict) -> dict:
+    """A manifest's definition (manifests from before it was recorded: rebuilt from their fields)."""
+    if isinstance(manifest.get("definition"), dict):
+        return manifest["definition"]
+    return {"query": manifest.get("query"), "policy": manifest.get("policy"), "limit": manifest.get("limit"),
+            "seed": manifest.get("seed"), "synthetic": sorted(manifest.get("synthetic") or {})}
+
+
+def _refuse_replacing(name: str, previous: dict, wanted: dict) -> None:
+    old = _stored_definition(previous)
+    if old != wanted:
+        changed = ", ".join(f"{k} {old.get(k)!r} -> {wanted[k]!r}" for k in wanted if old.get(k) != wanted[k])
+        raise WouldOverwrite(f"selection {name!r} exists with another definition ({changed}); students trained "
+                             "on it would lose their data: choose a new --name, or pass --overwrite to replace it")
+
+
+def select(ws: Workspace, config: SelectConfig, overwrite: bool = False) -> SelectResult:
+    """Choose, write the curated shards and manifest atomically, record the selection. A selection of
+    the same name with another definition is refused (WouldOverwrite) unless `overwrite`; the same
+    definition on new scores is the same selection brought up to date."""
     final = ws.owned("selections", config.name)  # names and planted symlinks refused before any work
+    previous = read_manifest(final)
+    if previous and not overwrite:
+        _refuse_replacing(config.name, previous, definition(config))
     for name in config.synthetic:
         ws.owned("synthetic", name)
     notes: list[str] = []
+    trace: list[str] = []
     sources = catalog.candidate_sources(ws, score_run=config.score_run)  # an unknown run: one line, nothing read
-    chosen = choose(ws, config, notes, sources)
+    chosen = choose(ws, config, notes, sources, trace)
     run = read_run(ws, sources["score_run"]) if sources["score_run"] else {}
     digest = _selection_hash(ws, chosen, config, run)
-    previous = read_manifest(final)
     if previous.get("selection_hash") == digest:
         return SelectResult(config.name, previous["total"], final, previous, unchanged=True)
 
@@ -249,18 +305,21 @@ def select(ws: Workspace, config: SelectConfig) -> SelectResult:
         counts = labels.value_counts()
         for mixed in synthetic:
             counts = counts.add(pd.Series({int(k): v for k, v in mixed["counts_per_class"].items()}), fill_value=0)
+        coverage = class_coverage(counts.sort_index().to_dict(), teacher.get("num_classes"))
         manifest = {
             "name": config.name, "total": total, "shards": shards,
-            "query": config.sql, "policy": config.policy, "limit": config.limit, "seed": config.seed,
+            "query": config.sql, "policy": effective_policy(config), "policy_steps": " | ".join(trace) or None,
+            "limit": config.limit, "seed": config.seed,
             "score_run": sources["score_run"], "teacher": teacher.get("spec"),
             "num_classes": teacher.get("num_classes"), "classes": teacher.get("classes"),
             "input_size": teacher.get("input_size"), "mean": teacher.get("mean"), "std": teacher.get("std"),
             "has_logits": bool(kept["teacher_logits"].notna().all()) if "teacher_logits" in kept else False,
             "counts_per_class": {str(k): int(v) for k, v in counts.sort_index().items()},
+            "coverage": {k: v for k, v in coverage.items() if k != "counts_per_class"},
             "weight_sum": float(kept["weight"].sum()) + sum(m["weight_sum"] for m in synthetic), "lost": lost,
             "synthetic": {m["name"]: m["total"] for m in synthetic}, "notes": notes,
             "sources": _source_fingerprints(ws, sorted(kept["shard"].unique())),
-            "candidates": sources, "selection_hash": digest,
+            "candidates": sources, "selection_hash": digest, "definition": definition(config),
             "created_at": datetime.now(UTC).isoformat(),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, allow_nan=False))

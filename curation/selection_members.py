@@ -16,8 +16,7 @@ import pyarrow as pa
 
 from . import schemas
 from .errors import WebdistillError
-from .shard_writer import name_lock, read_manifest, sample_weight
-from .shards import TruncatedShard, iter_samples
+from .files import name_lock
 from .workspace import Workspace, inside, write_parquet_atomic
 
 MEMBERS_FILE = "members.parquet"
@@ -25,6 +24,9 @@ MEMBERS_FILE = "members.parquet"
 
 def tar_members(path: Path) -> list[dict]:
     """sample_id (the tar key), weight and position of every sample in one curated tar."""
+    from .shard_writer import sample_weight  # webdataset and torch: only where a tar is read
+    from .shards import TruncatedShard, iter_samples
+
     rows = []
     try:
         with open(path, "rb") as stream:
@@ -61,6 +63,8 @@ def backfill(ws: Workspace) -> list[str]:
         with name_lock(root, folder.name, wait=False) as free:
             if not free:
                 continue  # a select is writing this name: it writes the file itself
+            from .shard_writer import read_manifest  # webdataset and torch: only for a selection to backfill
+
             listed = read_manifest(folder).get("shards") or []
             tars = [folder / s["path"] for s in listed if isinstance(s, dict) and isinstance(s.get("path"), str)]
             if not tars or not all(t.is_file() and inside(t, folder) for t in tars):

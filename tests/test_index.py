@@ -399,9 +399,14 @@ def test_a_pool_of_look_alikes_costs_the_cap_not_the_square(tmp_path):
         want = cluster
     # from the command line: one line says how many images hit the cap
     res = run_cli("index", "-w", str(ws.root), "--embedder", "bench", "--verify", "none", "--dup-max-neighbors", "8",
-                  "--kmeans-k", "4")
+                  "--kmeans-k", "4", env={"WEBDISTILL_PROGRESS": "1"})  # as on a terminal
     assert res.returncode == 0, res.stderr
     assert f"{summary['capped_images']} of {images} images have more than 8 look-alikes" in res.stderr
+    phases = [line for line in res.stderr.splitlines() if line.startswith("index bench: ")]
+    assert [p.split()[2] for p in phases] == ["1/3", "2/3", "3/3"]  # never silent for minutes
+    quiet = run_cli("-q", "index", "-w", str(ws.root), "--embedder", "bench", "--verify", "none",
+                    "--dup-max-neighbors", "8", "--kmeans-k", "4", env={"WEBDISTILL_PROGRESS": "1"})
+    assert quiet.returncode == 0 and "1/3" not in quiet.stderr
     with pytest.raises(BadIndexConfig, match="dup_max_neighbors must be at least 1"):
         IndexConfig(dup_max_neighbors=0)
 

@@ -47,8 +47,9 @@ def test_parse_steps_params_and_defaults():
     assert soft.params == {"k": 10, "by": "greatest(msp, -energy / 2)", "tau": 0.5, "replace": True}
     (quoted,) = parse_policy("threshold:by=(caption = 'a;b|c')::DOUBLE;min=1")
     assert quoted.params == {"by": "(caption = 'a;b|c')::DOUBLE", "min": 1.0, "max": None}
-    assert parse_policy("kd3")[0].params == {"tau": 0.95}
-    assert parse_policy(" kd3 : tau = 0.8 ")[0].params == {"tau": 0.8}
+    assert parse_policy("kd3")[0].params == {"tau": 0.95, "count": "all"}
+    assert parse_policy(" kd3 : tau = 0.8 ")[0].params == {"tau": 0.8, "count": "all"}
+    assert parse_policy("kd3:count=confident")[0].params == {"tau": 0.95, "count": "confident"}
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -77,6 +78,7 @@ def test_parse_steps_params_and_defaults():
     ("threshold:by=msp;min=nan", "must be a number"),
     ("softmax:k=3;by=msp;replace=maybe", "must be true or false"),
     ("kd3:tau=1.5", "must be in (0, 1]"),
+    ("kd3:count=some", "must be one of all, confident"),
 ])
 def test_parse_errors_are_one_line_policy_errors(spec, message):
     with pytest.raises(PolicyError, match=message.replace("(", r"\(").replace(")", r"\)").replace("|", r"\|")) as err:
@@ -302,22 +304,30 @@ def kd3_frame() -> pd.DataFrame:
 
 
 def test_kd3_class_adaptive_thresholds_by_hand():
-    # tau = 0.9: confident counts N = (3, 1, 0), s = (1, 1/3, 0),
-    # tau_c = 0.9 * s / (2 - s) = (0.9, 0.18, 0): class 0 needs > 0.9, class 1 > 0.18, class 2 > 0
-    kept = select(kd3_frame(), "kd3:tau=0.9")
+    # official count=all: N = (4, 3, 2) (every prediction), s = (1, 3/4, 1/2),
+    # tau_c = 0.9 * s / (2 - s) = (0.9, 0.54, 0.3)
+    assert ids(select(kd3_frame(), "kd3:tau=0.9")) == ["s000", "s001", "s002", "s004", "s006", "s007", "s008"]
+    assert ids(select(kd3_frame(), "kd3:tau=0.9;count=all")) == ids(select(kd3_frame(), "kd3:tau=0.9"))
+    # count=confident (webdistill's earlier rule): N = (3, 1, 0), s = (1, 1/3, 0),
+    # tau_c = (0.9, 0.18, 0): class 0 needs > 0.9, class 1 > 0.18, class 2 > 0
+    kept = select(kd3_frame(), "kd3:tau=0.9;count=confident")
     assert ids(kept) == ["s000", "s001", "s002", "s004", "s005", "s006", "s007", "s008"]
-    # default tau 0.95: N = (2, 0, 0) (0.95 is not above 0.95), tau_c = (0.95, 0, 0)
-    assert ids(select(kd3_frame(), "kd3")) == ["s001", "s002", "s004", "s005", "s006", "s007", "s008"]
+    # tau 0.95: N = (2, 0, 0) (0.95 is not above 0.95), tau_c = (0.95, 0, 0)
+    assert ids(select(kd3_frame(), "kd3:count=confident")) == ["s001", "s002", "s004", "s005", "s006", "s007", "s008"]
 
 
 def test_kd3_thresholds_come_from_the_frame_the_step_receives():
-    # without class 0, class 1 leads: N = (0, 1, 0), s_1 = 1, tau_1 = 0.9: only its 0.92 passes
-    assert ids(select(kd3_frame(), "threshold:by=keep;min=1 | kd3:tau=0.9")) == ["s004", "s007", "s008"]
+    # without class 0: official N = (0, 3, 2), tau_c = (0, 0.9, 0.45): class 1's 0.92 and class 2's 0.85 pass
+    assert ids(select(kd3_frame(), "threshold:by=keep;min=1 | kd3:tau=0.9")) == ["s004", "s008"]
+    # confident counts: N = (0, 1, 0), s_1 = 1, tau_1 = 0.9: only its 0.92 passes, class 2 gets 0
+    assert ids(select(kd3_frame(), "threshold:by=keep;min=1 | kd3:tau=0.9;count=confident")) == ["s004", "s007", "s008"]
 
 
 def test_kd3_when_no_class_is_confident_every_class_gets_tau():
     df = frame(kd3_label=[0, 1, 1], kd3_conf=[0.5, 0.7, 0.94])
-    assert ids(select(df, "kd3")) == []
+    assert ids(select(df, "kd3:count=confident")) == []
+    # official: N = (1, 2), tau_c = (0.95/3, 0.95): the rare class's 0.5 passes
+    assert ids(select(df, "kd3")) == ["s000"]
     with pytest.raises(PolicyError, match="'kd3_conf'"):
         select(df.drop(columns=["kd3_conf"]), "kd3")
 
@@ -353,9 +363,9 @@ def test_result_does_not_depend_on_the_input_row_order():
 
 def test_unknown_columns_and_bad_frames_give_policy_errors():
     df = frame(msp=[0.1, 0.2])
-    with pytest.raises(PolicyError, match="'energy' was not computed"):
+    with pytest.raises(PolicyError, match="the score 'energy' is not a column of the candidates"):
         select(df, "topk:k=1;by=energy")
-    with pytest.raises(PolicyError, match="column 'msp', which is null on every candidate"):
+    with pytest.raises(PolicyError, match="score 'msp', which is null on every candidate"):
         select(frame(msp=[None, None]), "topk:k=1;by=msp")
     with pytest.raises(PolicyError, match="not numeric"):
         select(frame(msp=["high", "low"]), "topk:k=1;by=msp")
@@ -383,3 +393,143 @@ def test_the_help_synopsis_comes_from_the_registry():
     help_text = subprocess.run([sys.executable, "-m", "flows.cli", "select", "--help"], capture_output=True,
                                text=True, check=True, env=dict(os.environ, COLUMNS="1000")).stdout
     assert text in help_text
+
+
+# ---------------------------------------------------------------- the default policy
+
+def skewed_pool() -> pd.DataFrame:
+    """10 pseudo-classes; classes 0 and 1 hold 300 samples each with the highest fused scores, the other
+    eight 30 each, all scored below them: what a teacher overconfident on two look-alike classes gives."""
+    rng = np.random.default_rng(0)
+    labels = [0] * 300 + [1] * 300 + [c for c in range(2, 10) for _ in range(30)]
+    fused = np.where(np.array(labels) < 2, rng.uniform(0.8, 1.0, len(labels)), rng.uniform(0.1, 0.7, len(labels)))
+    return frame(kd3_label=labels, teacher_label=labels, fused=fused,
+                 sha256=[f"h{i}" for i in range(len(labels))])
+
+
+def test_default_covers_every_class_where_topk_by_the_fused_score_takes_two():
+    from curation.coverage import class_coverage
+
+    pool = skewed_pool()
+    top = select(pool, "topk:k=100;by=fused")
+    default = select(pool, "default:k=100")
+    top_cov = class_coverage(Counter(top["kd3_label"]), num_classes=10)
+    cov = class_coverage(Counter(default["kd3_label"]), num_classes=10)
+    assert top_cov["classes_covered"] == 2 and top_cov["min_class_share"] == 0.0
+    assert len(default) == 100 and cov["classes_covered"] == 10
+    assert cov["class_entropy"] == pytest.approx(1.0) and cov["min_class_share"] == pytest.approx(0.1)
+    assert cov["class_entropy"] > top_cov["class_entropy"] + 0.5
+    # within each class, the best by the fused score
+    for label, chosen in default.groupby("kd3_label"):
+        best = pool[pool.kd3_label == label].nlargest(10, "fused")
+        assert set(chosen["sample_id"]) == set(best["sample_id"])
+
+
+def test_default_gives_a_short_class_s_remainder_to_the_others():
+    labels = [0] * 3 + [1] * 50 + [2] * 50
+    pool = frame(kd3_label=labels, fused=np.linspace(0, 1, len(labels)))
+    counts = Counter(select(pool, "default:k=60")["kd3_label"])
+    assert counts[0] == 3 and counts[1] + counts[2] == 57 and abs(counts[1] - counts[2]) <= 1
+
+
+def test_default_size_is_a_tenth_of_the_candidates_without_k():
+    pool = frame(kd3_label=[i % 4 for i in range(230)], fused=np.linspace(0, 1, 230))
+    assert len(select(pool, "default")) == 23
+
+
+def test_default_dedups_by_sha256_without_an_index_and_says_so():
+    # eight copies of one image, best scored: without dedup they would fill class 0's quota
+    labels = [0] * 8 + [0] * 10 + [1] * 10
+    hashes = ["same"] * 8 + [f"h{i}" for i in range(20)]
+    pool = frame(kd3_label=labels, fused=[0.99] * 8 + [0.5] * 20, sha256=hashes)
+    notes, trace = [], []
+    chosen = apply_policies(pool, parse_policy("default:k=10"), notes=notes, trace=trace)
+    assert trace == ["dedup:by=fused", "balance:k=10;label=kd3_label;by=fused"]
+    assert any("one sample per sha256" in n for n in notes)
+    assert list(chosen["sha256"]).count("same") == 1 and len(chosen) == 10 and chosen["sha256"].is_unique
+
+
+def test_default_uses_near_duplicate_clusters_and_caps_each_kmeans_cluster():
+    # three classes whose best samples all sit in k-means cluster 0: without the cap it would hold all 9
+    rows = []
+    for label in range(3):
+        rows += [(label, 0, 0.9 + 0.01 * i) for i in range(6)] + [(label, 1 + label, 0.5 + 0.01 * i) for i in range(6)]
+    labels, clusters, fused = map(list, zip(*rows))
+    pool = frame(kd3_label=labels, cluster=clusters, fused=fused, cluster_id=[f"c{i}" for i in range(len(rows))])
+    trace = []
+    chosen = apply_policies(pool, parse_policy("default:k=9"), trace=trace)
+    cap = math.ceil(2 * 9 / 3)  # twice a fair share over min(4 clusters, 3 classes)
+    assert trace == ["dedup:by=fused", f"diversity:max_per_cluster={cap};by=fused",
+                     "balance:k=9;label=kd3_label;by=fused"]
+    assert len(chosen) == 9 and Counter(chosen["kd3_label"]) == {0: 3, 1: 3, 2: 3}
+    assert (chosen["cluster"] == 0).sum() == cap
+    # uncapped, the same quotas all come from cluster 0
+    assert (select(pool, "balance:k=9;by=fused;label=kd3_label")["cluster"] == 0).all()
+
+
+def test_default_balances_kd3_s_combined_prediction_when_a_student_rescored():
+    # the student disagrees with the teacher on half the pool: the quotas follow the combined label
+    pool = frame(teacher_label=[0] * 20, kd3_label=[0] * 10 + [1] * 10, fused=np.linspace(0, 1, 20))
+    assert Counter(select(pool, "default:k=10")["kd3_label"]) == {0: 5, 1: 5}
+    # without kd3_label (an older scoring run): the teacher's label, and msp without the fused score
+    trace = []
+    apply_policies(pool.drop(columns=["kd3_label", "fused"]).assign(msp=0.5), parse_policy("default:k=4"),
+                   trace=trace)
+    assert trace == ["balance:k=4;label=teacher_label;by=msp"]
+
+
+def test_default_needs_scores():
+    with pytest.raises(PolicyError, match="run `webdistill score`"):
+        select(frame(teacher_label=[0, 1]), "default")
+
+
+def test_default_composes_after_other_steps_and_sizes_on_what_it_receives():
+    pool = frame(kd3_label=[i % 2 for i in range(100)], fused=np.linspace(0, 1, 100))
+    chosen = select(pool, "threshold:by=fused;min=0.5 | default")
+    assert len(chosen) == 5 and (chosen["fused"] >= 0.5).all()
+
+
+def test_step_text_parses_back_to_the_same_step():
+    from curation.policies import step_text
+
+    for spec in ("topk:k=3;by=greatest(msp, energy)", "softmax:k=5;by=msp;tau=0.5;replace=true", "dedup",
+                 "balance:k=7;label=kd3_label;by=fused", "threshold:by=msp;min=-1.5", "kd3:tau=0.8", "default:k=4"):
+        (step,) = parse_policy(spec)
+        assert parse_policy(step_text(step)) == [step]
+
+
+def two_population_pool(inside: int = 100, outside: int = 900) -> pd.DataFrame:
+    """`inside` candidates near the reference's class means (Mahalanobis d^2 around 50) and `outside` ones
+    around 40 times farther, all 10 classes in both, the fused score blurring the two (it overlaps)."""
+    rng = np.random.default_rng(1)
+    d2 = np.exp(np.concatenate([rng.normal(np.log(50), 0.3, inside), rng.normal(np.log(2000), 0.5, outside)]))
+    fused = np.concatenate([rng.uniform(0.5, 1.0, inside), rng.uniform(0.3, 0.9, outside)])
+    labels = np.arange(inside + outside) % 10
+    return frame(kd3_label=labels, fused=fused, mahalanobis=-d2)
+
+
+def test_default_takes_what_is_in_distribution_when_k_asks_for_more_and_says_why():
+    from curation.policies import in_distribution_count
+
+    pool = two_population_pool()
+    assert abs(in_distribution_count(pool) - 100) <= 5
+    notes, trace = [], []
+    chosen = apply_policies(pool, parse_policy("default:k=300"), notes=notes, trace=trace)
+    found = in_distribution_count(pool)
+    assert len(chosen) == found and trace == [f"balance:k={found};label=kd3_label;by=fused"]
+    assert any(n.startswith(f"default: took at most {found} of k=300") for n in notes)
+    # a budget below the estimate is spent whole; fill=true spends any budget
+    assert len(select(pool, "default:k=60")) == 60
+    assert len(select(pool, "default:k=300;fill=true")) == 300
+
+
+def test_default_fills_k_when_the_distances_show_one_population():
+    from curation.policies import in_distribution_count
+
+    rng = np.random.default_rng(2)
+    one = frame(kd3_label=np.arange(1000) % 10, fused=rng.uniform(0, 1, 1000),
+                mahalanobis=-np.exp(rng.normal(np.log(300), 0.5, 1000)))
+    assert in_distribution_count(one) is None
+    assert in_distribution_count(two_population_pool().head(40)) is None  # too few distances to fit
+    notes = []
+    assert len(apply_policies(one, parse_policy("default:k=300"), notes=notes)) == 300 and notes == []

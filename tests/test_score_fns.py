@@ -11,6 +11,7 @@ from torch import nn
 
 from curation import score
 from curation import score_fns as sf
+from curation.feature_taps import PENULTIMATE, LayerNotFound, feature_taps
 from curation.score import BatchScorer, ScoreConfig
 from distill.models import tiny_student
 from distill.spec import IMAGENET_MEAN, IMAGENET_STD
@@ -92,14 +93,28 @@ def test_js_by_hand_symmetric_zero_and_bounded_by_ln2():
 
 # ---------------------------------------------------------------- KD^3 combined prediction
 
-def test_combined_prediction_mixes_probabilities():
+def test_combined_prediction_mixes_logits_as_the_official_code():
+    p_t, p_s = np.array([0.5, 0.4, 0.1]), np.array([0.1, 0.4, 0.5])
+    zt, zs = t64(np.log(p_t)[None]), t64(np.log(p_s)[None])
+    # a = 0.5: softmax(0.5 log p_T + 0.5 log p_S) = sqrt(p_T p_S) normalised = [0.2236, 0.4, 0.2236] / 0.8472
+    label, conf = sf.combined_prediction(zt, zs, 0.5)
+    assert label.tolist() == [1] and conf.item() == pytest.approx(0.4 / (0.4 + 2 * math.sqrt(0.05)), rel=1e-12)
+    # a = 0.8: p_T^0.8 p_S^0.2 normalised = [0.362, 0.4, 0.138] / 0.900: still class 1 (mixing
+    # probabilities would give the teacher's class 0, below)
+    g = p_t ** 0.8 * p_s ** 0.2
+    label, conf = sf.combined_prediction(zt, zs, 0.8)
+    assert label.tolist() == [1] and conf.item() == pytest.approx(0.4 / g.sum(), rel=1e-12)
+
+
+def test_combined_prediction_can_mix_probabilities():
+    """webdistill's earlier rule (`mix="probabilities"`)."""
     p_t, p_s = np.array([0.5, 0.4, 0.1]), np.array([0.1, 0.4, 0.5])
     zt, zs = t64(np.log(p_t)[None]), t64(np.log(p_s)[None])
     # a = 0.5: [0.3, 0.4, 0.3] -> class 1, which neither model predicts alone
-    label, conf = sf.combined_prediction(zt, zs, 0.5)
+    label, conf = sf.combined_prediction(zt, zs, 0.5, mix="probabilities")
     assert label.tolist() == [1] and conf.item() == pytest.approx(0.4, rel=1e-12)
     # a = 0.8: 0.8 p_T + 0.2 p_S = [0.42, 0.40, 0.18]
-    label, conf = sf.combined_prediction(zt, zs, 0.8)
+    label, conf = sf.combined_prediction(zt, zs, 0.8, mix="probabilities")
     assert label.tolist() == [0] and conf.item() == pytest.approx(0.42, rel=1e-12)
 
 
@@ -184,9 +199,12 @@ def bn_model() -> nn.Module:
 
 
 def bn_score(model: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-    with torch.no_grad(), sf.bn_score_tap(model) as tap:
-        model(x)
-    return tap.score
+    """The score as the score stage computes it: BatchNorm outputs pooled by the feature taps."""
+    taps = feature_taps(model)
+    bn = taps.bn_layers()
+    with torch.no_grad():
+        _, pooled = taps(x, list(bn), channels_first=bn)
+    return sf.bn_score(pooled, bn)
 
 
 def by_hand_u(a: np.ndarray) -> np.ndarray:
@@ -231,49 +249,49 @@ def test_bn_score_of_batchnorm1d_features():
     np.testing.assert_allclose(bn_score(nn.Sequential(bn), x), [-2.0, 0.0], rtol=1e-12)
 
 
-def test_bn_tap_inactive_adds_nothing_and_hooks_go_away():
+def test_bn_taps_leave_no_hook_behind():
     model = bn_model()
     x = t64([[[[3.0, 5.0], [1.0, 7.0]], [[-2.0, -1.5], [-2.5, -2.0]]]])
-    with torch.no_grad(), sf.bn_score_tap(model) as tap:
-        model(x)
-        tap.active = False
-        model(x + 10.0)  # would score far lower if it were counted
-    assert tap.score.item() == pytest.approx(-0.25, rel=1e-12)
+    assert bn_score(model, x).item() == pytest.approx(-0.25, rel=1e-12)
     assert not model[0]._forward_hooks
-    with torch.no_grad():
-        model(x + 10.0)  # after the context nothing is recorded
-    assert tap.score.item() == pytest.approx(-0.25, rel=1e-12)
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
-def test_bn_tap_without_batchnorm_gives_none():
+def test_bn_score_without_batchnorm_is_none_and_torchscript_has_its_layers():
     assert bn_score(nn.Sequential(nn.Flatten(), nn.Linear(4, 3)), torch.randn(2, 1, 2, 2)) is None
     no_stats = nn.Sequential(nn.BatchNorm2d(2, affine=False)).eval()  # no gamma / beta to read
     assert bn_score(no_stats, torch.randn(2, 2, 3, 3)) is None
-    scripted = torch.jit.script(bn_model())
-    assert sf.bn_modules(scripted) == []
+    # a TorchScript module's BatchNorm layers are reached through its graph: the same score
+    x = t64([[[[3.0, 5.0], [1.0, 7.0]], [[-2.0, -1.5], [-2.5, -2.0]]]])
+    assert bn_score(torch.jit.script(bn_model()), x).item() == pytest.approx(-0.25, rel=1e-12)
 
 
 # ---------------------------------------------------------------- logits and penultimate features
 
-def test_logits_and_features_of_a_model_with_embed():
+def penultimate(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.no_grad():
+        logits, pooled = feature_taps(model)(x, [PENULTIMATE])
+    return logits, pooled[PENULTIMATE]
+
+
+def test_penultimate_features_of_a_model_with_embed():
     torch.manual_seed(0)
     model = tiny_student(num_classes=7).eval()
     x = torch.randn(3, 3, 32, 32)
+    logits, feats = penultimate(model, x)
     with torch.no_grad():
-        logits, feats = sf.logits_and_features(model, x)
         torch.testing.assert_close(feats, model.embed(x))
         torch.testing.assert_close(logits, model(x))
     assert feats.shape == (3, 32) and logits.shape == (3, 7)
 
 
-def test_logits_and_features_hooks_the_input_of_the_last_linear():
+def test_penultimate_features_are_the_input_of_the_last_linear():
     torch.manual_seed(0)
     model = torchvision.models.mobilenet_v3_small(weights=None, num_classes=5).eval()
     assert not hasattr(model, "embed")
     x = torch.randn(2, 3, 32, 32)
+    logits, feats = penultimate(model, x)
     with torch.no_grad():
-        logits, feats = sf.logits_and_features(model, x)
         # classifier = Linear(576, 1024), Hardswish, Dropout, Linear(1024, 5): the last Linear's input
         pooled = torch.flatten(model.avgpool(model.features(x)), 1)
         expected = model.classifier[1](model.classifier[0](pooled))
@@ -283,13 +301,12 @@ def test_logits_and_features_hooks_the_input_of_the_last_linear():
     assert not model.classifier[3]._forward_hooks  # the hook is removed
 
 
-def test_logits_and_features_without_a_linear_layer():
+def test_no_penultimate_features_without_a_linear_layer():
     model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
-    x = torch.randn(2, 3, 5, 5)
-    with torch.no_grad():
-        logits, feats = sf.logits_and_features(model, x)
-        torch.testing.assert_close(logits, model(x))
-    assert feats is None
+    taps = feature_taps(model)
+    assert taps.classifier is None and PENULTIMATE not in taps.default_layers()
+    with pytest.raises(LayerNotFound, match="no Linear classifier"):
+        taps.resolve([PENULTIMATE])
 
 
 # ---------------------------------------------------------------- activation shaping: SCALE, ASH, ReAct
@@ -476,18 +493,20 @@ def test_rank_fusion_is_in_unit_range_and_monotone_in_each_column():
                                           for i, c in enumerate(cols)])[7]
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
 def test_linear_head_is_the_layer_the_features_feed():
     model = tiny_student(num_classes=7).eval()
-    w, b = sf.linear_head(model)
+    w, b = feature_taps(model).linear_head()
     assert torch.equal(w, model.classifier.weight) and torch.equal(b, model.classifier.bias)
     mobilenet = torchvision.models.mobilenet_v3_small(weights=None, num_classes=5).eval()
-    w, _ = sf.linear_head(mobilenet)
+    w, _ = feature_taps(mobilenet).linear_head()
     assert torch.equal(w, mobilenet.classifier[3].weight)
     no_bias = nn.Sequential(nn.Flatten(), nn.Linear(4, 3, bias=False))
-    w, b = sf.linear_head(no_bias)
+    w, b = feature_taps(no_bias).linear_head()
     assert torch.equal(b, torch.zeros(3))
-    assert sf.linear_head(nn.Sequential(nn.Conv2d(3, 4, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten())) is None
-    assert sf.linear_head(torch.jit.script(no_bias)) is None  # TorchScript hides the layer types
+    assert feature_taps(nn.Sequential(nn.Conv2d(3, 4, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten())).linear_head() is None
+    w, b = feature_taps(torch.jit.script(no_bias)).linear_head()  # TorchScript: the submodule's weight
+    assert torch.equal(w, no_bias[1].weight) and torch.equal(b, torch.zeros(3))
 
 
 # ---------------------------------------------------------------- Mahalanobis
@@ -567,7 +586,8 @@ def test_batch_scorer_teacher_columns(tiny_spec):
     torch.set_num_threads(1)
     x = uint8_batch(3)
     out = BatchScorer(ScoreConfig(teacher=tiny_spec))(x)
-    assert set(PER_SAMPLE) | {"teacher_logits", "features"} == set(out)
+    # the default feature layers: the penultimate features (in "features") and the last two stages
+    assert set(PER_SAMPLE) | {"teacher_logits", "features", "layer_1", "layer_2"} == set(out)
     assert all(out[k].shape == (3,) for k in PER_SAMPLE)
     assert out["teacher_logits"].shape == (3, 10) and out["teacher_logits"].dtype == np.float16
     assert out["features"].shape == (3, 32)

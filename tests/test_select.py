@@ -3,6 +3,7 @@ hold their promises, and the curated shards read back with plain webdataset."""
 import hashlib
 import io
 import json
+import re
 from collections import Counter
 
 import numpy as np
@@ -13,8 +14,10 @@ import webdataset as wds
 from curation import catalog
 from curation.embed import embed
 from curation.embedders import make_embedder
+from curation.errors import WouldOverwrite
 from curation.index import IndexConfig, build_index, kmeans_clusters, near_duplicates
 from curation.ingest import ingest
+from curation.policies import apply_policies, parse_policy
 from curation.schemas import SCORE_COLUMNS
 from curation.score import BatchScorer, ScoreConfig, score
 from curation.select import SelectConfig, select
@@ -69,7 +72,7 @@ def test_score_rerun_skips_every_shard(scored):
 def test_kd3_flag_matches_the_class_adaptive_formula(scored):
     ws, _ = scored
     t = catalog.query(ws, "SELECT kd3_label, kd3_conf, kd3_threshold, kd3_pass FROM scores WHERE decoded").to_pandas()
-    counts = np.bincount(t.kd3_label[t.kd3_conf > 0.95], minlength=10).astype(float)
+    counts = np.bincount(t.kd3_label, minlength=10).astype(float)  # every combined prediction (the official rule)
     s = counts / counts.max() if counts.max() else np.ones(10)
     expected = 0.95 * s / (2 - s) if counts.max() else np.full(10, 0.95)
     assert np.allclose(t.kd3_threshold, expected[t.kd3_label], atol=1e-6)
@@ -125,11 +128,69 @@ def test_selection_is_idempotent_and_recorded(scored):
     top = catalog.query(ws, "SELECT sample_id FROM candidates ORDER BY energy DESC, sample_id LIMIT 25")
     _, samples = _read_selection(first.path)
     assert {s["__key__"] for s in samples} == set(top.column("sample_id").to_pylist())
-    changed = select(ws, SelectConfig(name="top", policy="topk:k=10;by=msp"))
+    changed = select(ws, SelectConfig(name="top", policy="topk:k=10;by=msp"), overwrite=True)
     assert changed.size == 10 and not changed.unchanged
     assert len(_read_selection(changed.path)[1]) == 10
     row = catalog.query(ws, "SELECT name, size, policy FROM selections WHERE name = 'top'").to_pylist()
     assert row == [{"name": "top", "size": 10, "policy": "topk:k=10;by=msp"}]
+
+
+@pytest.mark.parametrize("change", [
+    {"policy": "topk:k=12;by=msp"}, {"sql": "SELECT sample_id FROM candidates WHERE energy > -1e9"},
+    {"limit": 5}, {"seed": 3},
+])
+def test_another_definition_under_a_taken_name_is_refused_and_replaced_only_with_overwrite(scored, change):
+    """A selection students may have trained on is never replaced silently by another definition."""
+    ws, _ = scored
+    base = {"name": "kept", "policy": "topk:k=20;by=energy", "sql": None, "limit": None, "seed": 0}
+    select(ws, SelectConfig(**base), overwrite=True)
+    manifest = (ws.root / "selections" / "kept" / "manifest.json").read_bytes()
+    with pytest.raises(WouldOverwrite, match="another definition.*--overwrite"):
+        select(ws, SelectConfig(**base | change))
+    assert (ws.root / "selections" / "kept" / "manifest.json").read_bytes() == manifest
+    assert select(ws, SelectConfig(**base)).unchanged  # the same definition is the same selection
+    replaced = select(ws, SelectConfig(**base | change), overwrite=True)
+    wanted = base | change
+    assert replaced.manifest["definition"] == {"query": wanted["sql"], "policy": wanted["policy"],
+                                               "limit": wanted["limit"], "seed": wanted["seed"], "synthetic": []}
+
+
+def test_select_refusal_on_the_command_line_is_one_line(scored):
+    ws, _ = scored
+    first = run_cli("select", "-w", str(ws.root), "--name", "cli-kept", "--policy", "topk:k=8;by=msp")
+    assert first.returncode == 0, first.stderr
+    again = run_cli("select", "-w", str(ws.root), "--name", "cli-kept", "--policy", "topk:k=9;by=msp")
+    assert again.returncode == 2 and again.stderr.count("\n") == 1 and "--overwrite" in again.stderr
+    forced = run_cli("select", "-w", str(ws.root), "--name", "cli-kept", "--policy", "topk:k=9;by=msp", "--overwrite")
+    assert forced.returncode == 0 and "9 samples" in forced.stdout
+
+
+def test_a_student_run_of_another_job_is_refused_before_any_work(scored):
+    """distill under a taken run name with another config refuses, and deletes nothing of the old run."""
+    from flows.stage_runner import run_distill
+
+    ws, _ = scored
+    select(ws, SelectConfig(name="for-students", policy="topk:k=16;by=msp"), overwrite=True)
+    old = ws.root / "students" / "taken"
+    old.mkdir(parents=True)
+    (old / "job.json").write_text(json.dumps({"selection": "elsewhere", "epochs": 99}))
+    (old / "student.pt").write_bytes(b"weights")
+    with pytest.raises(WouldOverwrite, match="'taken'.*--overwrite"):
+        run_distill(str(ws.root), "taken", "for-students", {"student": "tiny_cnn", "loss": {"method": "kd"}})
+    assert (old / "student.pt").read_bytes() == b"weights"
+    done = run_cli("distill", "-w", str(ws.root), "--selection", "for-students", "--student", "tiny_cnn",
+                   "--name", "taken")
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "--overwrite" in done.stderr
+
+
+@pytest.mark.parametrize("student, name", [
+    ("tiny_cnn", "sel-tiny_cnn-kd"), ("torchvision:resnet18", "sel-torchvision-resnet18-kd"),
+    ("torchvision:resnet18@/w/r18.pt", "sel-torchvision-resnet18-kd"), ("/specs/my student.json", "sel-my-student-kd"),
+])
+def test_the_default_student_run_name_holds_the_student(student, name):
+    from flows.cli import default_student_name
+
+    assert default_student_name("sel", student, "kd") == name
 
 
 @pytest.mark.parametrize("args, message", [
@@ -221,6 +282,7 @@ def _selection_is_whole(folder) -> str | None:
 
 KILLER = r"""
 import json, os, random, signal, sys, time
+from curation.errors import WouldOverwrite
 from curation.select import SelectConfig, select
 from curation.workspace import Workspace
 from tests.test_select import _selection_is_whole
@@ -231,7 +293,7 @@ configs = [SelectConfig(name="killed", policy=f"topk:k={k};by=msp", shard_size=3
 def run(config):
     pid = os.fork()
     if pid == 0:
-        select(ws, config)
+        select(ws, config, overwrite=True)
         os._exit(0)
     return pid
 
@@ -262,7 +324,7 @@ def test_select_killed_at_random_times_leaves_a_whole_selection_and_the_next_run
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert [r["whole"] for r in report] == [None] * len(report), report  # old or new, never none, never a mix
-    result = select(ws, SelectConfig(name="killed", policy="topk:k=12;by=msp", shard_size=3))
+    result = select(ws, SelectConfig(name="killed", policy="topk:k=12;by=msp", shard_size=3), overwrite=True)
     assert result.size == 12 and _selection_is_whole(result.path) is None
     assert sorted(p.name for p in (ws.root / "selections").glob(".*-killed-*")) == []
 
@@ -405,3 +467,58 @@ def test_a_second_writer_of_a_name_waits_for_the_first(tmp_path):
     t.join(10)
     assert inside.is_set() and not t.is_alive()  # let in once the first is done
     assert order == ["first in", "first out", "second in"]
+
+
+# ---------------------------------------------------------------- the default policy and class coverage
+
+def test_select_without_sql_or_policy_runs_the_default_policy_and_reports_coverage(scored):
+    from curation.coverage import class_coverage
+
+    ws, _ = scored
+    result = select(ws, SelectConfig(name="dflt", limit=30))
+    manifest, samples = _read_selection(result.path)
+    # --limit is a budget: the default takes fewer where it finds fewer in the teacher's distribution, and says so
+    took = int(re.fullmatch(r"balance:k=(\d+);label=kd3_label;by=fused", manifest["policy_steps"].split(" | ")[2])[1])
+    assert manifest["policy"] == "default" and manifest["total"] == len(samples) == took <= 30
+    assert (took < 30) == any(n.startswith(f"default: took at most {took} of k=30") for n in manifest["notes"])
+    # the index made clusters and the scoring run a fused score: every step of the default ran
+    assert manifest["policy_steps"].split(" | ")[0] == "dedup:by=fused"
+    assert manifest["policy_steps"].split(" | ")[1].startswith("diversity:max_per_cluster=")
+    expected = class_coverage(manifest["counts_per_class"], manifest["num_classes"])
+    assert manifest["coverage"] == {k: v for k, v in expected.items() if k != "counts_per_class"}
+    # the steps the manifest lists are what ran: applied to the candidates, they give the same samples
+    candidates = catalog.query(ws, "SELECT * FROM candidates").to_pandas()
+    steps = parse_policy(manifest["policy_steps"])
+    assert {s["__key__"] for s in samples} == set(apply_policies(candidates, steps)["sample_id"])
+    # the quotas: classes' counts differ by at most one unless a class ran short after dedup and the cap
+    available = Counter(apply_policies(candidates, steps[:2])["kd3_label"].dropna().astype(int))
+    per_class = Counter(candidates.set_index("sample_id").loc[[s["__key__"] for s in samples], "kd3_label"])
+    fair = max(per_class.values())
+    assert all(n >= fair - 1 or n == available[c] for c, n in per_class.items()), (per_class, available)
+    assert len(per_class) == len(available)  # every class with a candidate left has samples
+    clusters = candidates.set_index("sample_id").loc[[s["__key__"] for s in samples], "cluster_id"]
+    assert clusters.is_unique  # one per near-duplicate cluster
+    row = catalog.query(ws, "SELECT policy, class_entropy, min_class_share FROM selections "
+                            "WHERE name = 'dflt'").to_pylist()
+    assert row == [{"policy": "default", "class_entropy": expected["class_entropy"],
+                    "min_class_share": expected["min_class_share"]}]
+
+
+def test_select_cli_prints_the_coverage_beside_the_size_and_the_default_s_steps(scored):
+    ws, _ = scored
+    proc = run_cli("select", "-w", str(ws.root), "--name", "dflt-cli", "--limit", "20")
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads((ws.root / "selections" / "dflt-cli" / "manifest.json").read_text())
+    cov = manifest["coverage"]
+    first, second = proc.stdout.strip().splitlines()[:2]
+    assert 0 < manifest["total"] <= 20  # --limit is the default's budget
+    assert first.startswith(f"select dflt-cli: {manifest['total']} samples "
+                            f"(class coverage: entropy {cov['class_entropy']:.2f}, "
+                            f"smallest class {100 * cov['min_class_share']:.1f}% ")
+    assert second == f"select dflt-cli: policy default = {manifest['policy_steps']}"
+    # a query alone still chooses alone: no default policy on top of it
+    proc = run_cli("select", "-w", str(ws.root), "--name", "sql-only", "--sql",
+                   "SELECT sample_id FROM candidates ORDER BY sample_id LIMIT 9")
+    assert proc.returncode == 0 and "9 samples (class coverage: entropy" in proc.stdout
+    manifest = json.loads((ws.root / "selections" / "sql-only" / "manifest.json").read_text())
+    assert manifest["policy"] is None and manifest["policy_steps"] is None and "coverage" in manifest
