@@ -51,6 +51,7 @@ from yarl import URL
 
 from .errors import StorageError, WebdistillError, first_line
 from .network_policy import AddressPolicy, BlockedAddress, GuardedResolver
+from .progress import bar_disabled
 from .stage_config import Real, stage_config
 from .validate import Rejected, ValidationConfig, validate_image
 from .workspace import atomic_path, config_hash, read_parquet_metadata, storage_errors, write_parquet_atomic
@@ -585,7 +586,7 @@ def crawl(url_list: str | os.PathLike | Iterable[UrlRow | str], out_dir: str | o
             summary.shards.append(ShardResult(plan.name, len(plan.rows), skipped=True))
         else:
             todo.append(plan)
-    bar = tqdm(total=sum(len(p.rows) for p in todo), desc="crawl", unit="url", disable=not progress or None)
+    bar = tqdm(total=sum(len(p.rows) for p in todo), desc="crawl", unit="url", disable=bar_disabled(progress))
     lock = threading.Lock()
 
     def tick() -> None:

@@ -19,6 +19,7 @@ from PIL import Image
 from torchvision import transforms
 
 from .errors import WebdistillError, first_line
+from .files import file_digest
 from .stage_config import check_device
 from .workspace import Workspace, check_name
 
@@ -29,16 +30,15 @@ class EmbedderError(WebdistillError):
     """Unknown embedder, or a model that cannot be built or loaded."""
 
 
-def _file_fingerprint(path: str | Path) -> str:
-    st = os.stat(path)
-    return f"{Path(path).resolve()}:{st.st_size}:{st.st_mtime_ns}"
-
-
 def spec_fingerprint(spec: str) -> str:
-    """A model spec plus the files it names: retraining a teacher in place changes it."""
+    """A model spec by content: the bytes of the files it reads (the spec, its weights), plus the
+    architecture name of an `ARCH@weights` spec. Retraining a teacher in place changes it; moving
+    it does not."""
     from distill.spec import spec_files
 
-    return spec + "|" + "|".join(_file_fingerprint(f) for f in spec_files(spec) if f.is_file())
+    files = [f for f in spec_files(spec) if f.is_file()]
+    name = "" if Path(spec).is_file() else spec.partition("@")[0]
+    return name + "|" + "|".join("sha256:" + file_digest(f) for f in files)
 
 
 def _uint8_chw(im: Image.Image) -> torch.Tensor:
@@ -150,7 +150,7 @@ class OpenClipEmbedder(Embedder):
         self.dim = int(self.encode_images(torch.zeros(1, 3, size, size, dtype=torch.uint8)).shape[1])
         self.name = "open_clip-" + model_name
         self.args = {"name": f"open_clip:{model_name}", "pretrained": pretrained, "precision": precision}
-        weights = _file_fingerprint(pretrained) if pretrained and os.path.isfile(pretrained) else pretrained
+        weights = "sha256:" + file_digest(pretrained) if pretrained and os.path.isfile(pretrained) else pretrained
         self.config = {"embedder": "open_clip", "model": model_name, "pretrained": weights, "precision": precision}
 
     def forward_images(self, x):
@@ -167,65 +167,67 @@ class OpenClipEmbedder(Embedder):
 
 
 class TeacherEmbedder(Embedder):
-    """Penultimate features of the teacher: `embed(x)` if the model has it, else the input of its
-    last Linear layer."""
+    """Pooled features of the teacher, whatever its model file (curation/feature_taps.py): by default
+    its penultimate features (the input of its classifier); with `feature_layers`, each named layer's
+    vector L2-normalised, then concatenated (every layer weighs the same)."""
 
-    def __init__(self, teacher_spec: str, device: str, precision: str, trust_model_code: bool = False):
+    def __init__(self, teacher_spec: str, device: str, precision: str, trust_model_code: bool = False,
+                 feature_layers: tuple[str, ...] | list[str] | str | None = None):
         from distill.spec import ModelSpecError, load_model
 
+        from .feature_taps import PENULTIMATE, LayerNotFound, check_layer_names, feature_taps
+
         try:
+            layers = check_layer_names(feature_layers or (PENULTIMATE,))
             loaded = load_model(teacher_spec, trust_model_code)
-        except ModelSpecError as exc:
+        except (ModelSpecError, ValueError) as exc:
             raise EmbedderError(str(exc)) from exc
         self.model = loaded.module.to(device)
         if loaded.eager:  # a compiled graph (.pt2, TorchScript) keeps the layout it was exported with
             self.memory_format = torch.channels_last
             self.model.to(memory_format=torch.channels_last)
+        self.taps = feature_taps(self.model, loaded.input_size)
+        try:
+            self.layers = self.taps.resolve(list(layers))
+        except LayerNotFound as exc:
+            raise EmbedderError(f"the teacher embedder: {exc}") from None
         self.preprocess = Geometry(loaded.input_size, SquareResize(loaded.input_size))
         self.mean, self.std = tuple(loaded.mean), tuple(loaded.std)
         self.device, self.precision = torch.device(device), precision
-        self._features = self._feature_fn()
         size = loaded.input_size
         self.dim = int(self.encode_images(torch.zeros(1, 3, size, size, dtype=torch.uint8)).shape[1])
         self.name = "teacher"
-        self.args = {"name": "teacher", "teacher": teacher_spec, "precision": precision}
-        self.config = {"embedder": "teacher", "spec": spec_fingerprint(teacher_spec), "precision": precision}
-
-    def _feature_fn(self):
-        if hasattr(self.model, "embed"):
-            return self.model.embed
-        last = [m for m in self.model.modules() if isinstance(m, torch.nn.Linear)]
-        if not last:
-            raise EmbedderError("the teacher has no embed() and no Linear layer to take features before")
-        captured = {}
-        last[-1].register_forward_hook(lambda mod, inp, out: captured.__setitem__("x", inp[0]))
-
-        def features(x):
-            self.model(x)
-            return torch.flatten(captured.pop("x"), 1)
-
-        return features
+        chosen = None if feature_layers is None else list(layers)  # the default stays out of the records
+        self.args = {"name": "teacher", "teacher": teacher_spec, "precision": precision, "feature_layers": chosen}
+        self.config = {"embedder": "teacher", "spec": spec_fingerprint(teacher_spec), "precision": precision} | (
+            {"feature_layers": chosen} if chosen else {})
 
     def forward_images(self, x):
         with torch.inference_mode():
-            return self._features(x)
+            _, pooled = self.taps(x, self.layers)
+        vectors = [pooled[n].float() for n in self.layers]
+        return vectors[0] if len(vectors) == 1 else torch.cat([F.normalize(v, dim=-1) for v in vectors], -1)
 
 
 def make_embedder(name: str, pretrained: str | None = None, teacher: str | None = None,
-                  device: str | None = None, precision: str = "fp32", trust_model_code: bool = False) -> Embedder:
+                  device: str | None = None, precision: str = "fp32", trust_model_code: bool = False,
+                  feature_layers: tuple[str, ...] | list[str] | str | None = None) -> Embedder:
     """`open_clip:<model>` or `teacher` (with `teacher` = a model spec; TorchScript or a factory outside
-    the allowlist only with `trust_model_code`)."""
+    the allowlist only with `trust_model_code`; `feature_layers`: the teacher's layers, default its
+    penultimate features)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         check_device(device)
     except ValueError as exc:
         raise EmbedderError(str(exc)) from None
+    if feature_layers is not None and name != "teacher":
+        raise EmbedderError("--feature-layers is an option of --embedder teacher")
     if name.startswith("open_clip:"):
         return OpenClipEmbedder(name.split(":", 1)[1], pretrained, device, precision)
     if name == "teacher":
         if not teacher:
             raise EmbedderError("the teacher embedder needs --teacher SPEC")
-        return TeacherEmbedder(teacher, device, precision, trust_model_code)
+        return TeacherEmbedder(teacher, device, precision, trust_model_code, feature_layers)
     raise EmbedderError(f"unknown embedder {name!r}: use open_clip:<model name> or teacher")
 
 
@@ -251,9 +253,11 @@ def embedder_from_workspace(ws_root: Path, name: str, device: str | None = None,
         meta = json.loads((pq.read_schema(first).metadata or {}).get(b"args", b"null"))
     except ValueError:
         meta = None
+    layers = meta.get("feature_layers") if isinstance(meta, dict) else None
     if not isinstance(meta, dict) or not isinstance(meta.get("name"), str) or not all(
-            isinstance(meta.get(k), (str, type(None))) for k in ("pretrained", "teacher", "precision")):
+            isinstance(meta.get(k), (str, type(None))) for k in ("pretrained", "teacher", "precision")) or not (
+            layers is None or (isinstance(layers, list) and all(isinstance(n, str) for n in layers))):
         raise EmbedderError(f"embeddings for {name!r} do not record how they were made; embed again")
     return make_embedder(meta["name"], meta.get("pretrained"), meta.get("teacher"), device,
                          meta.get("precision") or "fp32",
-                         trust_model_code)
+                         trust_model_code, layers)

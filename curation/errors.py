@@ -136,6 +136,11 @@ class DemoDataError(WebdistillError):
     """A data source the demo needs is unavailable."""
 
 
+class WouldOverwrite(WebdistillError):
+    """A stage would replace a different thing of the same name (another crawl's shard, a selection
+    made by another policy, another student's run): refused, with the way to keep both or replace it."""
+
+
 class UnsafeName(WebdistillError):
     """A name (selection, run, source, embedder, ...) or a stored path that would leave its folder."""
 

@@ -6,6 +6,7 @@ so a crash leaves the old file or the new one, never half of one.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import re
@@ -16,7 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import storage_error
+from .errors import WebdistillError, storage_error
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -115,3 +116,37 @@ def storage_errors(path: Path) -> Iterator[None]:
         if mapped is None:
             raise
         raise mapped from exc
+
+
+_DIGESTS: dict[tuple, str] = {}  # (path, size, mtime) -> sha256: a file is hashed once per process
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 of a file's bytes: the skip keys name model weights by content, not by where they are,
+    so a workspace copied or moved elsewhere (with its teacher) redoes nothing."""
+    st = os.stat(path)
+    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        with open(path, "rb") as fh:
+            _DIGESTS[key] = hashlib.file_digest(fh, "sha256").hexdigest()
+    return _DIGESTS[key]
+
+
+@contextmanager
+def name_lock(parent: Path, name: str, wait: bool = True) -> Iterator[bool]:
+    """Hold `parent/.lock-<name>` (True), or, with wait=False, False when another process holds it.
+    The kernel drops the lock when its holder dies, so a killed writer never blocks the next one."""
+    path = parent / f".lock-{name}"
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+    except OSError as exc:
+        raise WebdistillError(f"cannot open the lock file {path}: {exc.strerror}") from exc
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)

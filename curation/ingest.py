@@ -8,23 +8,30 @@ Per shard it writes three artifacts, each atomically:
                               command, an unusual protocol): a copy of the bytes ingest read, in the
                               same pass; `shard_url` records the copy, `shard_origin` the spec typed
 A shard whose commit record carries the same input fingerprint and config hash is skipped,
-so a rerun after a crash redoes only the shards that were not committed.
+so a rerun after a crash redoes only the shards that were not committed. The fingerprint of a local
+shard is the sha256 of its bytes (later stages' skip keys carry it): the same shard found at a new
+place (a moved or copied crawl) only has its records pointed there, and nothing downstream is redone.
+A shard whose name is taken by another file with other bytes (a second crawl's `00000.tar`) is
+refused, not replaced: `--source` gives the second crawl names of its own.
 """
 from __future__ import annotations
 
 import functools
 import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from . import schemas
 from .decode_sandbox import shared_sandbox
-from .errors import ShardReadError, WorkerDied
+from .errors import ShardReadError, WorkerDied, WouldOverwrite
+from .files import file_digest, is_remote
 from .parallel import map_shards
 from .shards import ShardRef, SpooledShard, TruncatedShard, expand_shards, iter_samples, open_shard, stored_url_refusal
 from .validate import IMAGE_EXTS, Rejected, ValidationConfig
@@ -104,17 +111,71 @@ def _caption(meta: dict, files: dict[str, bytes]) -> str | None:
     return None
 
 
+def content_fingerprint(ref: ShardRef) -> str:
+    """A shard's identity by content: the sha256 of a local file's bytes, which a moved or copied
+    crawl keeps; a URL's or a command's own fingerprint otherwise (not downloaded twice)."""
+    local = not is_remote(ref.url) and not ref.url.startswith("file://") and os.path.isfile(ref.url)
+    return "sha256:" + file_digest(ref.url) if local else ref.fingerprint
+
+
+def _record_of(path: Path) -> dict:
+    rows = pq.read_table(path).to_pylist() if path.is_file() else []
+    return rows[0] if rows else {}
+
+
+def _relocate(paths: dict[str, Path], ref: ShardRef, done: dict) -> None:
+    """Point a committed shard's records at the place its same bytes are now (shard_url, origin and
+    the stat that spares the next rerun a hash); its samples and every later stage's stamp stay."""
+    stamp = {k: done[k] for k in ("fingerprint", "config_hash", "stage") if k in done}
+    stamp |= {"stat": ref.fingerprint, "origin": ref.url}
+    for kind, columns in (("samples", ("shard_url",)), ("rejects", ()), ("shards", ("shard_url", "shard_origin"))):
+        table = pq.read_table(paths[kind])
+        for column in columns:
+            table = table.set_column(table.schema.get_field_index(column), column,
+                                     pa.array([ref.url] * table.num_rows, pa.string()))
+        write_parquet_atomic(table, paths[kind], stamp)  # the commit record last, as ingest writes them
+
+
+def _commit_state(ws: Workspace, ref: ShardRef, config: ValidationConfig) -> tuple[dict, bool, str | None]:
+    """A shard's committed record (empty if none), whether it was ingested with this config (and its
+    copy is there, for a command), and where it was read from."""
+    paths = _paths(ws, ref.name)
+    chash = config_hash(config.as_dict() | {"version": INGEST_VERSION})
+    spool = ws.owned("sources", f"{ref.name}.tar") if stored_url_refusal(ref.url) else None
+    done = read_parquet_metadata(paths["shards"])
+    same_config = done.get("config_hash") == chash and (spool is None or spool.is_file())
+    origin = (done.get("origin") or _record_of(paths["shards"]).get("shard_origin")) if done else None
+    return done, same_config, origin
+
+
+def committed_unchanged(ws: Workspace, ref: ShardRef, config: ValidationConfig) -> bool:
+    """Whether ingest would skip this shard without reading it: committed from this place, with this
+    config, and its stat unchanged."""
+    done, same_config, origin = _commit_state(ws, ref, config)
+    stat = done.get("stat", done.get("fingerprint"))  # records before content fingerprints: the stat
+    return same_config and stat == ref.fingerprint and origin == ref.url
+
+
 def ingest_shard(ws_root: str, ref: ShardRef, config: ValidationConfig) -> ShardResult:
-    """Ingest one shard; skip it if it was committed with the same fingerprint and config."""
+    """Ingest one shard; skip it if it was committed with the same content and config (pointing the
+    records at its new place if it moved); refuse it if its name is another file's with other bytes."""
     ws = Workspace(Path(ws_root))
     paths = _paths(ws, ref.name)
     chash = config_hash(config.as_dict() | {"version": INGEST_VERSION})
     # later stages re-open stored URLs as data only, never as commands: they read ingest's copy
     spool = ws.owned("sources", f"{ref.name}.tar") if stored_url_refusal(ref.url) else None
-    done = read_parquet_metadata(paths["shards"])
-    if (done.get("fingerprint") == ref.fingerprint and done.get("config_hash") == chash
-            and (spool is None or spool.is_file())):
+    if committed_unchanged(ws, ref, config):
         return ShardResult(shard=ref.name, skipped=True)
+    done, same_config, origin = _commit_state(ws, ref, config)
+    content = content_fingerprint(ref) if done else None
+    if same_config and done.get("fingerprint") in (content, ref.fingerprint):
+        if spool is None:  # the same bytes somewhere else: no sample changes, no later stage redoes a thing
+            _relocate(paths, ref, done)
+        return ShardResult(shard=ref.name, skipped=True)
+    if done and origin not in (None, ref.url) and done.get("fingerprint") != content:
+        raise WouldOverwrite(f"shard name {ref.name!r} is already ingested from {origin}, with other bytes than "
+                             f"{ref.url}: ingest this crawl with --source NAME (its shards become NAME-{ref.name})")
+    content = content or content_fingerprint(ref)
 
     start = time.perf_counter()
     rows: list[dict] = []
@@ -178,14 +239,14 @@ def ingest_shard(ws_root: str, ref: ShardRef, config: ValidationConfig) -> Shard
         stream.close()
 
     seconds = time.perf_counter() - start
-    stamp = {"fingerprint": ref.fingerprint, "config_hash": chash, "stage": STAGE}
+    stamp = {"fingerprint": content, "config_hash": chash, "stage": STAGE, "stat": ref.fingerprint, "origin": ref.url}
     write_parquet_atomic(pa.Table.from_pylist(rows, schema=schemas.SAMPLES), paths["samples"], stamp)
     write_parquet_atomic(pa.Table.from_pylist(rejects, schema=schemas.REJECTS), paths["rejects"], stamp)
     record = {
         "shard": ref.name,
         "shard_url": shard_url,
         "shard_origin": ref.url,
-        "fingerprint": ref.fingerprint,
+        "fingerprint": content,
         "config_hash": chash,
         "n_read": n_read,
         "n_accepted": len(rows),

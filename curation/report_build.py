@@ -22,6 +22,7 @@ import pandas as pd
 
 from . import catalog, report_data, report_plots
 from . import report_html as H
+from .coverage import class_coverage, coverage_text
 from .report import labelled, quality_rows, roc_curves
 from .report_thumbs import thumbnails
 from .selection_members import backfill
@@ -209,6 +210,15 @@ def dups_section(clusters: pd.DataFrame, thumbs: dict[str, str]) -> H.Section:
                      + H.montage(("cluster", "members"), rows))
 
 
+def _coverage_line(manifest: dict) -> str:
+    """The selection's class coverage, from its counts (a manifest from elsewhere may hold anything)."""
+    counts = manifest.get("counts_per_class")
+    try:
+        return coverage_text(class_coverage(counts if isinstance(counts, dict) else {}, manifest.get("num_classes")))
+    except (TypeError, ValueError):
+        return ""
+
+
 def selections_section(selections: list[dict]) -> H.Section:
     if not selections:
         return H.Section("selections", "Selections", H.note("No selection yet (run `webdistill select`)."))
@@ -216,7 +226,8 @@ def selections_section(selections: list[dict]) -> H.Section:
     for sel in selections:
         m = sel["manifest"]
         facts = H.table(["", ""], [
-            ["size", sel["size"]], ["policy", sel["policy"] or ""], ["query", sel["query"] or ""],
+            ["size", sel["size"]], ["class coverage", _coverage_line(m)], ["policy", sel["policy"] or ""],
+            ["policy steps", m.get("policy_steps") or ""], ["query", sel["query"] or ""],
             ["score run", sel["score_run"] or ""], ["teacher", m.get("teacher") or ""],
             ["curated shards", len(m.get("shards") or [])], ["weight sum", m.get("weight_sum")],
             ["lost (bytes changed since ingest)", len(m.get("lost") or [])],

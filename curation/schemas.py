@@ -76,11 +76,18 @@ SCORE_COLUMNS: dict[str, str] = {
     "bn_score": "BatchNorm-statistics score: -sum over BN layers and channels of mean_hw(u)^2, u=(a-beta)/gamma; "
                 "white-box, needs no data",
     "mahalanobis": "minus the Mahalanobis distance of teacher features to the nearest class mean (tied covariance), "
-                   "class statistics from the pool's confidently pseudo-labelled samples (Lee et al. 2018)",
+                   "class means and a Ledoit-Wolf shrunk covariance of the reference set: by default the pool's "
+                   "samples several label-free scores agree on, at most a quota per pseudo-label, refined in rounds "
+                   "(score --reference; docs/reference.md) (Lee et al. 2018)",
     "rel_mahalanobis": "minus the relative Mahalanobis distance: class distance minus the distance to the background "
                        "Gaussian of the reference samples (Ren et al. 2021)",
-    "knn_teacher": "cosine similarity of teacher features to the k-th nearest confident reference sample "
-                   "(Sun et al. 2022)",
+    "mahalanobis_layers": "multi-layer Mahalanobis: the mean over the feature layers (score --feature-layers; default "
+                          "the classifier's input and the teacher's last two stages, pooled) of minus each layer's "
+                          "Mahalanobis distance divided by its dimension, with class Gaussians of the same "
+                          "reference set as mahalanobis (Lee et al. 2018); for nn.Module, TorchScript and .pt2 "
+                          "teachers alike",
+    "knn_teacher": "cosine similarity of teacher features to the k-th nearest sample of the reference set "
+                   "(as for mahalanobis; score --reference) (Sun et al. 2022)",
     "scale": "SCALE: energy logsumexp(W f' + b) of the teacher's logits recomputed from its penultimate features f "
              "scaled by exp(s1/s2), s1 = sum(f), s2 = sum of the top 15% of f (p=85) (Xu et al. 2024)",
     "ash": "ASH-S: energy logsumexp(W f' + b) of the logits from f with all but its top 10% zeroed (p=90) and the rest "
@@ -98,9 +105,11 @@ SCORE_COLUMNS: dict[str, str] = {
     "agreement": "1 when teacher and student predict the same class, else 0 (with --student)",
     "neg_kl": "minus KL(teacher || student) of the softmax outputs (with --student)",
     "neg_js": "minus the Jensen-Shannon divergence of teacher and student softmax outputs (with --student)",
-    "kd3_label": "KD^3 combined prediction a*p_T + (1-a)*p_S: its label (teacher alone without a student)",
+    "kd3_label": ("KD^3 combined prediction softmax(a*z_T + (1-a)*z_S) (logits mixed, as the official code): "
+                  "its label (teacher alone without a student)"),
     "kd3_conf": "KD^3 combined prediction: its confidence",
-    "kd3_threshold": "KD^3 class-adaptive threshold tau*s_c/(2-s_c) of the sample's combined label",
+    "kd3_threshold": ("KD^3 class-adaptive threshold tau*s_c/(2-s_c), s_c = N_c/max N over every combined "
+                      "prediction, of the sample's combined label"),
     "kd3_pass": "true when kd3_conf exceeds kd3_threshold (Tang et al. 2023)",
     "decoded": "false when the image could not be decoded again at scoring time (its scores are null)",
 }
@@ -111,7 +120,8 @@ SCORES = pa.schema(
      *[(c, pa.float32()) for c in ("msp", "max_logit", "energy", "neg_entropy", "gen", "bn_score", "scale", "ash",
                                    "odin")],
      ("kd3_label", pa.int32()), ("kd3_conf", pa.float32()), ("teacher_logits", pa.list_(pa.float32())),
-     ("mahalanobis", pa.float32()), ("rel_mahalanobis", pa.float32()), ("knn_teacher", pa.float32()),
+     ("mahalanobis", pa.float32()), ("rel_mahalanobis", pa.float32()), ("mahalanobis_layers", pa.float32()),
+     ("knn_teacher", pa.float32()),
      ("react", pa.float32()), ("fused", pa.float32()),
      ("kd3_threshold", pa.float32()), ("kd3_pass", pa.bool_())]
 )

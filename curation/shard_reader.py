@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from .errors import ShardReadError
+from .progress import bar_disabled
 from .shards import TruncatedShard, iter_samples, open_stored_shard
 from .workspace import Workspace, read_parquet_metadata
 
@@ -39,38 +40,57 @@ class ShardJob:
 
 
 class ShardImages(IterableDataset):
-    """Yields (job index, row, image tensor, ok) for the accepted samples of each job's shard."""
+    """Yields batches (job index, rows, images, ok) of the accepted samples of each job's shard. A
+    batch never spans two shards, so a shard's outputs depend on its own samples alone: a rerun that
+    skips finished shards computes the rest bit for bit as an uninterrupted run (the model's kernels
+    differ in their last bits with a batch's size and mix)."""
 
-    def __init__(self, jobs: list[ShardJob], preprocess, blank: torch.Tensor):
-        self.jobs, self.preprocess, self.blank = jobs, preprocess, blank
+    def __init__(self, jobs: list[ShardJob], preprocess, blank: torch.Tensor, batch_size: int):
+        self.jobs, self.preprocess, self.blank, self.batch_size = jobs, preprocess, blank, batch_size
 
     def __iter__(self):
         info = get_worker_info()
         mine = range(len(self.jobs)) if info is None else range(info.id, len(self.jobs), info.num_workers)
         for j in mine:
-            job = self.jobs[j]
-            rows = {k: i for i, k in enumerate(job.keys)}
-            seen = set()
-            try:
-                stream = open_stored_shard(job.shard_url)  # a URL from `samples`: data, never a command
-            except ShardReadError:  # refused or gone: an empty stream, so every row is flagged below
-                stream = io.BytesIO()
-            try:
-                for raw in iter_samples(stream):
-                    row = rows.get(raw.key)
-                    if row is None:
-                        continue
-                    seen.add(row)
-                    try:
-                        yield j, row, self.preprocess(Image.open(io.BytesIO(raw.files[job.ext[row]]))), True
-                    except Exception:  # noqa: BLE001 - the shard changed since ingest: keep the row, flag it
-                        yield j, row, self.blank, False
-            except TruncatedShard:
-                pass  # ingest kept only samples before the cut; anything missing is flagged below
-            finally:
-                stream.close()
-            for row in set(range(len(job.keys))) - seen:
-                yield j, row, self.blank, False
+            batch = []
+            for row, image, ok in self._samples(j):
+                batch.append((row, image, ok))
+                if len(batch) == self.batch_size:
+                    yield _collate(j, batch)
+                    batch = []
+            if batch:
+                yield _collate(j, batch)
+
+    def _samples(self, j: int):
+        job = self.jobs[j]
+        rows = {k: i for i, k in enumerate(job.keys)}
+        seen = set()
+        try:
+            stream = open_stored_shard(job.shard_url)  # a URL from `samples`: data, never a command
+        except ShardReadError:  # refused or gone: an empty stream, so every row is flagged below
+            stream = io.BytesIO()
+        try:
+            for raw in iter_samples(stream):
+                row = rows.get(raw.key)
+                if row is None:
+                    continue
+                seen.add(row)
+                try:
+                    yield row, self.preprocess(Image.open(io.BytesIO(raw.files[job.ext[row]]))), True
+                except Exception:  # noqa: BLE001 - the shard changed since ingest: keep the row, flag it
+                    yield row, self.blank, False
+        except TruncatedShard:
+            pass  # ingest kept only samples before the cut; anything missing is flagged below
+        finally:
+            stream.close()
+        for row in sorted(set(range(len(job.keys))) - seen):
+            yield row, self.blank, False
+
+
+def _collate(j: int, batch: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    rows, images, oks = zip(*batch)
+    return (torch.full((len(rows),), j, dtype=torch.long), torch.tensor(rows), torch.stack(images),
+            torch.tensor(oks))
 
 
 def stored_originals(rows: pd.DataFrame) -> Iterator[tuple[pd.Series, bytes | None]]:
@@ -130,13 +150,13 @@ def load_images(jobs: list[ShardJob], preprocess, batch_size: int = 512, workers
     """Yield (job index, rows, uint8 image batch, ok) over the jobs' accepted samples."""
     blank = preprocess(Image.new("RGB", (8, 8)))
     workers = max(0, min(workers, len(jobs)))
-    loader = DataLoader(ShardImages(jobs, preprocess, blank), batch_size=batch_size, num_workers=workers,
+    loader = DataLoader(ShardImages(jobs, preprocess, blank, batch_size), batch_size=None, num_workers=workers,
                         prefetch_factor=4 if workers else None, pin_memory=torch.cuda.is_available(),
                         worker_init_fn=_low_priority_worker if workers else None,
                         # forkserver: workers start from a clean process, not a fork of one that
                         # runs Prefect's or Dask's threads (a fork of those can die at start)
                         multiprocessing_context="forkserver" if workers else None)
-    with tqdm(total=sum(len(j.keys) for j in jobs), desc=desc, unit="img", disable=not progress or None) as bar:
+    with tqdm(total=sum(len(j.keys) for j in jobs), desc=desc, unit="img", disable=bar_disabled(progress)) as bar:
         for batch in loader:
             yield batch
             bar.update(len(batch[2]))

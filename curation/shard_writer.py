@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import fcntl
 import hashlib
 import io
 import json
@@ -27,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import webdataset as wds
 
-from .errors import WebdistillError
+from .files import name_lock  # in files since the catalog takes it too (without webdataset)
 from .workspace import remove_tree
 
 
@@ -127,26 +126,6 @@ def swap_into_place(tmp: Path, final: Path) -> None:
     os.rename(final, old)
     os.rename(tmp, final)
     os.rename(old, tmp)  # the caller removes it, as after an exchange
-
-
-@contextmanager
-def name_lock(parent: Path, name: str, wait: bool = True) -> Iterator[bool]:
-    """Hold `parent/.lock-<name>` (True), or, with wait=False, False when another process holds it.
-    The kernel drops the lock when its holder dies, so a killed writer never blocks the next one."""
-    path = parent / f".lock-{name}"
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
-    except OSError as exc:
-        raise WebdistillError(f"cannot open the lock file {path}: {exc.strerror}") from exc
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            yield False
-            return
-        yield True
-    finally:
-        os.close(fd)
 
 
 def _recover(parent: Path, name: str) -> None:

@@ -59,6 +59,7 @@ from distill.spec import LoadedModel, ModelSpecError, load_model
 from .catalog import candidate_sources
 from .embedders import Geometry, SquareResize, spec_fingerprint
 from .errors import WebdistillError
+from .progress import bar_disabled
 from .shard_reader import ShardJob, load_images, shard_jobs
 from .shard_writer import ShardSink, logits_npy, read_manifest, staging, swap_into_place
 from .stage_config import Device, Real, stage_config
@@ -243,7 +244,7 @@ def train_cvae(images: torch.Tensor, labels: torch.Tensor, num_classes: int, con
         opt = torch.optim.Adam(cvae.parameters(), lr=config.vae_lr)
         order = torch.Generator().manual_seed(config.seed)
         steps = config.vae_epochs * -(-len(images) // config.vae_batch_size)
-        with tqdm(total=steps, desc="synthesize: train cVAE", unit="batch", disable=not progress or None) as bar:
+        with tqdm(total=steps, desc="synthesize: train cVAE", unit="batch", disable=bar_disabled(progress)) as bar:
             for _ in range(config.vae_epochs):
                 for idx in torch.randperm(len(images), generator=order).split(config.vae_batch_size):
                     recon, kl = vae_loss(cvae, images[idx].to(device), labels[idx].to(device))
@@ -332,7 +333,7 @@ def latent_search(cvae: CVAE, teacher: LoadedModel, labels: torch.Tensor, config
     rng = torch.Generator().manual_seed(config.seed)
     images, logits = [], []
     with tqdm(total=len(labels), desc=f"synthesize: {config.search} search", unit="latent",
-              disable=not progress or None) as bar:
+              disable=bar_disabled(progress)) as bar:
         for eps_chunk, y_chunk in zip(eps0.split(config.batch_size), labels.split(config.batch_size)):
             eps, y = eps_chunk.clone().to(device), y_chunk.to(device)
             active = torch.arange(len(eps), device=device)
@@ -449,7 +450,8 @@ def _sample(name: str, digest: str, label: int, index: int, seed: int, image: to
 def _inputs_hash(config: SynthConfig, run: str, files: list[Path]) -> str:
     """Config (less the worker count) + teacher files + the scoring run's per-shard stamps."""
     stamps = [(f.name, pq.read_schema(f).metadata.get(b"stamp", b"").decode()) for f in files]
-    settings = {k: v for k, v in asdict(config).items() if k not in ("workers", "trust_model_code")}
+    # the teacher by content (spec_fingerprint), not by its path: a moved workspace redoes nothing
+    settings = {k: v for k, v in asdict(config).items() if k not in ("workers", "trust_model_code", "teacher")}
     return config_hash({"config": settings, "teacher": spec_fingerprint(config.teacher), "score_run": run,
                         "stamps": stamps, "version": SYNTH_VERSION})
 

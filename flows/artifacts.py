@@ -31,11 +31,14 @@ def publish_summary(stage: str, summary: dict, title: str | None = None) -> None
 def publish_coverage(summary: dict) -> None:
     """A selection's samples per pseudo-class: the first thing to check (a policy that lets one class
     take the budget gives a poor student)."""
+    from curation.coverage import coverage_text
+
     counts = summary.get("counts_per_class") or {}
     rows = [{"class": k, "samples": int(v)} for k, v in counts.items()]
+    coverage = coverage_text(summary["coverage"]) if summary.get("coverage") else "class coverage unknown"
     create_table_artifact(table=rows or [{"class": None, "samples": 0}], key="selection-coverage",
                           description=f"selection {summary.get('name')}: {summary.get('size')} samples from scoring "
-                          f"run {summary.get('score_run')}, per pseudo-class")
+                          f"run {summary.get('score_run')}, per pseudo-class ({coverage})")
 
 
 def publish_rounds(rounds: list[dict]) -> None:

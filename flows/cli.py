@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
+import re
 import sys
 import traceback
 from pathlib import Path
@@ -23,23 +23,32 @@ for _var, _value in (("HF_HUB_OFFLINE", "1"), ("PREFECT_SERVER_ANALYTICS_ENABLED
                      ("OMP_WAIT_POLICY", "PASSIVE")):
     os.environ.setdefault(_var, _value)
 
-# Cheap imports only at the top: `webdistill --help` must stay fast. The stage modules (torch,
-# open_clip, FAISS, webdataset: seconds to import) are imported inside the verbs that use them, and
-# Prefect only by the verbs that run flows (run, serve, demo).
-import duckdb  # noqa: E402 - these three are loaded by the catalog anyway
-import pyarrow as pa  # noqa: E402
-import pyarrow.csv as pacsv  # noqa: E402
+# Cheap imports only at the top: `webdistill --help` and `webdistill sql` must stay fast. The stage
+# modules (torch, open_clip, FAISS, webdataset: seconds to import) are imported inside the verbs that
+# use them, Prefect only by the verbs that run flows (run, serve, demo), and pandas (policies), PIL
+# (validate) and fsspec (remote) only where a verb needs them.
+import pyarrow as pa  # noqa: E402 - loaded by the catalog anyway
 
-from curation import catalog, policies, user_sql  # noqa: E402
+from curation import catalog, user_sql  # noqa: E402
 from curation.errors import WebdistillError, first_line, missing_storage_package, storage_error  # noqa: E402
-from curation.remote import is_remote, synced  # noqa: E402
-from curation.validate import ValidationConfig  # noqa: E402
+from curation.files import is_remote  # noqa: E402
 from curation.workspace import resolve_workspace  # noqa: E402
 from flows import stage_runner  # noqa: E402
+from flows.cli_output import FORMATS, write_result  # noqa: E402
 from flows.stage_runner import StageFailed  # noqa: E402
 
 
 class _Parser(argparse.ArgumentParser):
+    @property
+    def description(self) -> str | None:
+        if callable(self._description):  # made when first read (--help): it imports what it describes
+            self._description = self._description()
+        return self._description
+
+    @description.setter
+    def description(self, value) -> None:
+        self._description = value
+
     def error(self, message: str) -> None:  # one line, not usage + error
         print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
         raise SystemExit(2)
@@ -74,6 +83,14 @@ def _error(message: str) -> None:
     print(f"webdistill: error: {message}", file=sys.stderr)
 
 
+def _progress_line(line: str) -> None:
+    """A phase of long work, on stderr when it is a terminal, as progress bars are (so that a failing
+    verb's stderr stays its one error line); WEBDISTILL_PROGRESS=1 shows it anywhere, 0 (-q) nowhere."""
+    wanted = os.environ.get("WEBDISTILL_PROGRESS")
+    if wanted == "1" or (wanted != "0" and sys.stderr.isatty()):
+        print(line, file=sys.stderr, flush=True)
+
+
 def _counts(counts: dict[str, int]) -> str:
     """` (reason: n, ...)`, or nothing for no counts."""
     return " (" + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) + ")" if counts else ""
@@ -83,50 +100,30 @@ def _absolute_if_file(path: str) -> str:
     return str(Path(path).resolve()) if Path(path).exists() else path
 
 
-# --- output: table, CSV, JSON ---------------------------------------------------------------
+# --- output ------------------------------------------------------------------------------
 
-def _json_safe(value):
-    """`value` as standard JSON can hold it: NaN and +/-Infinity become null."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
-def _json_text(value) -> str:
-    return json.dumps(_json_safe(value), default=str, allow_nan=False)
-
-
-def _csv_ready(batch):
-    """A batch CSV can hold: list, struct and map columns (teacher_logits) as JSON text."""
-    columns = [pa.array([None if v is None else _json_text(v) for v in col.to_pylist()], pa.string())
-               if pa.types.is_nested(col.type) else col for col in batch.columns]
-    return pa.RecordBatch.from_arrays(columns, names=batch.schema.names)
+def _print_table(table, args: argparse.Namespace, keep: tuple[str, ...] = ()) -> None:
+    """Write a result as the user asked (--format, --out, --max-rows, --max-width)."""
+    out = getattr(args, "out", None)
+    if args.format == "parquet" and not out:
+        raise WebdistillError("--format parquet writes a file: give it --out FILE")
+    try:
+        write_result(table, args.format, out, max_rows=getattr(args, "max_rows", None) or 40,
+                     max_width=getattr(args, "max_width", None), keep=keep)
+    except OSError as exc:
+        raise WebdistillError(f"cannot write {out}: {exc.strerror or exc}") from exc
+    if out:
+        print(f"{table.num_rows} rows written to {out} ({args.format})", file=sys.stderr)
 
 
-def _print_table(table, args: argparse.Namespace) -> None:
-    """Write a result as a table, CSV or JSON (valid JSON: NaN is null), one batch at a time."""
-    if args.format == "csv":
-        sys.stdout.flush()
-        schema = _csv_ready(pa.RecordBatch.from_pylist([], schema=table.schema)).schema
-        with pacsv.CSVWriter(sys.stdout.buffer, schema) as writer:
-            for batch in table.to_batches():
-                writer.write_batch(_csv_ready(batch))
-        sys.stdout.buffer.flush()
-    elif args.format == "json":
-        sys.stdout.write("[")
-        sep = ""
-        for batch in table.to_batches():
-            for row in batch.to_pylist():
-                sys.stdout.write(sep + _json_text(row))
-                sep = ", "
-        sys.stdout.write("]\n")
-    else:
-        max_rows = getattr(args, "max_rows", None) or 40
-        duckdb.from_arrow(table).show(max_rows=max_rows, max_width=getattr(args, "max_width", None))
+def _output_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--format", choices=FORMATS, default="table",
+                   help="output format (default: table, fitted to the terminal); csv and json hold every column "
+                   "(lists and structs are JSON text in csv, NaN is null in json, JSON columns are JSON values); "
+                   "parquet needs --out")
+    p.add_argument("--out", default=None, help="write the result to FILE instead of stdout (any --format)")
+    p.add_argument("--max-width", type=int, default=None,
+                   help="width of --format table (default: the terminal's); columns that do not fit are named")
 
 
 # --- crawl ----------------------------------------------------------------------------------
@@ -194,6 +191,8 @@ def add_crawl_parser(sub, ws: argparse.ArgumentParser) -> None:
 # --- ingest ---------------------------------------------------------------------------------
 
 def cmd_ingest(args: argparse.Namespace) -> int:
+    from curation.validate import ValidationConfig
+
     ws = resolve_workspace(args.workspace)
     config = ValidationConfig(max_image_bytes=args.max_image_bytes, max_pixels=args.max_pixels, min_side=args.min_side)
     try:
@@ -284,15 +283,15 @@ def add_sql_parser(sub, ws: argparse.ArgumentParser) -> None:
     p = sub.add_parser("sql", parents=[ws], help="run read-only SQL against the catalog",
                        description="Run one read-only SELECT against catalog.duckdb. Views: "
                        + ", ".join(f"{k} ({v.description})" for k, v in catalog.VIEWS.items())
-                       + "; candidates (samples with their clusters and latest scores); tables: runs, selections, "
-                       "students, score_columns. Only a SELECT (or EXPLAIN of one) that reads runs: writes, COPY, "
-                       "ATTACH, INSTALL/LOAD, SET, query() and files outside the workspace are refused, whatever wraps "
-                       "them. Every query is bounded in time, output rows and bytes, and temp space.")
+                       + "; candidates (samples with their clusters and latest scores, as of the last refresh); "
+                       "tables: runs, selections, students, score_columns. Only a SELECT (or EXPLAIN of one) that "
+                       "reads runs: writes, COPY, ATTACH, INSTALL/LOAD, SET, query() and files outside the workspace "
+                       "are refused, whatever wraps them. Every query is bounded in time, output rows and bytes, and "
+                       "temp space.")
     p.add_argument("query", nargs="?", default=None,
                    help='e.g. "SELECT reason, count(*) FROM rejects GROUP BY reason"; - reads it from stdin')
     p.add_argument("-f", "--file", default=None, help="read the query from FILE (- for stdin)")
-    p.add_argument("--format", choices=["table", "csv", "json"], default="table",
-                   help="output format (default: table); lists and structs are JSON text in csv, NaN is null in json")
+    _output_options(p)
     p.add_argument("--max-rows", type=int, default=None,
                    help="rows shown by --format table (default: 40); the most rows csv/json output, past it the "
                    "query is refused (default: 100000)")
@@ -302,7 +301,6 @@ def add_sql_parser(sub, ws: argparse.ArgumentParser) -> None:
                    help="seconds before the query is stopped (default: %(default)s)")
     p.add_argument("--max-temp-bytes", type=int, default=catalog.USER_LIMITS.max_temp_bytes,
                    help="temp space the query may spill to, removed after it (default: %(default)s)")
-    p.add_argument("--max-width", type=int, default=None, help="width of --format table (default: terminal)")
     p.set_defaults(func=cmd_sql)
 
 
@@ -333,7 +331,8 @@ def add_refresh_parser(sub, ws: argparse.ArgumentParser) -> None:
 def cmd_embed(args: argparse.Namespace) -> int:
     ws = resolve_workspace(args.workspace)
     summary = stage_runner.run_embed(ws, args.embedder, args.pretrained, args.teacher, args.device, args.precision,
-                                     args.batch_size, args.workers, args.trust_model_code, progress=True)
+                                     args.batch_size, args.workers, args.trust_model_code, progress=True,
+                                     feature_layers=args.feature_layers)
     if args.embedder.startswith("open_clip:") and not args.pretrained:
         print("embed: no --pretrained weights: the vectors come from a randomly initialised model", file=sys.stderr)
     rate = f" at {summary['samples'] / summary['seconds']:.0f} images/s" if summary["seconds"] else ""
@@ -355,6 +354,11 @@ def add_embed_parser(sub, ws: argparse.ArgumentParser) -> None:
                    help="open_clip:<model name> (any open_clip model) or teacher (default: %(default)s)")
     p.add_argument("--pretrained", default=None, help="open_clip pretrained tag or a local checkpoint path")
     p.add_argument("--teacher", default=None, help="teacher model spec, for --embedder teacher. " + MODEL_SPECS)
+    p.add_argument("--feature-layers", default=None, metavar="LAYER,...",
+                   help="--embedder teacher: the layers whose pooled outputs form the vector, each L2-normalised and "
+                   "concatenated: module names as in named_modules() (layer4, features.12), NAME:input, or penultimate "
+                   "(the classifier's input), for nn.Module, TorchScript and .pt2 teachers alike "
+                   "(default: penultimate)")
     p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default: %(default)s)")
     p.add_argument("--workers", type=int, default=2, help="decode workers, at idle priority (default: %(default)s)")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
@@ -377,7 +381,7 @@ def _index_config(args: argparse.Namespace):
 def cmd_index(args: argparse.Namespace) -> int:
     ws = resolve_workspace(args.workspace)
     config = _index_config(args)
-    out = stage_runner.run_index(ws, args.embedder, config, workers=args.workers)
+    out = stage_runner.run_index(ws, args.embedder, config, workers=args.workers, say=_progress_line)
     meta, dups = out["index"], out["dups"]
     print(f"index {meta['embedder']}: {meta['kind']} index of {meta['size']} vectors (dim {meta['dim']})"
           + (" unchanged" if meta["skipped"] else f" built in {meta['seconds']:.1f}s"))
@@ -451,7 +455,7 @@ def cmd_knn(args: argparse.Namespace) -> int:
     meta = {m["sample_id"]: m for m in found}
     table = pa.Table.from_pylist([r | {k: v for k, v in meta.get(r["sample_id"], {}).items() if k != "sample_id"}
                                   for r in rows])
-    _print_table(table, args)
+    _print_table(table, args, keep=("query", "rank", "sample_id", "similarity"))
     return 0
 
 
@@ -464,8 +468,7 @@ def add_knn_parser(sub, ws: argparse.ArgumentParser) -> None:
     q.add_argument("--image", nargs="+", help="query by image file(s)")
     q.add_argument("--text", nargs="+", help="query by text (embedders with a text tower)")
     p.add_argument("-k", type=int, default=10, help="neighbours per query (default: %(default)s)")
-    p.add_argument("--format", choices=["table", "csv", "json"], default="table",
-                   help="output format (default: %(default)s)")
+    _output_options(p)
     _trust_option(p)  # a teacher embedder's model is loaded again to embed the queries
     p.set_defaults(func=cmd_knn)
 
@@ -511,17 +514,27 @@ def cmd_score(args: argparse.Namespace) -> int:
     config = ScoreConfig(teacher=args.teacher, student=args.student, name=args.name, batch_size=args.batch_size,
                          workers=args.workers, odin=not args.no_odin, odin_temperature=args.odin_temperature,
                          odin_epsilon=args.odin_epsilon, kd3_alpha=args.kd3_alpha, kd3_tau=args.kd3_tau,
-                         reference_confidence=args.reference_confidence, knn_k=args.knn_k,
-                         device=args.device or ("cuda" if _cuda() else "cpu"), trust_model_code=args.trust_model_code)
+                         reference_confidence=args.reference_confidence, knn_k=args.knn_k, reference=args.reference,
+                         reference_rounds=args.reference_rounds, reference_top=args.reference_top,
+                         feature_layers=args.feature_layers, device=args.device or ("cuda" if _cuda() else "cpu"),
+                         trust_model_code=args.trust_model_code)
     summary = stage_runner.run_score(ws, config, progress=True)
     rate = f" at {summary['samples'] / summary['seconds']:.0f} images/s" if summary["seconds"] else ""
     print(f"score {config.name}: {summary['scored']} shard(s), {summary['samples']} samples{rate}; "
-          f"{summary['skipped']} unchanged and skipped; {summary['reference_samples']} confident reference samples "
-          f"(teacher_conf >= {config.reference_confidence}). Query them: webdistill sql \"SELECT * FROM candidates\" "
-          f"(columns: SELECT * FROM score_columns)")
+          f"{summary['skipped']} unchanged and skipped; {_reference_line(summary.get('reference'))}. "
+          f"Query them: webdistill sql \"SELECT * FROM candidates\" (columns: SELECT * FROM score_columns)")
     for note in summary.get("notes") or ():
         print(f"score {config.name}: note: {note}", file=sys.stderr)
     return 0
+
+
+def _reference_line(ref: dict | None) -> str:
+    if not ref:
+        return "no reference set"
+    classes = len(ref.get("per_class") or {})
+    how = {"agreement": f"agreed on by several scores, {ref.get('rounds', 0)} refinement round(s)",
+           "confidence": "the teacher's most confident"}.get(ref["kind"], f"images of {ref.get('source')}")
+    return f"reference set: {ref['size']} samples over {classes} classes ({how})"
 
 
 def add_score_parser(sub, ws: argparse.ArgumentParser) -> None:
@@ -530,7 +543,7 @@ def add_score_parser(sub, ws: argparse.ArgumentParser) -> None:
                        "store per-sample scores in the `scores` view, all with higher = more in-distribution: MSP, max "
                        "logit, energy, negative entropy, GEN, ODIN, the BatchNorm-statistics score, Mahalanobis and "
                        "relative Mahalanobis, SCALE, ASH, ReAct, a fused rank of the label-free scores, kNN to the "
-                       "pool's confident samples, the teacher's pseudo-label, "
+                       "reference set (--reference), the teacher's pseudo-label, "
                        "confidence and logits, and with a student agreement, KL, JS and the KD^3 combined "
                        "prediction. `SELECT * FROM score_columns` documents each. " + MODEL_SPECS)
     p.add_argument("--teacher", required=True, help="teacher model spec (see above)")
@@ -543,11 +556,24 @@ def add_score_parser(sub, ws: argparse.ArgumentParser) -> None:
     p.add_argument("--odin-epsilon", type=float, default=0.0014,
                    help="ODIN input step, in [0,1] pixel units (default: %(default)s)")
     p.add_argument("--kd3-alpha", type=float, default=0.5,
-                   help="teacher weight a in KD^3's combined prediction a*p_T+(1-a)*p_S (default: %(default)s)")
+                   help="KD^3's teacher weight a in softmax(a*z_T+(1-a)*z_S) (default: %(default)s)")
     p.add_argument("--kd3-tau", type=float, default=0.95, help="KD^3 base threshold tau (default: %(default)s)")
+    p.add_argument("--reference", default="agreement", metavar="agreement|confidence|DIR",
+                   help="the reference set of Mahalanobis and kNN: samples several label-free scores agree on, refined "
+                   "in rounds (agreement), the teacher's most confident (confidence), or a folder of target images "
+                   "(class_name/*.png or flat; even 10 per class); docs/reference.md (default: %(default)s)")
+    p.add_argument("--reference-rounds", type=int, default=2,
+                   help="agreement: refinement rounds, each fitting class Gaussians, re-picking (default: %(default)s)")
+    p.add_argument("--reference-top", type=float, default=0.01,
+                   help="agreement: the reference set's size as a share of the pool (default: %(default)s)")
     p.add_argument("--reference-confidence", type=float, default=0.99,
-                   help="teacher confidence of the reference samples for Mahalanobis and kNN (default: %(default)s)")
+                   help="--reference confidence: the teacher confidence of its samples (default: %(default)s)")
     p.add_argument("--knn-k", type=int, default=10, help="k of the kNN score (default: %(default)s)")
+    p.add_argument("--feature-layers", default=None, metavar="LAYER,...",
+                   help="the layers of mahalanobis_layers (pooled, one Mahalanobis each, averaged): module names as in "
+                   "named_modules() (layer3, features.12), NAME:input, or penultimate (the classifier's input); "
+                   "nn.Module, TorchScript and .pt2 teachers alike. A name the teacher lacks is an error that lists "
+                   "its layers (default: penultimate and the last two stages)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     _trust_option(p)
     p.set_defaults(func=cmd_score)
@@ -556,16 +582,19 @@ def add_score_parser(sub, ws: argparse.ArgumentParser) -> None:
 # --- select, synthesize ---------------------------------------------------------------------
 
 def cmd_select(args: argparse.Namespace) -> int:
+    from curation.coverage import coverage_text
     from curation.select import SelectConfig
 
     ws = resolve_workspace(args.workspace)
     config = SelectConfig(name=args.name, sql=args.sql, policy=args.policy, limit=args.limit,
                           shard_size=args.shard_size, seed=args.seed, synthetic=tuple(args.synthetic or ()),
                           score_run=args.score_run)
-    out = stage_runner.run_select(ws, config)
+    out = stage_runner.run_select(ws, config, overwrite=args.overwrite)
     status = "unchanged" if out["unchanged"] else f"written in {out['shards']} shard(s)"
-    print(f"select {config.name}: {out['size']} samples {status} at {out['path']}; "
-          f"per class: {out['counts_per_class']}; scores from run {out['score_run']}")
+    print(f"select {config.name}: {out['size']} samples ({coverage_text(out['coverage'])}) {status} at "
+          f"{out['path']}; per class: {out['counts_per_class']}; scores from run {out['score_run']}")
+    if out["policy"] == "default":
+        print(f"select {config.name}: policy default = {out['policy_steps']}")
     for note in out["notes"]:
         print(f"select {config.name}: note: {note}", file=sys.stderr)
     if out["lost"]:
@@ -574,22 +603,37 @@ def cmd_select(args: argparse.Namespace) -> int:
     return 0
 
 
+def _select_description() -> str:
+    from curation import policies  # pandas: imported only for this help text
+
+    return ("Choose samples from the `candidates` view (samples joined with near-duplicate and "
+            "k-means clusters and the scores of one scoring run: --score-run, default the newest) and write "
+            "them to selections/NAME/ as WebDataset shards (original image bytes, json with scores and "
+            "weight, logits.npy, cls) with a manifest.json. Policies compose left to right with '|', "
+            "a step's parameters with ';' (STEP:KEY=VALUE;KEY=VALUE). The steps, with their parameters "
+            f"(KEY required; KEY=DEFAULT or [KEY] optional): {policies.synopsis()}. by= is any SQL "
+            "expression over candidates' columns; balance takes k or per_class; softmax is "
+            "related-first sampling (p ~ exp(s/tau)). Without --sql and --policy, the policy 'default' "
+            "runs: dedup (near-duplicate clusters, else sha256), at most twice a fair share per k-means "
+            "cluster, and a quota per pseudo-class (KD^3's combined prediction), best first by the fused "
+            "score; --limit samples, else a tenth of the candidates. The output gives the class coverage "
+            "(normalized class entropy, smallest class share). "
+            "Example: --policy 'dedup | kd3 | balance:k=2000;by=msp'.")
+
+
 def add_select_parser(sub, ws: argparse.ArgumentParser) -> None:
     p = sub.add_parser("select", parents=[ws],
                        help="pick samples by SQL and/or policies; write curated WebDataset shards",
-                       description="Choose samples from the `candidates` view (samples joined with near-duplicate and "
-                       "k-means clusters and the scores of one scoring run: --score-run, default the newest) and write "
-                       "them to selections/NAME/ as WebDataset shards (original image bytes, json with scores and "
-                       "weight, logits.npy, cls) with a manifest.json. Policies compose left to right with '|', "
-                       "a step's parameters with ';' (STEP:KEY=VALUE;KEY=VALUE). The steps, with their parameters "
-                       f"(KEY required; KEY=DEFAULT or [KEY] optional): {policies.synopsis()}. by= is any SQL "
-                       "expression over candidates' columns; balance takes k or per_class; softmax is "
-                       "related-first sampling (p ~ exp(s/tau)). "
-                       "Example: --policy 'dedup | kd3 | balance:k=2000;by=msp'.")
+                       description=_select_description)
     p.add_argument("--name", required=True, help="selection name (a folder under selections/)")
     p.add_argument("--sql", default=None, help='e.g. "SELECT sample_id FROM candidates WHERE msp > 0.9"')
-    p.add_argument("--policy", default=None, help="policies, applied in order after --sql")
-    p.add_argument("--limit", type=int, default=None, help="keep at most this many samples")
+    p.add_argument("--policy", default=None,
+                   help="policies, applied in order after --sql (default: 'default' when --sql is not given either)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="keep at most this many samples (the size of the default policy: default a tenth of the pool)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a selection of this name made with another --sql/--policy/--limit/--seed/"
+                   "--synthetic (refused otherwise; the same definition on new scores is simply brought up to date)")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per curated shard (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random policies (default: %(default)s)")
     p.add_argument("--synthetic", nargs="+", default=None, metavar="NAME",
@@ -640,6 +684,15 @@ def add_synthesize_parser(sub, ws: argparse.ArgumentParser) -> None:
 
 # --- distill --------------------------------------------------------------------------------
 
+def default_student_name(selection: str, student: str, loss: str) -> str:
+    """SELECTION-STUDENT-LOSS, the student as a name can hold it (torchvision:resnet18 -> torchvision-resnet18,
+    a spec file -> its stem), so runs of different students never share a folder."""
+    student = student.split("@")[0]  # the weights file is not the architecture
+    spec = Path(student)
+    student = spec.stem if spec.suffix in (".json", ".pt2", ".pt", ".ts") else student
+    return "-".join(re.sub(r"[^A-Za-z0-9._-]+", "-", part).strip("-.") for part in (selection, student, loss))
+
+
 def cmd_distill(args: argparse.Namespace) -> int:
     ws = resolve_workspace(args.workspace)
     loss = json.loads(args.loss) if args.loss.startswith("{") else {"method": args.loss}
@@ -653,10 +706,10 @@ def cmd_distill(args: argparse.Namespace) -> int:
         options["teacher"] = _absolute_if_file(args.teacher)
     if args.eval:
         options["eval"] = _absolute_if_file(args.eval)
-    name = args.name if args.name is not None else f"{args.selection}-{options['loss']['method']}"
+    name = args.name if args.name is not None else default_student_name(args.selection, args.student, loss["method"])
     summary = stage_runner.run_distill(str(ws.root), name, args.selection, options,
                                        init_from=_absolute_if_file(args.init_from) if args.init_from else None,
-                                       stream=sys.stderr)
+                                       stream=sys.stderr, overwrite=args.overwrite)
     acc = summary.get("eval_accuracy")
     print(f"distill {name}: {summary.get('steps')} steps in {summary.get('seconds', 0):.0f}s "
           f"on {summary.get('world_size')} process(es)" + (f"; eval accuracy {acc:.4f}" if acc is not None else "")
@@ -689,7 +742,10 @@ def add_distill_parser(sub, ws: argparse.ArgumentParser) -> None:
     p.add_argument("--loader-workers", type=int, default=1, help="DataLoader workers per rank (default: %(default)s)")
     p.add_argument("--eval", default=None, help="labelled WebDataset shards (image + cls) to evaluate on")
     p.add_argument("--init-from", default=None, help="start from these student weights (a previous round's student.pt)")
-    p.add_argument("--name", default=None, help="run name (default: SELECTION-LOSS)")
+    p.add_argument("--name", default=None, help="run name (default: SELECTION-STUDENT-LOSS, e.g. digits-tiny_cnn-kd)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a run of this name trained with another config or on other contents of the "
+                   "selection (refused otherwise; the same job resumes)")
     _trust_option(p)
     p.set_defaults(func=cmd_distill)
 
@@ -723,7 +779,18 @@ def add_report_parser(sub, ws: argparse.ArgumentParser) -> None:
 
 # --- the verbs that run Prefect flows -------------------------------------------------------
 
+def _checked_config(args: argparse.Namespace):
+    """The pipeline YAML checked whole (keys, policies, model specs, devices, input shards) before any
+    stage runs or Prefect starts: a PipelineConfigError names the first bad key, in one line."""
+    from flows.pipeline_check import validate_pipeline
+
+    return validate_pipeline(args.config, trust_model_code=args.trust_model_code)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    cfg = _checked_config(args)
+    if args.dry_run:
+        return cmd_validate(args, cfg)
     from flows.pipeline import pipeline_flow
 
     result = pipeline_flow(args.config, trust_model_code=args.trust_model_code)
@@ -732,34 +799,102 @@ def cmd_run(args: argparse.Namespace) -> int:
         acc = student.get("eval_accuracy")
         print(f"round {r['round']}: selection {sel['name']} of {sel['size']} samples"
               + (f"; student eval accuracy {acc:.4f}" if acc is not None else ""))
+    print("stage seconds: " + ", ".join(f"{stage} {sec:.1f}" for stage, sec in result["timings"].items()))
     return 0
 
 
-def add_run_parser(sub, ws: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("run", help="run the whole pipeline from a YAML config as one Prefect flow, with rounds",
-                       description="Stages from the config (crawl, ingest, embed, index, score, select, distill), as "
-                       "Prefect flows with per-shard tasks; rounds re-score with the latest student, re-select and "
-                       "continue training. See flows/pipeline.py for the config's keys.")
+def cmd_delete(args: argparse.Namespace) -> int:
+    from curation.delete import delete
+
+    ws = resolve_workspace(args.workspace)
+    path = delete(ws, args.kind, args.name)
+    print(f"delete: {args.kind} {args.name} removed ({path}); the catalog's views no longer list it")
+    return 0
+
+
+def add_delete_parser(sub, ws: argparse.ArgumentParser) -> None:
+    from curation.delete import KINDS
+
+    p = sub.add_parser("delete", parents=[ws], help="delete a selection, student, kNN score, scoring run or "
+                       "synthetic set, with its catalog row",
+                       description="Delete one named artifact: its folder (or file) under the workspace, its row in "
+                       "`selections` or `students`, and its columns in the `candidates` view. Nothing outside the "
+                       "workspace folder of that kind is touched. Students keep their selection_sha256, so a "
+                       "deleted selection's students still say which data they trained on.")
+    p.add_argument("kind", choices=list(KINDS), help="what to delete")
+    p.add_argument("name", help="its name (webdistill sql \"SELECT name FROM selections\" lists selections)")
+    p.set_defaults(func=cmd_delete)
+
+
+def cmd_validate(args: argparse.Namespace, cfg=None) -> int:
+    from flows.pipeline_plan import plan_text
+
+    print(plan_text(cfg or _checked_config(args), args.config))
+    return 0
+
+
+def _pipeline_keys_epilog(p: argparse.ArgumentParser) -> None:
+    """--help ends with the YAML's keys, generated from the stages' configs when help is asked for
+    (building them imports the stage configs, which every other command line need not)."""
+    shown = p.format_help
+
+    def format_help() -> str:
+        from flows.pipeline_config import keys_reference
+
+        p.epilog = ("The YAML's keys (relative paths are relative to the YAML's folder; the README shows a whole "
+                    "config):\n" + keys_reference())
+        return shown()
+
+    p.format_help = format_help
+
+
+def _pipeline_parser(sub, verb: str, help: str, description: str) -> argparse.ArgumentParser:
+    """A verb that reads a pipeline YAML: its argument, --trust-model-code and the YAML's keys in --help."""
+    p = sub.add_parser(verb, help=help, formatter_class=argparse.RawDescriptionHelpFormatter, description=description)
     p.add_argument("config", help="pipeline YAML")
     _trust_option(p)  # or `trust_model_code: true` in the YAML
+    _pipeline_keys_epilog(p)
+    return p
+
+
+def add_run_parser(sub, ws: argparse.ArgumentParser) -> None:
+    p = _pipeline_parser(sub, "run", "run the whole pipeline from a YAML config as one Prefect flow, with rounds",
+                         "Stages from the config (crawl, ingest, embed, index, score, select, distill),\n"
+                         "as Prefect flows with per-shard tasks; rounds re-score with the latest student,\n"
+                         "re-select and continue training. The whole config (keys, policies, model specs,\n"
+                         "devices, input shards) is checked before any stage runs.")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the config and print the plan (as `webdistill validate`); run nothing")
     p.set_defaults(func=cmd_run)
 
+
+def add_validate_parser(sub, ws: argparse.ArgumentParser) -> None:
+    p = _pipeline_parser(sub, "validate", "check a pipeline YAML whole and print what `run` would do",
+                         "Check a pipeline YAML as `webdistill run` does before any work (keys, policies,\n"
+                         "model specs without loading them, devices, input shards), then print the plan:\n"
+                         "each stage and round, and what the workspace already holds for it (shards ingested\n"
+                         "unchanged, shards embedded, scoring runs, selections, students). Runs nothing.")
+    p.set_defaults(func=cmd_validate)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from flows.serve import build_deployments, serve_config
 
     names = [d.name for d in build_deployments(args.config)]
+    if not os.environ.get("PREFECT_API_URL"):
+        print("no PREFECT_API_URL: Prefect starts a temporary server that lives only as long as this process "
+              "(its address follows); for one that lasts, run `prefect server start` and set PREFECT_API_URL",
+              flush=True)
     print(f"serving {', '.join(names)} (Ctrl-C stops; trigger one with: prefect deployment run 'FLOW/NAME')",
           flush=True)
-    serve_config(args.config)
-    return 0
+    return serve_config(args.config)
 
 
 def add_serve_parser(sub, ws: argparse.ArgumentParser) -> None:
     p = sub.add_parser("serve", help="serve the config's flows as Prefect deployments with cron schedules",
                        description="Register deployments for the config's `schedules` (crawl, curation, distill, "
-                       "pipeline) and serve them until interrupted. Needs a Prefect server (PREFECT_API_URL).")
+                       "pipeline) and serve them until interrupted. With PREFECT_API_URL set they register on that "
+                       "server; without it, on a temporary server that lives as long as this process.")
     p.add_argument("config", help="pipeline YAML with a `schedules` section")
     p.set_defaults(func=cmd_serve)
 
@@ -804,7 +939,43 @@ def add_demo_parser(sub, ws: argparse.ArgumentParser) -> None:
 
 VERBS = (add_crawl_parser, add_ingest_parser, add_sql_parser, add_refresh_parser, add_embed_parser, add_index_parser,
          add_knn_parser, add_knn_score_parser, add_score_parser, add_select_parser, add_synthesize_parser,
-         add_distill_parser, add_report_parser, add_run_parser, add_serve_parser, add_demo_parser)  # in --help's order
+         add_distill_parser, add_report_parser, add_delete_parser, add_run_parser, add_validate_parser,
+         add_serve_parser, add_demo_parser)  # in --help's order
+
+
+def _version_line() -> str:
+    """webdistill's version and its parts' (read from the installed packages' metadata: nothing imported)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def of(package: str) -> str:
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return "not installed"
+
+    parts = ("torch", "open_clip_torch", "faiss-cpu", "duckdb", "prefect", "webdataset")
+    return f"webdistill {of('webdistill')} (" + ", ".join(f"{p} {of(p)}" for p in parts) + ")"
+
+
+class _PrintVersion(argparse.Action):
+    """--version as one line, unwrapped (grep-able in bug reports)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(_version_line())
+        parser.exit()
+
+
+def _set_verbosity(args: argparse.Namespace) -> None:
+    """Log levels before Prefect is imported (the verbs that run flows import it): by default a flow's
+    own lines show and each task's INFO line does not; -v shows them, -vv debug, -q neither nor the
+    progress bars (WEBDISTILL_PROGRESS=0, read by curation.progress)."""
+    if args.quiet:
+        os.environ["PREFECT_LOGGING_LEVEL"] = "ERROR"
+        os.environ["WEBDISTILL_PROGRESS"] = "0"
+    elif args.verbose >= 2:
+        os.environ["PREFECT_LOGGING_LEVEL"] = "DEBUG"
+    elif args.verbose == 0:
+        os.environ.setdefault("PREFECT_LOGGING_LOGGERS_PREFECT_TASK_RUNS_LEVEL", "WARNING")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -814,6 +985,12 @@ def build_parser() -> argparse.ArgumentParser:
         "Every stage writes per-shard artifacts into the workspace; `catalog.duckdb` there has SQL views over all "
         "of them.",
     )
+    parser.add_argument("--version", action=_PrintVersion, nargs=0,
+                        help="print webdistill's version and those of the parts it runs on")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="more log lines: -v shows Prefect's per-task INFO lines, -vv its DEBUG lines")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="errors and each verb's result lines only: no progress bars, no Prefect log lines")
     sub = parser.add_subparsers(dest="verb", required=True, parser_class=_Parser, metavar="VERB")
     ws = _workspace_parent()
     for add_parser in VERBS:
@@ -826,6 +1003,8 @@ def _run(args: argparse.Namespace) -> int:
     url = getattr(args, "workspace", None) or os.environ.get("WEBDISTILL_WORKSPACE")
     if not is_remote(url):
         return args.func(args)
+    from curation.remote import synced
+
     with synced(url) as local:
         args.workspace = str(local)
         return args.func(args)
@@ -833,6 +1012,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _set_verbosity(args)
     try:
         return _run(args)
     except WebdistillError as exc:  # distill's errors too; a failed job's reason is its first line

@@ -8,9 +8,9 @@
     embed:  {embedder: "open_clip:ViT-S-32", pretrained: ckpt.pt, batch_size: 256}
     index:  {dup_threshold: 0.95, kmeans_k: 64}
     knn_scores: [{name: digits, prompts: ["a photo of the digit 0", ...]}]
-    score:  {teacher: teacher/teacher.json, options: {odin: true}}
+    score:  {teacher: teacher/teacher.json, options: {odin: true}, shards_per_task: 8}
     synthesize: {per_class: 100}                                       # optional (Nguyen et al.)
-    select: {policy: "dedup | kd3 | balance:k=2000;by=msp"}
+    select: {limit: 2000}                # optional; without a policy the default one runs
     distill: {student: tiny_cnn, loss: {method: kd}, epochs: 5, nproc: 2, eval: eval/test.tar}
     report: {out: report.html, truth: ground_truth.parquet}                # optional; both keys optional
     rounds: 2
@@ -46,14 +46,15 @@ from .stages import (
     select_flow,
     synthesize_flow,
 )
-from .task_runners import task_runner
+from .task_runners import shared_task_runner
 
 
 @flow(name="distill")
 def distill_flow(workspace: str, name: str, selection: str, options: dict, init_from: str | None = None) -> dict:
     ws = resolve_workspace(workspace)
+    # the YAML is the run's definition: a changed one (or a re-scored selection) retrains it
     summary = task(stage_runner.run_distill, name="distill", retries=0)(str(ws.root), name, selection, dict(options),
-                                                                        init_from)
+                                                                        init_from, overwrite=True)
     artifacts.publish_summary("distill", summary, f"student {name} on selection {selection}: "
                               f"eval accuracy {summary.get('eval_accuracy')}")
     return summary
@@ -83,6 +84,11 @@ def run_stages(config_path: str, with_distill: bool, trust_model_code: bool = Fa
 
 
 def _run_config(cfg: PipelineConfig, with_distill: bool) -> dict:
+    with shared_task_runner(cfg.runner, cfg.workers) as runner:
+        return _run_config_on(cfg, with_distill, runner)
+
+
+def _run_config_on(cfg: PipelineConfig, with_distill: bool, runner) -> dict:
     timings: dict[str, float] = {}
 
     def timed(label: str, fn, *args, **kwargs):
@@ -94,7 +100,6 @@ def _run_config(cfg: PipelineConfig, with_distill: bool) -> dict:
 
     log = get_run_logger()
     ws, s = cfg.workspace, cfg.sections
-    runner = task_runner(cfg.runner, cfg.workers)
     frac, trust = cfg.max_failure_fraction, cfg.trust_model_code
     out: dict = {"workspace": ws, "rounds": [], "timings": timings}
 
@@ -114,7 +119,7 @@ def _run_config(cfg: PipelineConfig, with_distill: bool) -> dict:
                              s.get("knn_scores") or [], cfg.workers, trust)
     score_opts = dict(s["score"])
     teacher = cfg.path(score_opts.pop("teacher"))
-    select_opts = dict(s["select"])
+    select_opts = dict(s.get("select") or {})  # no policy (or no section): the default policy
     user_synthetic = list(select_opts.pop("synthetic", None) or [])
     distill_opts = cfg.abs_paths(dict(s.get("distill") or {}), ("eval", "teacher")) if with_distill else {}
     if distill_opts and trust:
@@ -125,7 +130,8 @@ def _run_config(cfg: PipelineConfig, with_distill: bool) -> dict:
         log.info("round %d: score, select%s", r, ", distill" if distill_opts else "")
         scored = timed(f"score r{r}", score_flow.with_options(task_runner=runner),
                        ws, teacher=teacher, student=student_ckpt, name=name, options=score_opts.get("options"),
-                       max_failure_fraction=frac, trust_model_code=trust)
+                       max_failure_fraction=frac, trust_model_code=trust,
+                       **{k: score_opts[k] for k in ("shards_per_task",) if k in score_opts})  # else the flow's default
         # the round's scoring run, by name: synthesize and select read its scores, whichever run is newest
         synthetic, made = list(user_synthetic), None
         if "synthesize" in s:  # confident synthetic images, mixed into this round's selection

@@ -20,6 +20,7 @@ from pydantic import dataclasses as pydantic_dataclasses
 from curation.config_errors import validation_line
 from curation.crawl import CrawlConfig
 from curation.errors import UnsafeName, WebdistillError, first_line
+from curation.feature_taps import check_layer_names
 from curation.files import is_remote
 from curation.index import IndexConfig
 from curation.policies import PolicyError, parse_policy
@@ -87,6 +88,9 @@ class EmbedSection(_Keys):
     workers: NonNegativeInt = 2
     shards_per_task: PositiveInt = 8
     device: str | None = None
+    # the teacher embedder's layers (default: its penultimate features); checked as score.options.feature_layers
+    feature_layers: Annotated[tuple[str, ...] | None, BeforeValidator(lambda v: v if v is None else
+                                                                       check_layer_names(v))] = None
 
 
 class KnnScore(_Keys):
@@ -100,6 +104,7 @@ class ScoreSection(_Keys):
     teacher: str
     options: _section(ScoreConfig, "score.options",
                       {"teacher": "pipeline", "name": "pipeline", "student": None, "trust_model_code": False}) = None
+    shards_per_task: PositiveInt = 8  # shards per Prefect task, as embed's: 1 spreads a few shards over workers
 
 
 class DistillSection(DistillConfig):
@@ -127,7 +132,7 @@ class PipelineKeys(_Keys):
     index: _section(IndexConfig, "index") = None
     knn_scores: list[KnnScore] | None = None
     score: ScoreSection
-    select: _section(SelectConfig, "select", {"name": "pipeline", "score_run": None}, _EACH_ROUND)
+    select: _section(SelectConfig, "select", {"name": "pipeline", "score_run": None}, _EACH_ROUND) = None
     synthesize: _section(SynthConfig, "synthesize", {"teacher": "pipeline", "name": "pipeline", "score_run": None,
                                                      "trust_model_code": False}, _EACH_ROUND) = None
     distill: _section(DistillSection, "distill", {"selection": "pipeline", "out": "pipeline"}) = None
@@ -205,3 +210,52 @@ def load_pipeline_config(path: str | Path) -> PipelineConfig:
     if cfg.rounds > 1 and "distill" not in raw:
         raise PipelineConfigError(f"{path}: rounds > 1 need a 'distill' section (a student to re-score with)")
     return cfg
+
+
+def _fields(model: type) -> dict[str, Any]:
+    """A section model's keys and their defaults (pydantic models and dataclasses alike)."""
+    fields = getattr(model, "model_fields", None) or getattr(model, "__pydantic_fields__", {})
+    return {name: info.get_default(call_default_factory=True) for name, info in fields.items()}
+
+
+def _pipeline_sets(info) -> dict:
+    """The keys of a section the pipeline fills in itself (named in its BeforeValidator)."""
+    for meta in info.metadata:
+        func = getattr(meta, "func", None)
+        if isinstance(func, partial) and func.func is _stage_options:
+            return func.args[1]
+    return {}
+
+
+def _keys_line(model: type, skip: dict) -> str:
+    shown = []
+    for key, default in _fields(model).items():
+        if key in skip:
+            continue
+        if isinstance(default, type) or repr(default).startswith("PydanticUndefined"):
+            shown.append(f"{key} (required)")
+        elif key == "options" and model is ScoreSection:
+            shown.append("options: {" + _keys_line(ScoreConfig, _pipeline_sets(model.model_fields[key])) + "}")
+        else:
+            shown.append(key if default is None else f"{key}={default}")
+    return ", ".join(shown)
+
+
+def keys_reference() -> str:
+    """Every key of the pipeline YAML with its default, generated from the configs the stages check
+    (so `run --help` cannot drift from what `run` accepts)."""
+    lines, top = [], []
+    for name, info in PipelineKeys.model_fields.items():
+        model = next((a for a in (info.annotation, *getattr(info.annotation, "__args__", ()))
+                      if isinstance(a, type) and (hasattr(a, "model_fields") or hasattr(a, "__pydantic_fields__"))),
+                     None)
+        if name == "knn_scores":
+            lines.append(f"  knn_scores (a list): {_keys_line(KnnScore, {})}")
+        elif model is None:
+            default = info.get_default(call_default_factory=True)
+            top.append(f"{name}={default}" if default is not None and "Undefined" not in repr(default) else name)
+        else:
+            lines.append(f"  {name}{'' if info.is_required() else ' (optional)'}: "
+                         f"{_keys_line(model, _pipeline_sets(info))}")
+    return "top-level keys: " + ", ".join(top) + "\nsections (each key is the stage's option of that name):\n" + \
+        "\n".join(lines)

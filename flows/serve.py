@@ -3,6 +3,10 @@ from this process (Prefect's `serve`): they run when their schedule fires, or on
 `prefect deployment run 'FLOW/DEPLOYMENT'`."""
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
+import threading
 from pathlib import Path
 
 from .pipeline import PipelineConfigError, curation_flow, load_pipeline_config, pipeline_flow
@@ -33,7 +37,35 @@ def build_deployments(config_path: str) -> list:
     return deployments
 
 
-def serve_config(config_path: str) -> None:
-    from prefect import serve
+SERVE_STOP_S = 10.0  # how long serve may take to stop after SIGTERM
 
-    serve(*build_deployments(config_path))
+
+def serve_config(config_path: str, stop_s: float = SERVE_STOP_S) -> int:
+    """Serve the config's deployments until Ctrl-C or SIGTERM; the exit status (128 + the signal).
+
+    Prefect's `serve`, with its runner's SIGTERM handler replaced: that one exits 0 from inside the
+    event loop and, once the Prefect server is gone, its shutdown retries API calls for minutes (a
+    service manager would SIGKILL it first). Here SIGTERM stops as Ctrl-C does (the runner cancels and
+    deregisters) and the process exits within `stop_s` whatever happens."""
+    from prefect.runner import Runner
+
+    terminated = []
+
+    class PromptlyStoppedRunner(Runner):
+        def handle_sigterm(self, *args, **kwargs) -> None:
+            terminated.append(True)
+            timer = threading.Timer(stop_s, lambda: os._exit(128 + signal.SIGTERM))
+            timer.daemon = True
+            timer.start()
+            raise KeyboardInterrupt
+
+    runner = PromptlyStoppedRunner(pause_on_shutdown=True)  # prefect.serve's default
+    # start() installs the same handler: this one covers the registration before it
+    signal.signal(signal.SIGTERM, runner.handle_sigterm)
+    try:
+        for deployment in build_deployments(config_path):
+            runner.add_deployment(deployment)
+        asyncio.run(runner.start())
+    except KeyboardInterrupt:
+        return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
+    return 0

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from curation import catalog
-from curation.errors import ShardReadError, WebdistillError, WorkerDied, first_line
+from curation.errors import ShardReadError, WebdistillError, WorkerDied, WouldOverwrite, first_line
 from curation.workspace import Workspace, check_name, remove_tree
 
 MapShards = Callable[[Callable, Sequence, Sequence[str]], tuple[list, dict[str, str]]]
@@ -49,7 +49,7 @@ class StageFailed(WebdistillError):
 def failure_reason(exc: BaseException) -> str:
     """One line for a failed shard: the message of our own shard errors, else `Type: first line`."""
     first = first_line(exc)
-    if isinstance(exc, (ShardReadError, WorkerDied)) or first == exc.__class__.__name__:
+    if isinstance(exc, (ShardReadError, WorkerDied, WouldOverwrite)) or first == exc.__class__.__name__:
         return first
     return f"{exc.__class__.__name__}: {first}"
 
@@ -183,13 +183,16 @@ def run_embed(ws: Workspace, embedder: str = "open_clip:ViT-S-32", pretrained: s
               teacher: str | None = None, device: str | None = None, precision: str = "fp32",
               batch_size: int = 256, workers: int = 2, trust_model_code: bool = False,
               map_shards: MapShards = in_process, shards_per_task: int | None = None,
-              max_failure_fraction: float = 0.0, progress: bool = False) -> dict:
-    """Embed every ingested shard not yet embedded, in groups of `shards_per_task` (None: one group)."""
+              max_failure_fraction: float = 0.0, progress: bool = False,
+              feature_layers: list[str] | str | None = None) -> dict:
+    """Embed every ingested shard not yet embedded, in groups of `shards_per_task` (None: one group);
+    `feature_layers`: the teacher embedder's layers (curation/feature_taps.py)."""
     from curation.embedders import make_embedder
     from curation.shard_reader import shard_jobs
 
     started = _now()
-    args = {"name": embedder, "pretrained": pretrained, "teacher": teacher, "device": device, "precision": precision}
+    args = {"name": embedder, "pretrained": pretrained, "teacher": teacher, "device": device, "precision": precision,
+            "feature_layers": feature_layers}
     # built once here, before any shard: a bad spec is one clear error, and the name and dim are known
     model = make_embedder(**args, trust_model_code=trust_model_code)
     name, dim = model.name, model.dim
@@ -209,9 +212,11 @@ def run_embed(ws: Workspace, embedder: str = "open_clip:ViT-S-32", pretrained: s
 
 # --- index, near-duplicates, k-means, kNN scores ---------------------------------------------
 
-def run_index(ws: Workspace, embedder: str = "open_clip:ViT-S-32", config=None, workers: int = 2) -> dict:
+def run_index(ws: Workspace, embedder: str = "open_clip:ViT-S-32", config=None, workers: int = 2,
+              say=None) -> dict:
     """The FAISS index, near-duplicate clusters and k-means clusters of one embedder's vectors
-    (config: an IndexConfig, or a dict of its fields)."""
+    (config: an IndexConfig, or a dict of its fields). `say` gets a line as each phase starts (the
+    CLI prints them: on a large pool each phase takes minutes)."""
     from curation.embedders import embedder_dir_name
     from curation.index import (
         IndexConfig,
@@ -223,8 +228,13 @@ def run_index(ws: Workspace, embedder: str = "open_clip:ViT-S-32", config=None, 
     name = embedder_dir_name(embedder)
     config = IndexConfig(**config) if isinstance(config, dict) else (config or IndexConfig())
     started = _now()
+    say = say or (lambda line: None)
+    say(f"index {name}: 1/3 the FAISS index")
     meta = build_index(ws, name, config)
+    say(f"index {name}: 2/3 near-duplicate clusters (nearest look-alikes, then "
+        + ("their pixels compared)" if config.verify == "pixels" else "no pixel check)"))
     dups = near_duplicates(ws, name, config, workers=workers)
+    say(f"index {name}: 3/3 k-means clusters (k={config.kmeans_k})")
     clusters = kmeans_clusters(ws, name, config)
     summary = {"index": meta, "dups": dups, "kmeans_k": clusters["k"]}
     _record(ws, "index", started, {"embedder": name} | asdict(config), summary)
@@ -252,6 +262,17 @@ def encode_image_files(embedder, paths, strict: bool):
                            for i in range(0, len(tensors), 256)])
 
 
+def _refuse_column_collision(name: str) -> None:
+    """A kNN score is the column knn_<name> of `candidates`: one a scoring run already has would be
+    renamed by DuckDB behind the user's back (knn_teacher_1)."""
+    from curation.schemas import SCORE_COLUMNS
+
+    column = f"knn_{name}"
+    if column in SCORE_COLUMNS:
+        raise WebdistillError(f"knn score name {name!r} would make the column {column}, which every scoring run "
+                              f"already has ({SCORE_COLUMNS[column]}); choose another name")
+
+
 def run_knn_score(ws: Workspace, name: str, embedder: str = "open_clip:ViT-S-32", k: int = 5,
                   prompts: list[str] | None = None, sql: str | None = None, images: str | None = None,
                   trust_model_code: bool = False) -> dict:
@@ -264,6 +285,7 @@ def run_knn_score(ws: Workspace, name: str, embedder: str = "open_clip:ViT-S-32"
         raise WebdistillError("a kNN score needs exactly one reference set: prompts, sql or images")
     emb = embedder_dir_name(embedder)
     check_name(name, "knn score name")  # before the reference set is encoded
+    _refuse_column_collision(name)
     started = _now()
     if sql is not None:
         table = catalog.query(ws, sql)
@@ -309,7 +331,8 @@ def run_score(ws: Workspace, config, map_shards: MapShards = in_process, shards_
                           teacher=next((r.teacher for r in results if r.teacher), None))
     done = finish(ws, config, merged, started)
     summary = {"name": config.name, "scored": len(done.scored), "skipped": len(done.skipped), "samples": done.samples,
-               "reference_samples": done.reference_samples, "seconds": done.seconds, "unscored": done.unscored,
+               "reference_samples": done.reference_samples, "reference": done.reference,
+               "seconds": done.seconds, "unscored": done.unscored,
                "notes": done.notes, "failed": failed}
     _record(ws, "score", started, asdict(config), summary)
     check_failures("score", failed, len(groups), max_failure_fraction, summary)
@@ -318,18 +341,21 @@ def run_score(ws: Workspace, config, map_shards: MapShards = in_process, shards_
 
 # --- select, synthesize ---------------------------------------------------------------------
 
-def run_select(ws: Workspace, config) -> dict:
+def run_select(ws: Workspace, config, overwrite: bool = False) -> dict:
     """Choose samples (config: a SelectConfig) and write the curated shards; the summary names the
-    scoring run the candidates were read from."""
+    scoring run the candidates were read from. `overwrite`: replace a selection of that name made
+    with another definition (refused otherwise)."""
+    from curation.coverage import class_coverage
     from curation.select import select
 
     started = _now()
-    result = select(ws, config)
+    result = select(ws, config, overwrite=overwrite)
     m = result.manifest
     summary = {"name": config.name, "size": result.size, "path": str(result.path), "unchanged": result.unchanged,
                "score_run": m.get("score_run"), "shards": len(m["shards"]),
                "counts_per_class": m["counts_per_class"], "lost": len(m.get("lost") or ()),
-               "notes": list(m.get("notes") or ())}
+               "notes": list(m.get("notes") or ()), "policy": m.get("policy"), "policy_steps": m.get("policy_steps"),
+               "coverage": m.get("coverage") or class_coverage(m["counts_per_class"], m.get("num_classes"))}
     _record(ws, "select", started, asdict(config) | {"score_run": m.get("score_run")}, summary)
     return summary
 
@@ -366,9 +392,11 @@ def run_synthesize(ws: Workspace, config, progress: bool = False) -> dict:
 # --- distill --------------------------------------------------------------------------------
 
 def run_distill(ws_root: str, name: str, selection: str, options: dict, init_from: str | None = None,
-                stream=None) -> dict:
+                stream=None, overwrite: bool = False) -> dict:
     """Write the job's config under students/<name>/, run it under torchrun, record the student.
-    Both names pass `Workspace.owned`: the job writes, and a changed run deletes, only under students/."""
+    Both names pass `Workspace.owned`: the job writes, and a changed run deletes, only under students/.
+    A run of that name with another config or another selection content is refused (WouldOverwrite)
+    unless `overwrite`; the same job resumes."""
     from distill.config import config_from_dict
     from distill.launch import launch
 
@@ -390,6 +418,9 @@ def run_distill(ws_root: str, name: str, selection: str, options: dict, init_fro
     digest = hashlib.sha256(Path(job["selection"]).read_bytes()).hexdigest()
     if config_path.exists() and (json.loads(config_path.read_text()) != job
                                  or not stamp.exists() or stamp.read_text() != digest):
+        if not overwrite:
+            raise WouldOverwrite(f"student run {name!r} exists, trained with another config or on other contents "
+                                 f"of selection {selection!r}: choose a new --name, or pass --overwrite to replace it")
         # a new selection or config under this run name (a re-run round): train it from scratch
         remove_tree(out, ws.root / "students")
         out.mkdir(parents=True)

@@ -74,11 +74,12 @@ def ingest_flow(workspace: str, shards: list[str], source: str | None = None, ma
 def embed_flow(workspace: str, embedder: str = "open_clip:ViT-S-32", pretrained: str | None = None,
                teacher: str | None = None, precision: str = "fp32", batch_size: int = 256, workers: int = 2,
                shards_per_task: int = 8, max_failure_fraction: float = 0.1, trust_model_code: bool = False,
-               device: str | None = None) -> dict:
+               device: str | None = None, feature_layers: list[str] | str | None = None) -> dict:
     """Shards are embedded in groups (one model load per group, decode workers inside)."""
     summary = stage_runner.run_embed(resolve_workspace(workspace), embedder, pretrained, teacher, device, precision,
                                      batch_size, workers, trust_model_code, map_shards=prefect_map("embed-shards"),
-                                     shards_per_task=shards_per_task, max_failure_fraction=max_failure_fraction)
+                                     shards_per_task=shards_per_task, max_failure_fraction=max_failure_fraction,
+                                     feature_layers=feature_layers)
     artifacts.publish_summary("embed", summary)
     return summary
 
@@ -124,7 +125,9 @@ def select_flow(workspace: str, name: str, sql: str | None = None, policy: str |
 
     config = SelectConfig(name=name, sql=sql, policy=policy, limit=limit, shard_size=shard_size, seed=seed,
                           synthetic=tuple(synthetic or ()), score_run=score_run)
-    summary = task(stage_runner.run_select, name="select", retries=1)(resolve_workspace(workspace), config)
+    # a pipeline's YAML is the selection's definition: a changed one replaces it (its students retrain)
+    summary = task(stage_runner.run_select, name="select", retries=1)(resolve_workspace(workspace), config,
+                                                                      overwrite=True)
     artifacts.publish_summary("select", summary)
     artifacts.publish_coverage(summary)
     return summary

@@ -31,6 +31,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -51,11 +52,16 @@ from tests.conftest import encode, noise_image  # noqa: E402
 TIMING = frozenset({"seconds", "ingested_at", "created_at", "started_at", "finished_at", "duration", "start_time",
                     "end_time"})
 # Values computed from timing ones: a selection row's manifest_sha256 hashes a manifest that holds its
-# created_at. `records_match_files` checks them against the files instead.
-DERIVED = frozenset({"manifest_sha256"})
+# created_at. `records_match_files` checks them against the files instead. A manifest's selection_hash
+# hashes its scoring run's finished_at (so a re-scored pool re-selects); the ids and weights it also
+# hashes are compared in members.parquet and the shards.
+DERIVED = frozenset({"manifest_sha256", "selection_hash"})
 # Names writers give unfinished files and folders (workspace.atomic_path, the selection swap).
 TEMP_GLOBS = (".*.tmp", ".*.tmp.wal", ".tmp-*", ".old-*")
 CATALOG_FILES = ("catalog.duckdb", "catalog.duckdb.wal")
+# The catalog's compacted copies (curation/catalog_compact.py): stamped with their inputs' mtimes, and
+# compared through the views that read them (`catalog_digest`), as catalog.duckdb is.
+CATALOG_FOLDERS = ("compacted",)
 STAGES = ("ingest", "embed", "index", "score", "synthesize", "select")  # in pipeline order; crawl stands apart
 
 
@@ -94,35 +100,54 @@ class Killed:
     killed: bool  # False: the run finished before the kill was due
     returncode: int
     seconds: float
+    work_seconds: float  # from its first write to its end (or the kill)
+    stderr: str = ""
 
 
-def run_and_kill(args: list[str], delay: float) -> Killed:
-    """Start `webdistill ARGS` in its own process group; SIGKILL the whole group after `delay` s."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cli_cmd(args), cwd=ROOT, env=cli_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        proc.wait(timeout=delay)
-        return Killed(False, proc.returncode, time.perf_counter() - start)
-    except subprocess.TimeoutExpired:
-        pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
-    deadline = time.monotonic() + 10
-    while _group_alive(proc.pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return Killed(proc.returncode == -signal.SIGKILL, proc.returncode, time.perf_counter() - start)
+def _written_since(root: Path, since: float) -> bool:
+    """Whether a file under `root` (temporaries included, the catalog aside) was written since `since`."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            if name in CATALOG_FILES:
+                continue
+            try:
+                if os.lstat(os.path.join(folder, name)).st_mtime >= since:
+                    return True
+            except OSError:  # a temporary renamed or removed meanwhile
+                continue
+    return False
 
 
-def import_seconds() -> float:
-    """How long the CLI takes to start a stage (imports) before it does any work."""
-    start = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import flows.cli, torch, curation.embed, curation.score, curation.index"],
-                   cwd=ROOT, env=cli_env(), check=True)
-    return time.perf_counter() - start
+def run_and_kill(args: list[str], root: Path | None, kill_after: float | None = None, timeout: float = 600) -> Killed:
+    """Start `webdistill ARGS` in its own process group and watch `root` for its first write; SIGKILL the
+    whole group `kill_after` s after it (None: let it finish). Anchored on the first write, not on the
+    start, so that the kill lands mid-work however long the imports take on a loaded machine; with
+    `root` None, on the start."""
+    start_wall, start = time.time(), time.perf_counter()
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cli_cmd(args), cwd=ROOT, env=cli_env(), stdout=subprocess.DEVNULL, stderr=err,
+                                start_new_session=True)
+        first_write = start if root is None else None
+        while proc.poll() is None and time.perf_counter() - start < timeout:
+            if first_write is None and _written_since(root, start_wall):
+                first_write = time.perf_counter()
+            if first_write is not None and kill_after is not None and time.perf_counter() - first_write >= kill_after:
+                break
+            time.sleep(0.01)
+        finished = proc.poll() is not None
+        if not finished:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+            deadline = time.monotonic() + 10
+            while _group_alive(proc.pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        end = time.perf_counter()
+        err.seek(0)
+        return Killed(not finished and proc.returncode == -signal.SIGKILL, proc.returncode, end - start,
+                      end - (first_write or end), err.read())
 
 
 def one_line(stderr: str) -> list[str]:
@@ -198,7 +223,8 @@ def tree_digest(root: Path, tar_members: bool = False) -> dict[str, str]:
     out = {}
     for path in sorted(root.rglob("*")):
         rel = path.relative_to(root)
-        if path.is_file() and str(rel) not in CATALOG_FILES and not is_temporary(rel):
+        if (path.is_file() and str(rel) not in CATALOG_FILES and rel.parts[0] not in CATALOG_FOLDERS
+                and not is_temporary(rel)):
             out[str(rel)] = file_digest(path, root, tar_members)
     return out
 
@@ -312,18 +338,15 @@ class Baseline:
     base: Path
     before: dict[str, Path] = field(default_factory=dict)
     expected: dict[str, dict[str, str]] = field(default_factory=dict)
-    seconds: dict[str, float] = field(default_factory=dict)
-    startup: float = 0.0
+    seconds: dict[str, float] = field(default_factory=dict)  # each stage's work: first write to end
 
     def build(self, stages: tuple[str, ...] = STAGES) -> Baseline:
         ws = self.base / "baseline"
         ws.mkdir(parents=True, exist_ok=True)
-        self.startup = import_seconds()
         for stage in stages:
             self.before[stage] = copy_tree(ws, self.base / f"before-{stage}")
-            start = time.perf_counter()
-            done = run_cli(stage_args(stage, self.inputs, ws))
-            self.seconds[stage] = time.perf_counter() - start
+            done = run_and_kill(stage_args(stage, self.inputs, ws), ws)
+            self.seconds[stage] = done.work_seconds
             if done.returncode != 0:
                 raise RuntimeError(f"baseline {stage} failed: {done.stderr[-2000:]}")
             self.expected[stage] = workspace_digest(ws)
@@ -339,21 +362,14 @@ class Baseline:
             catalog.refresh(Workspace(ws))
         return ws
 
-    def kill_delay(self, stage: str, fraction: float) -> float:
-        return kill_delay(self.seconds[stage], self.startup, fraction)
-
-
-def kill_delay(total: float, startup: float, fraction: float) -> float:
-    """`fraction` of the way through a run's work, after the imports every run pays first (`startup`,
-    measured apart; a loaded machine may make it most of `total`)."""
-    before_work = min(startup, total * 0.8) * 0.9
-    return before_work + fraction * max(total - before_work, 0.3)
+    def kill_after(self, stage: str, fraction: float) -> float:
+        return fraction * self.seconds[stage]
 
 
 @dataclass
 class KillResult:
     stage: str
-    delay: float
+    delay: float  # s after the run's first write
     killed: bool
     rerun_rc: int
     rerun_error: list[str]
@@ -367,32 +383,41 @@ class KillResult:
         return self.rerun_rc == 0 and not self.diff
 
 
-def kill_and_rerun(args: list[str], ws: Path, delay: float, expected: dict[str, str],
+def kill_and_rerun(args: list[str], ws: Path, kill_after: float, expected: dict[str, str],
                    tar_members: bool = False) -> KillResult:
+    """Kill `kill_after` s after the run's first write, then rerun it to the end."""
     stage = args[0]
     started = time.time()
-    outcome = run_and_kill(args, delay)
+    outcome = run_and_kill(args, ws, kill_after)
     after_kill = leftovers(ws)
     written = sum(1 for p in ws.rglob("*") if p.is_file() and not is_temporary(p.relative_to(ws))
                   and p.name not in CATALOG_FILES and p.stat().st_mtime >= started)
     rerun = run_cli(args)
     got = workspace_digest(ws, tar_members) if rerun.returncode == 0 else {}
     diff = differences(expected, got) + records_match_files(ws)
-    return KillResult(stage, round(delay, 2), outcome.killed, rerun.returncode, one_line(rerun.stderr), diff,
+    return KillResult(stage, round(kill_after, 2), outcome.killed, rerun.returncode, one_line(rerun.stderr), diff,
                       after_kill, leftovers(ws), written)
 
 
-def kill_stage(baseline: Baseline, stage: str, work: Path, rng: random.Random, tries: int = 3) -> KillResult:
-    """Kill `stage` at a random point (retrying earlier when the run finished first), then rerun."""
+def kill_at_random_point(attempt: Callable[[float], KillResult], work_seconds: float, rng: random.Random,
+                         tries: int = 3) -> KillResult:
+    """`attempt(kill_after)` at a random point of a run's work, retried earlier when the run finished first."""
     fraction = rng.uniform(0.05, 0.95)
     for _ in range(tries):
-        ws = baseline.fresh(stage, work)
-        result = kill_and_rerun(stage_args(stage, baseline.inputs, ws), ws, baseline.kill_delay(stage, fraction),
-                                baseline.expected[stage])
+        result = attempt(fraction * work_seconds)
         if result.killed:
             break
         fraction /= 3
     return result
+
+
+def kill_stage(baseline: Baseline, stage: str, work: Path, rng: random.Random) -> KillResult:
+    """Kill `stage` at a random point of its work, then rerun it."""
+    def attempt(kill_after: float) -> KillResult:
+        ws = baseline.fresh(stage, work)
+        return kill_and_rerun(stage_args(stage, baseline.inputs, ws), ws, kill_after, baseline.expected[stage])
+
+    return kill_at_random_point(attempt, baseline.seconds[stage], rng)
 
 
 # --- crawl from a local server -------------------------------------------------------------------
@@ -451,31 +476,27 @@ def crawl_args(url_list: Path, out: Path) -> list[str]:
 class CrawlBaseline:
     url_list: Path
     expected: dict[str, str]
-    seconds: float
+    seconds: float  # its work: first write to end
 
     @classmethod
     def build(cls, server: ImageServer, base: Path, n: int = 40) -> CrawlBaseline:
         base.mkdir(parents=True, exist_ok=True)
         url_list = server.url_list(base / "urls.jsonl", n)
         out = base / "crawl-baseline"
-        start = time.perf_counter()
-        done = run_cli(crawl_args(url_list, out))
+        done = run_and_kill(crawl_args(url_list, out), out)
         if done.returncode != 0:
             raise RuntimeError(f"baseline crawl failed: {done.stderr[-2000:]}")
-        return cls(url_list, tree_digest(out, tar_members=True), time.perf_counter() - start)
+        return cls(url_list, tree_digest(out, tar_members=True), done.work_seconds)
 
 
-def kill_crawl(baseline: CrawlBaseline, startup: float, work: Path, rng: random.Random, tries: int = 3) -> KillResult:
-    fraction = rng.uniform(0.05, 0.95)
-    for _ in range(tries):
+def kill_crawl(baseline: CrawlBaseline, work: Path, rng: random.Random) -> KillResult:
+    def attempt(kill_after: float) -> KillResult:
         if work.exists():
             shutil.rmtree(work)
-        delay = kill_delay(baseline.seconds, startup, fraction)
-        result = kill_and_rerun(crawl_args(baseline.url_list, work), work, delay, baseline.expected, tar_members=True)
-        if result.killed:
-            break
-        fraction /= 3
-    return result
+        return kill_and_rerun(crawl_args(baseline.url_list, work), work, kill_after, baseline.expected,
+                              tar_members=True)
+
+    return kill_at_random_point(attempt, baseline.seconds, rng)
 
 
 # --- two writers at once -------------------------------------------------------------------------

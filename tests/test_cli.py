@@ -26,7 +26,7 @@ def test_bad_arguments():
         (("ingest",), "webdistill ingest", "the following arguments are required: SHARDS"),
         (("sql", "--no-such-option", "SELECT 1"), "webdistill", "unrecognized arguments: --no-such-option"),
         (("sql", "--format", "xml", "SELECT 1"), "webdistill sql",
-         "argument --format: invalid choice: 'xml' (choose from 'table', 'csv', 'json')"),
+         "argument --format: invalid choice: 'xml' (choose from 'table', 'csv', 'json', 'parquet')"),
         (("crawl", "urls.csv", "--out", "shards", "--shard-size", "many"), "webdistill crawl",
          "argument --shard-size: invalid int value: 'many'"),
     ]

@@ -155,6 +155,9 @@ def test_loss_parameter_errors_name_the_parameter(config, expected):
     ("kd3", {"embed_dim": 1.5}, "loss 'kd3': parameter 'embed_dim' must be int, got 1.5"),
     ("kd3", {"tau": 1.0}, "loss 'kd3': tau must be in (0, 1), got 1.0"),
     ("kd3", {"selct": False}, "loss 'kd3': unknown parameter 'selct' (did you mean 'select'?)"),
+    ("kd3", {"variant": "paper"}, "loss 'kd3': parameter 'variant' must be 'official' or 'webdistill', got 'paper'"),
+    ("kd3", {"count": "some"}, "loss 'kd3': parameter 'count' must be 'all' or 'confident', got 'some'"),
+    ("sakd", {"variant": 3}, "loss 'sakd': parameter 'variant' must be 'official' or 'webdistill', got 3"),
     ("sakd", {"wraps": "kd"}, "loss 'sakd': parameter 'wraps' must be a list, got 'kd'"),
     ("sakd", {"wraps": ["kd", 3]}, "loss 'sakd': parameter 'wraps[1]' must be a string, got 3"),
     ("sakd", {"wraps": ["kd", "kd"]}, "loss 'sakd': wraps must list distinct methods among fitnet, at, kd, "
@@ -169,9 +172,14 @@ def test_feature_loss_parameter_errors(method, params, expected):
 def test_loss_parameters_are_typed_with_their_defaults():
     assert LOSSES["kd"].resolve_params({"T": 2}) == {"T": 2.0, "mse": False}
     assert LOSSES["kd3"].resolve_params({"epochs": None})["epochs"] is None
-    assert LOSSES["sakd"].resolve_params({})["wraps"] == ["fitnet", "at", "kd"]
+    assert LOSSES["sakd"].resolve_params({})["wraps"] == ["at", "kd"]
     assert LOSSES["sakd"].resolve_weights({"at": 10}) == {"fitnet": 1.0, "at": 10.0, "kd": 1.0, "policy": 1.0,
-                                                          "ce": 0.0}
+                                                          "ce": 1.0}
+    # a variant's preset changes defaults only: what the config gives wins
+    earlier = LOSSES["sakd"].resolve_params({"variant": "webdistill", "gamma": 3})
+    assert earlier["wraps"] == ["fitnet", "at", "kd"] and earlier["gamma"] == 3.0 and earlier["last_stage"] is False
+    assert LOSSES["sakd"].resolve_weights({"ce": 0.5}, earlier)["ce"] == 0.5
+    assert LOSSES["sakd"].resolve_weights({}, earlier)["ce"] == 0.0
 
 
 # -- selection policy parameters ---------------------------------------------------------------------

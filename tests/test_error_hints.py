@@ -159,3 +159,16 @@ def test_a_device_this_machine_lacks_is_one_line(ws, small_teacher, capsys, devi
         err = one_error_line(capsys, [verb[0], "-w", str(ws.root), *verb[1:], "--device", device])
         assert expected in err and "internal error" not in err, err
     assert not (ws.root / "scores" / "dev").exists()
+
+
+@pytest.mark.parametrize("by", ["msp * NULL", "CASE WHEN msp > 2 THEN msp END"])
+def test_a_score_null_in_the_run_is_named_as_written_with_the_run(ws, small_teacher, capsys, by):
+    """A policy's score expression is named as the user wrote it, never by its internal column, and the
+    error says which scoring run's candidates were used."""
+    shown = repr(by)
+    if not (ws.root / "scores" / "teacher-only").exists():
+        assert main(["score", "-w", str(ws.root), "--teacher", str(small_teacher), "--name", "teacher-only"]) == 0
+        capsys.readouterr()
+    err = one_error_line(capsys, ["select", "-w", str(ws.root), "--name", "agree", "--policy", f"topk:k=5;by={by}"])
+    assert f"needs the score {shown}, which is null on every candidate" in err, err
+    assert "_expr_" not in err and "scoring run 'teacher-only'" in err, err

@@ -6,10 +6,12 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from curation import catalog
+from curation import catalog, user_sql
 from curation.workspace import Workspace
 from flows.pipeline import PipelineConfigError, curation_flow, load_pipeline_config, pipeline_flow
 from flows.stages import StageFailed, ingest_flow
+
+from .readme import sql_statements
 
 pytestmark = pytest.mark.slow  # Prefect flows end to end, on a trained teacher
 
@@ -33,7 +35,10 @@ def write_config(tmp_path, small_crawl, teacher, **overrides) -> str:
 
 
 def test_pipeline_runs_two_rounds_and_records_them(prefect_server, small_crawl, small_teacher, tmp_path):
-    path = write_config(tmp_path, small_crawl, small_teacher, rounds=2,
+    # named as the demo, with its kNN score's name: the README's SQL examples run on this workspace below
+    path = write_config(tmp_path, small_crawl, small_teacher, rounds=2, name="demo",
+                        knn_scores=[{"name": "digit_prompts", "k": 3,
+                                     "sql": "SELECT sample_id FROM samples ORDER BY sample_id LIMIT 10"}],
                         synthesize={"per_class": 2, "vae_epochs": 1, "vae_samples": 200, "search_steps": 5,
                                     "conf_threshold": 0.5},
                         distill={
@@ -46,20 +51,26 @@ def test_pipeline_runs_two_rounds_and_records_them(prefect_server, small_crawl, 
         assert r["synthetic"]["size"] > 0 and r["selection"]["size"] == 120 + r["synthetic"]["size"]
     students = catalog.query(ws, "SELECT name, selection, loss, eval_accuracy, checkpoint FROM students "
                                  "ORDER BY name").to_pylist()
-    assert [s["name"] for s in students] == ["t-round1", "t-round2"]
+    assert [s["name"] for s in students] == ["demo-round1", "demo-round2"]
     assert all(s["loss"] == "kd" and 0 <= s["eval_accuracy"] <= 1 for s in students)
     # round 2 re-scored the pool with round 1's student: agreement and KD^3 columns exist
     agree = catalog.query(ws, "SELECT count(agreement) AS a, count(*) AS n FROM scores "
-                              "WHERE run = 't-round2'").to_pylist()[0]
+                              "WHERE run = 'demo-round2'").to_pylist()[0]
     assert agree["a"] == agree["n"] > 0
-    assert catalog.query(ws, "SELECT count(*) AS n FROM scores WHERE run = 't-round1' AND agreement IS NOT NULL"
+    assert catalog.query(ws, "SELECT count(*) AS n FROM scores WHERE run = 'demo-round1' AND agreement IS NOT NULL"
                          ).column("n")[0].as_py() == 0
     # round 2 started from round 1's weights
-    job = json.loads((ws.root / "students" / "t-round2" / "job.json").read_text())
-    assert job["init_from"].endswith("t-round1/student.pt")
+    job = json.loads((ws.root / "students" / "demo-round2" / "job.json").read_text())
+    assert job["init_from"].endswith("demo-round1/student.pt")
     stages = set(catalog.query(ws, "SELECT DISTINCT stage FROM runs").column("stage").to_pylist())
     assert {"ingest", "embed", "index", "score", "select"} <= stages
-    assert set(catalog.query(ws, "SELECT name FROM selections").column("name").to_pylist()) == {"t-round1", "t-round2"}
+    assert set(catalog.query(ws, "SELECT name FROM selections").column("name").to_pylist()) == {"demo-round1",
+                                                                                                "demo-round2"}
+    # every SQL example in the README runs, through the sandbox the `sql` verb uses, and finds rows
+    statements = sql_statements("Example SQL against the catalog")
+    assert len(statements) >= 12
+    empty = [sql for sql in statements if user_sql.query(ws, sql).num_rows == 0]
+    assert len(empty) <= 3, empty  # some look for what a small crawl may lack (truncated shards, disagreement)
 
 
 def test_a_failed_shard_is_reported_and_the_fraction_decides(prefect_server, small_crawl, tmp_path):
@@ -101,6 +112,10 @@ def test_dask_runner_gives_the_local_runners_results(prefect_server, small_crawl
     mb = json.loads((tmp_path / "b" / "ws" / "selections" / "t-round1" / "manifest.json").read_text())
     assert [s["sha256"] for s in ma["shards"]] == [s["sha256"] for s in mb["shards"]]
     assert result["rounds"][0]["selection"]["size"] == 120
+    # not only close: every artifact the same, as bench/scale.py --runner checks at scale
+    from tests.faultkit import differences, workspace_digest
+
+    assert differences(workspace_digest(tmp_path / "a" / "ws"), workspace_digest(tmp_path / "b" / "ws")) == []
 
 
 def test_bad_pipeline_configs_are_one_clear_line(tmp_path, small_crawl, small_teacher):

@@ -83,6 +83,8 @@ def test_a_typo_anywhere_is_one_line_naming_the_full_key(tmp_path, keys, value, 
     (("index", "verify"), "maybe", "index: verify must be one of pixels, none, not 'maybe'"),
     (("index", "dup_max_neighbors"), "many", "key 'index.dup_max_neighbors' must be int, got 'many'"),
     (("score", "options", "knn_k"), 0, "key 'score.options.knn_k' must be > 0, got 0"),
+    (("score", "options", "feature_layers"), ["layer4", "a b"], "feature layers: 'a b' is not a layer name"),
+    (("embed", "feature_layers"), [], "feature layers: give at least one layer name"),
     (("select", "limit"), 0, "select: limit must be an integer >= 1, got 0"),
     (("distill", "loss"), {"T": 4.0}, "config key 'loss' needs a 'method'"),
     (("select", "score_run"), "x", "select.score_run: each round reads the scoring run it made"),
@@ -105,6 +107,15 @@ def test_a_missing_section_names_it(tmp_path):
         load(tmp_path, raw)
 
 
+def test_the_select_section_and_its_policy_are_optional(tmp_path):
+    # without a policy (or without the section) the select stage applies the default policy
+    raw = copy.deepcopy(BASE)
+    raw["select"] = {"limit": 1500}
+    assert load(tmp_path, raw).sections["select"] == {"limit": 1500}
+    del raw["select"]
+    assert "select" not in load(tmp_path, raw).sections
+
+
 def test_stage_configs_raise_their_own_one_line_errors():
     with pytest.raises(ScoreError, match=r"^score config: unknown key 'odn' \(did you mean 'odin'\?\)$"):
         ScoreConfig(teacher="t", odn=True)
@@ -124,7 +135,8 @@ PINNED = {
     "synth": (lambda: asdict(SynthConfig("t.json", "syn", weight=1, per_class=5, conf_threshold=0)),
               "3cde96b8c6907ab4"),
     "score": (lambda: ScoreConfig("t", odin_temperature=1000, kd3_alpha=1, batch_size=64).pass2_part()
-              | asdict(ScoreConfig("t", odin_temperature=1000, kd3_alpha=1)), "fa8814686bd0cc8d"),
+              | asdict(ScoreConfig("t", odin_temperature=1000, kd3_alpha=1)),
+              "3e425568d8ede9b4"),  # + reference fields, + feature_layers (None: the default layers)
     "validation": (lambda: ValidationConfig(max_pixels=1_000_000, formats=("jpeg",)).as_dict(), "fc9281fad65a73de"),
 }
 

@@ -176,6 +176,12 @@ def test_coverage_bars_are_the_selections_counts_per_class(tiny_ws, tmp_path):
         SELECT sc.teacher_label, count(*) AS n FROM selected sel JOIN scores sc USING (sample_id)
         WHERE sel.selection = 'balanced' AND sc.run = 'r1' GROUP BY 1""").to_pylist()}
     assert {k: int(v) for k, v in drawn.items()} == counted
+    # the coverage figures beside the bars, as select prints them
+    from curation.coverage import class_coverage, coverage_text
+
+    manifest = json.loads((tiny_ws.root / "selections" / "balanced" / "manifest.json").read_text())
+    shown = coverage_text(class_coverage(counted, manifest["num_classes"]))
+    assert shown.startswith("class coverage: entropy") and shown in page.sections["selections"]["text"]
     # only the named selection is reported; its montage's kept tiles are members, its dropped ones not
     assert len(page.sections["scores"]["images"]) == 1
     tiles, members = page.sections["montages"]["tiles"], _members(tiny_ws, "balanced")
@@ -250,6 +256,7 @@ def test_the_flows_publish_their_summaries_as_artifacts(prefect_server, tiny_ws,
     coverage = json.loads(found["selection-coverage"].data)
     manifest = json.loads((tiny_ws.root / "selections" / "flowsel" / "manifest.json").read_text())
     assert {r["class"]: r["samples"] for r in coverage} == manifest["counts_per_class"]
+    assert f"entropy {manifest['coverage']['class_entropy']:.2f}" in found["selection-coverage"].description
 
     state = report_flow(str(tiny_ws.root), out=str(tmp_path / "report.html"),
                         truth=str(small_crawl / "crawl" / "ground_truth.parquet"), return_state=True)

@@ -1,4 +1,7 @@
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import duckdb
 import pyarrow as pa
@@ -129,3 +132,14 @@ def test_cli_formats(ws):
     table = run_cli("sql", "-w", str(ws.root), q).stdout
     assert csv_lines[0] == '"reason","n"' and len(csv_lines) == len(as_json) + 1
     assert all(r["reason"] in table for r in as_json)
+
+
+def test_sql_starts_without_the_heavy_imports(ws):
+    """`webdistill sql` imports neither pandas (policies, pyarrow's from_pylist) nor torch (webdataset,
+    through the stages): they would cost it more start-up than a query over 10^7 rows takes."""
+    script = ("import sys; from flows import cli; rc = cli.main(['sql', '-w', sys.argv[1], '--format', 'csv', "
+              "'SELECT sample_id, width FROM samples WHERE false']); "
+              "print(rc, sorted(m for m in ('pandas', 'torch', 'PIL', 'fsspec') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", script, str(ws.root)], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1], timeout=120)
+    assert out.stdout.strip().splitlines()[-1] == "0 []", out.stdout + out.stderr

@@ -4,6 +4,7 @@ exists for the same parameters, so a second `make demo` is quick."""
 from __future__ import annotations
 
 import json
+import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -106,10 +107,9 @@ def dup_report(ws: Workspace, embedder: str, truth_path: Path) -> dict:
             "pair_recall": correct / true if true else float("nan"), "found": found}
 
 
-# Related-first (Begon & Geurts): the samples closest to the teacher's domain by the CLIP's
-# zero-shot similarity, one per near-duplicate cluster, then KD^3's class-adaptive filter on the
-# teacher's own predictions, balanced over its pseudo-labels.
-DEMO_POLICY = "dedup | topk:k=3000;by=knn_digit_prompts | kd3 | balance:k=1500;by=msp"
+# The demo selects with the default policy (no `policy` key): what a user gets without tuning.
+# Its size, 1,500 samples, is what the demo's student trains on in each round.
+DEMO_SELECTION = {"limit": 1500}
 DEMO_DUP_THRESHOLD = 0.97
 DIGIT_PROMPTS = [f"handwritten digit {d}" for d in range(10)]
 
@@ -125,7 +125,8 @@ def selection_report(ws: Workspace, name: str, truth_path: Path) -> dict:
                        [_selection_ids(ws, name)]).fetchall()
     total = sum(n for _, n, _ in rows)
     return {"size": manifest["total"], "precision": sum(h for *_, h in rows) / total if total else float("nan"),
-            "domains": {d: n for d, n, _ in rows}}
+            "domains": {d: n for d, n, _ in rows}, "policy": manifest.get("policy"),
+            "policy_steps": manifest.get("policy_steps"), "coverage": manifest.get("coverage") or {}}
 
 
 def _selection_ids(ws: Workspace, name: str) -> list[str]:
@@ -172,23 +173,26 @@ def pipeline_config(workspace: Workspace, out_dir: Path, clip: dict, rounds: int
     """The demo's pipeline YAML: what a user would write for their own crawl and teacher."""
     import yaml
 
+    def rel(p) -> str:  # relative to the YAML's folder, as a user writes it: the demo folder can move
+        return os.path.relpath(Path(p).resolve(), out_dir.resolve())
+
     config = {
         "name": "demo",
-        "workspace": str(workspace.root),
+        "workspace": rel(workspace.root),
         "workers": workers,
-        "ingest": {"shards": [str(out_dir / "crawl")]},
-        "embed": {"embedder": clip["embedder"], "pretrained": clip["path"], "batch_size": 512, "workers": 2,
+        "ingest": {"shards": [rel(out_dir / "crawl")]},
+        "embed": {"embedder": clip["embedder"], "pretrained": rel(clip["path"]), "batch_size": 512, "workers": 2,
                   "shards_per_task": 100},
         # 6%: the demo plants near-duplicates cropped by up to 6% per side
         "index": {"dup_threshold": DEMO_DUP_THRESHOLD, "dup_max_crop": 0.06},
         "knn_scores": [{"name": "digit_prompts", "prompts": DIGIT_PROMPTS, "k": 3}],
-        "score": {"teacher": str(out_dir / "teacher" / "teacher.json"), "options": {"batch_size": 512}},
-        "select": {"policy": DEMO_POLICY},
+        "score": {"teacher": rel(out_dir / "teacher" / "teacher.json"), "options": {"batch_size": 512}},
+        "select": dict(DEMO_SELECTION),
         "distill": {"student": "tiny_cnn", "loss": {"method": "kd", "T": 4.0}, "epochs": distill_epochs,
                     "nproc": 2, "workers": 1, "batch_size": 64, "lr": 0.05,
-                    "eval": str(out_dir / "eval" / "mnist-test.tar")},
+                    "eval": rel(out_dir / "eval" / "mnist-test.tar")},
         "rounds": rounds,
-        "report": {"truth": str(out_dir / "crawl" / "ground_truth.parquet")},  # -> <workspace>/report.html
+        "report": {"truth": rel(out_dir / "crawl" / "ground_truth.parquet")},  # -> <workspace>/report.html
         "schedules": {"curation": "0 3 * * *", "pipeline": "0 4 * * 0"},
     }
     path = out_dir / "pipeline.yaml"
@@ -257,13 +261,18 @@ def print_results(workspace: Workspace, out_dir: Path, crawl: dict, teacher: dic
     for r in score_quality(workspace, truth, [1000], score_run=result["rounds"][0]["score"]["name"])["scores"]:
         print(f"  {r['score']:<20}{r['auroc']:>7.3f}{r['precision@1000']:>16.3f}")
     print()
-    print(f"  policy          {DEMO_POLICY!r}; chance precision {chance:.3f}")
-    print(f"  {'round':<8}{'selection':>10}{'precision':>11}{'student accuracy':>18}   domains selected")
-    for r in result["rounds"]:
-        sel = selection_report(workspace, r["selection"]["name"], truth)
+    selections = [selection_report(workspace, r["selection"]["name"], truth) for r in result["rounds"]]
+    print(f"  policy          {selections[0]['policy']!r} = {selections[0]['policy_steps']!r} (round 1); "
+          f"chance precision {chance:.3f}")
+    print(f"  {'round':<8}{'selection':>10}{'precision':>11}{'class entropy':>15}{'smallest class':>16}"
+          f"{'student accuracy':>18}   domains selected")
+    for r, sel in zip(result["rounds"], selections):
         acc = (r.get("student") or {}).get("eval_accuracy")
         shown_acc = acc if acc is not None else float("nan")
-        print(f"  {r['round']:<8}{sel['size']:>10}{sel['precision']:>11.3f}{shown_acc:>18.4f}   "
+        entropy, smallest = (sel["coverage"].get(k) for k in ("class_entropy", "min_class_share"))
+        print(f"  {r['round']:<8}{sel['size']:>10}{sel['precision']:>11.3f}"
+              f"{entropy if entropy is not None else float('nan'):>15.3f}"
+              f"{smallest if smallest is not None else float('nan'):>16.3f}{shown_acc:>18.4f}   "
               + ", ".join(f"{d} {n}" for d, n in sel["domains"].items()))
     print(f"  (teacher accuracy on the same held-out digits: {teacher['test_accuracy']:.4f})")
     print()

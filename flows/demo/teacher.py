@@ -53,7 +53,10 @@ def evaluate_on_shards(model: nn.Module, shards: str, batch_size: int = 256) -> 
     return correct / max(total, 1)
 
 
-def train_demo_teacher(demo_dir: str | Path, epochs: int = 20, seed: int = 0, log=print) -> dict:
+def train_demo_teacher(demo_dir: str | Path, epochs: int = 20, seed: int = 0, log=print,
+                       test_set: str = "eval/mnist-test.tar", classes: list[str] | None = None) -> dict:
+    """Train on <demo_dir>/teacher/train.npz (images, int labels) and test on <demo_dir>/<test_set>.
+    The benchmarks train their other-domain teachers through it too (their own split, test set, classes)."""
     demo_dir = Path(demo_dir)
     out = demo_dir / "teacher"
     data = np.load(out / "train.npz", allow_pickle=False)
@@ -81,7 +84,7 @@ def train_demo_teacher(demo_dir: str | Path, epochs: int = 20, seed: int = 0, lo
         log(f"teacher epoch {epoch + 1}/{epochs}: loss {total / len(x):.4f}")
     seconds = time.perf_counter() - start
     model.eval()
-    acc = evaluate_on_shards(model, str(demo_dir / "eval" / "mnist-test.tar"))
+    acc = evaluate_on_shards(model, str(demo_dir / test_set))
     torch.save(model.state_dict(), out / "teacher.pt")
     save_exported_program(model, torch.zeros(2, 3, INPUT_SIZE, INPUT_SIZE), out / "teacher.pt2")
     spec = {
@@ -91,12 +94,12 @@ def train_demo_teacher(demo_dir: str | Path, epochs: int = 20, seed: int = 0, lo
         "input_size": INPUT_SIZE,
         "mean": list(MEAN),
         "std": list(STD),
-        "classes": [str(i) for i in range(10)],
+        "classes": list(classes) if classes else [str(i) for i in range(10)],
         "train_samples": int(len(x)),
         "epochs": epochs,
         "train_seconds": round(seconds, 1),
         "test_accuracy": acc,
-        "test_set": "eval/mnist-test.tar",
+        "test_set": test_set,
     }
     (out / "teacher.json").write_text(json.dumps(spec, indent=2))
     return spec

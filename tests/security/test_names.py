@@ -116,6 +116,8 @@ def test_safe_names_still_pass_the_check(world, capsys):
     ("students", None, ["distill", "--selection=s1", "--student=tiny_cnn", "--name=run"]),
     ("scores", None, ["score", "--teacher=distill.models:tiny_student", "--device=cpu", "--name=r"]),
     ("selections", "s1", ["distill", "--selection=s1", "--student=tiny_cnn", "--name=run"]),
+    # the catalog's compacted copy: every stage's refresh writes it through the same path
+    ("compacted", None, ["refresh"]),
 ])
 def test_a_planted_symlink_does_not_redirect_writes_or_deletes(world, capsys, kind, name, argv):
     ws, _, outside = world

@@ -115,16 +115,27 @@ def test_rerun_skips_and_a_lost_copy_is_made_again(typed, tmp_path):
     """A committed pipe: shard is skipped (the command does not run); if its copy is gone (a
     workspace ingested before copies existed), ingest runs the typed command again and copies it."""
     ws = copy_workspace(typed, tmp_path / "ws")
-    log, source = tmp_path / "runs.log", tmp_path / "a.tar"
-    write_tar(source, shard_samples("a", 4, 0))
+    log, source = tmp_path / "runs.log", tmp_path / "c.tar"  # shard "a" is taken by the typed command
+    write_tar(source, shard_samples("c", 4, 0))
     spec = f"pipe:echo run >> {log}; cat {source}"
     first = ingest(ws, [spec], workers=1, progress=False)
     again = ingest(ws, [spec], workers=1, progress=False)
     assert (first.skipped, again.skipped, log.read_text()) == (0, 1, "run\n")
-    (ws.root / "sources" / "a.tar").unlink()
+    (ws.root / "sources" / "c.tar").unlink()
     redo = ingest(ws, [spec], workers=1, progress=False)
     assert (redo.skipped, log.read_text()) == (0, "run\nrun\n")
-    assert same_samples(ws.root / "sources" / "a.tar", source)
+    assert same_samples(ws.root / "sources" / "c.tar", source)
+
+
+def test_another_command_under_a_taken_name_is_refused_unrun(typed, tmp_path):
+    """Shard "a" came from one typed command; another command whose shard is also named "a" is
+    refused (WouldOverwrite names --source) and never runs."""
+    ws = copy_workspace(typed, tmp_path / "ws")
+    marker, source = tmp_path / "ran", tmp_path / "a.tar"
+    write_tar(source, shard_samples("x", 2, 50))
+    summary = ingest(ws, [f"pipe:touch {marker}; cat {source}"], workers=1, progress=False)
+    assert not summary.shards and "--source" in next(iter(summary.failed.values()))
+    assert not marker.exists()
 
 
 def test_a_failing_typed_command_leaves_no_copy(typed, tmp_path):
