@@ -13,12 +13,16 @@ export DO_NOT_TRACK := 1
 setup: $(STAMP)
 
 # Re-run when the dependencies change. The tests build the demo crawl, so setup installs the demo
-# extra too. Fashion-MNIST comes from Debian; without apt or root the demo goes on without that domain.
+# extra too. From Debian, where there is apt and root: Fashion-MNIST (without it the demo goes on
+# without that domain) and Chromium (the report's screenshot and its rendering test; without it
+# that one test is skipped).
+DEBIAN_PACKAGES := $(if $(wildcard /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz),,dataset-fashion-mnist) \
+	$(if $(shell command -v chromium),,chromium)
 $(STAMP): pyproject.toml Makefile
-	@if [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null && [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then \
-		echo "installing Fashion-MNIST (Debian package dataset-fashion-mnist)"; \
-		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null) \
-			|| echo "Fashion-MNIST could not be installed: the demo will go on without it"; \
+	@if [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null && [ -n "$(strip $(DEBIAN_PACKAGES))" ]; then \
+		echo "installing from Debian: $(strip $(DEBIAN_PACKAGES))"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEBIAN_PACKAGES) >/dev/null) \
+			|| echo "Debian packages could not be installed ($(strip $(DEBIAN_PACKAGES))): the demo goes on without Fashion-MNIST, the report without its screenshot test"; \
 	fi
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -e '.[dev,demo]' 2>&1 | grep -v '^WARNING: Location' ; test $${PIPESTATUS[0]} -eq 0
