@@ -228,18 +228,79 @@ class EpochStream(IterableDataset):
         return iter(pipeline)
 
 
-def own_process_group(worker_id: int) -> None:
-    """A DataLoader worker leaves its rank's process group. torchrun stops a rank by signalling its whole
+def start_worker_server() -> None:
+    """Start the forkserver that DataLoader workers are forked from, once per rank, with SIGTERM ignored.
+
+    Why a forkserver: a worker forked from the rank itself, which runs gloo's and OpenMP's threads
+    and our launcher watch, can inherit a lock that one of them held at the fork and hang at its
+    first step (seen: a worker in futex_wait right after fork(), the rank waiting on it forever).
+    Why SIGTERM ignored (an ignored signal stays ignored across exec, so the server inherits it):
+    torchrun stops a rank by signalling its process group, which holds the server; a server gone
+    makes its workers stop (their ManagerWatchdog follows their parent), under a rank that is
+    still checkpointing. The server exits by itself when the rank does (its pipe closes)."""
+    import multiprocessing.forkserver
+    import signal
+
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def exit_with(pid: int) -> None:
+    """End this process the moment process `pid` ends (a pidfd where Linux has one, else a 0.5 s poll)."""
+    import select
+    import threading
+    import time
+
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        os._exit(1)
+    except (AttributeError, OSError):  # no pidfd (not Linux, or older than 5.3)
+        fd = None
+
+    def watch() -> None:
+        if fd is not None:
+            select.select([fd], [], [])
+        else:
+            while _alive(pid):
+                time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name=f"exit-with-{pid}", daemon=True).start()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def start_worker(rank_pid: int, worker_id: int) -> None:
+    """A DataLoader worker (from the forkserver) as if forked from its rank: SIGTERM back to its default,
+    its own process group, and gone when its rank is. torchrun stops a rank by signalling its whole
     group (SIGTERM, then SIGKILL), and a worker killed under its rank makes the rank fail ("DataLoader
-    worker ... is killed by signal") instead of checkpointing and stopping. The rank still stops its
-    workers itself, and a worker exits on its own within seconds when its rank is gone."""
+    worker ... is killed by signal") instead of checkpointing and stopping; the rank stops its
+    workers itself. A worker's parent is the forkserver, so it follows the rank's pid instead."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     os.setpgid(0, 0)
+    exit_with(rank_pid)
 
 
 def epoch_batches(stream: EpochStream, workers: int, pin_memory: bool = False) -> Iterator[tuple]:
-    """The epoch's remaining batches (steps - skipped), decoded by `workers` DataLoader processes."""
+    """The epoch's remaining batches (steps - skipped), decoded by `workers` DataLoader processes,
+    started from the forkserver (start_worker_server)."""
     loader = DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
-                        worker_init_fn=own_process_group,
+                        worker_init_fn=functools.partial(start_worker, os.getpid()) if workers else None,
+                        multiprocessing_context="forkserver" if workers else None,
                         # its own generator: creating the loader must not draw from the global RNG
                         generator=torch.Generator().manual_seed(stream.plan.seed))
     it = iter(loader)

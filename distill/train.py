@@ -63,6 +63,7 @@ from .data import (
     eval_batches,
     load_manifest,
     pool_batches,
+    start_worker_server,
 )
 from .losses import Distiller, LogitDistiller, PoolPass, build_distiller
 from .model_files import save_exported_program
@@ -606,6 +607,8 @@ def run(cfg: DistillConfig) -> dict:
     """Run (or resume) the job in this process: the whole job alone, or this rank's part under torchrun."""
     if "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun
         exit_with_launcher()
+    if cfg.workers:
+        start_worker_server()  # before the process group's threads, and before StopFlag's handlers
     world = init_distributed(cfg.collective_timeout_s)
     stop = StopFlag()
     previous = stop.install()

@@ -261,9 +261,15 @@ def test_a_killed_rank_fails_the_job_and_the_rerun_resumes_exactly(data, referen
     config = job_config(data, out)
     job = Background(config)
     ranks = wait_for_checkpoint(job, out)
+    # rank 1's DataLoader workers come from its forkserver, not from a fork of the multi-threaded rank
+    (server,) = [pid for pid in children(ranks[1])
+                 if b"multiprocessing.forkserver" in read_proc(f"/proc/{pid}/cmdline")]
+    workers = children(server)
+    assert workers and not set(workers) & set(children(ranks[1]))
     os.kill(ranks[1], signal.SIGKILL)
     job.thread.join(120)
     assert not job.thread.is_alive() and isinstance(job.error, DistillJobError)
+    assert not any(alive(pid) for pid in [server, *workers])  # gone with their rank, not orphaned
     first = str(job.error).splitlines()[0]
     assert first == f"the distillation job failed: rank 1 was killed by SIGKILL (the job's output: {out / JOB_LOG})"
     assert job.error.tail and "SIGKILL" in "\n".join(job.error.tail)  # torchrun's summary, in the error
