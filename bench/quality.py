@@ -48,8 +48,9 @@ ALL_ARMS = ("oracle", "full", "random", *[f"topk_{s}" for s in TOPK_SCORES], "de
             "default_clip", "softmax", "kd3", "rounds2", "ref10", "ref100", "synthetic", "loss_kd3", "loss_sakd")
 # Arms that run the product's default policy, and its version: results of an older default are not reused.
 # 2: k is a budget, not a quota (the default stops at its in-distribution estimate); `default_fill` is version 1.
+# 3: the estimate no longer depends on the candidates' row order (sorted, 10 starts).
 DEFAULT_ARMS = ("default", "loss_kd3", "loss_sakd", "ref10", "ref100", "synthetic", "rounds2")
-DEFAULT_POLICY_VERSION = 2
+DEFAULT_POLICY_VERSION = 3
 DEMO_PROMPTS = [f"handwritten digit {d}" for d in range(10)]
 
 
@@ -79,7 +80,8 @@ FIRST = (*CORE, "topk_fused", "full")
 
 
 def full_settings(args) -> Settings:
-    """Sized for two busy shared cores: the core arms get every seed (and k = 25%), the others one seed."""
+    """Every arm at every seed and both budgets (the big student's arms at k = 10% only), most telling
+    first: the core arms, then one seed of the rest, then the remaining seeds, then the rest at 25%."""
     seeds = args.seeds or 3
     # big_*: the arm with the student as big as the teacher (is the oracle within 5 points of the teacher?)
     rest = ("ref100", "big_oracle", "kd3", "softmax", "big_default", "topk_msp", "topk_energy", "topk_mahalanobis",
@@ -89,6 +91,8 @@ def full_settings(args) -> Settings:
     plan += [(0.25, 0, a) for a in CORE]
     plan += [(0.10, 0, a) for a in rest]
     plan += [(0.25, seed, a) for seed in range(1, seeds) for a in CORE]
+    plan += [(0.10, seed, a) for seed in range(1, seeds) for a in (*FIRST[len(CORE):], *rest)]
+    plan += [(0.25, seed, a) for seed in range(seeds) for a in (*FIRST[len(CORE):], *rest) if not a.startswith("big_")]
     return Settings(sizes={"demo": 8000, "fashion": 8000}, shards=8, teacher_epochs={"demo": 8, "fashion": 6},
                     ks=(0.10, 0.25), plan=plan, seeds=seeds, epochs=args.epochs or 5,
                     student="tiny_cnn", big_student="small_cnn", ingest_shards=4, index=False)
