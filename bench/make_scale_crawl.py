@@ -19,7 +19,6 @@ sample's pixels depend on (seed, index) only. Prints a JSON summary.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import sys
 import time
@@ -34,6 +33,7 @@ from PIL import Image, ImageDraw
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from curation.workspace import atomic_path, write_parquet_atomic  # noqa: E402
+from flows.demo.crawl import encode_image  # noqa: E402
 
 KINDS = ("glyph", "photo", "clutter")  # glyph is the in-domain kind
 
@@ -94,15 +94,6 @@ DRAW = {"glyph": _glyph, "photo": _photo, "clutter": _clutter}
 CAPTIONS = {"glyph": "handwritten digit scan", "photo": "stock photo", "clutter": "banner image"}
 
 
-def _encode(im: Image.Image, fmt: str, quality: int) -> bytes:
-    buf = io.BytesIO()
-    if fmt == "jpg":
-        im.save(buf, "JPEG", quality=quality)
-    else:
-        im.save(buf, "PNG", compress_level=1)
-    return buf.getvalue()
-
-
 def _member(name: str, data: bytes) -> bytes:
     """One ustar member (header + data + padding); tarfile's addfile costs more than the JPEG encode."""
     header = bytearray(512)
@@ -127,7 +118,7 @@ def write_shard(out: Path, shard: int, start: int, count: int, in_domain: float,
             kind = "glyph" if rng.random() < in_domain else KINDS[1 + int(rng.integers(2))]
             side = int(rng.integers(20, 49))
             fmt = "png" if rng.random() < 0.1 else "jpg"
-            data = _encode(DRAW[kind](rng, side), fmt, int(rng.integers(70, 95)))
+            data = encode_image(DRAW[kind](rng, side), fmt, int(rng.integers(70, 95)), png_level=1)
             key = f"{shard:05d}{i - start:04d}" if count <= 10_000 else f"{shard:05d}{i - start:06d}"
             url = f"https://cdn{int(rng.integers(20))}.example/{kind}/{i:09d}.{fmt}"
             meta = {"url": url, "caption": CAPTIONS[kind], "key": key, "status": "success", "error_message": None,

@@ -165,19 +165,20 @@ def _render_image(p: Plan) -> tuple[Image.Image, str]:
     return im, label
 
 
-def _encode(im: Image.Image, fmt: str, quality: int) -> bytes:
+def encode_image(im: Image.Image, fmt: str, quality: int, png_level: int = 3) -> bytes:
+    """JPEG (fmt "jpeg" or "jpg") at `quality`, else PNG at zlib level `png_level`."""
     buf = io.BytesIO()
-    if fmt == "jpeg":
+    if fmt in ("jpeg", "jpg"):
         im.save(buf, "JPEG", quality=quality)
     else:
-        im.save(buf, "PNG", compress_level=3)
+        im.save(buf, "PNG", compress_level=png_level)
     return buf.getvalue()
 
 
 def _clean_bytes(p: Plan) -> tuple[bytes, str, tuple[int, int]]:
     im, label = _render_image(p)
     quality = int(np.random.default_rng(p.index).integers(72, 96))
-    return _encode(im, p.fmt, quality), label, im.size
+    return encode_image(im, p.fmt, quality), label, im.size
 
 
 def _near_duplicate(p: Plan) -> tuple[bytes, str, tuple[int, int]]:
@@ -189,7 +190,7 @@ def _near_duplicate(p: Plan) -> tuple[bytes, str, tuple[int, int]]:
     im = im.crop((dx, dy, w - int(w * rng.uniform(0, 0.06)), h - int(h * rng.uniform(0, 0.06))))
     s = rng.uniform(0.7, 1.3)
     im = im.resize((max(8, int(im.width * s)), max(8, int(im.height * s))), Image.BILINEAR)
-    return _encode(im, "jpeg", int(rng.integers(55, 85))), label, im.size
+    return encode_image(im, "jpeg", int(rng.integers(55, 85))), label, im.size
 
 
 def decompression_bomb_png(side: int = 20_000) -> bytes:
