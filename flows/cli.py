@@ -878,16 +878,17 @@ def add_validate_parser(sub, ws: argparse.ArgumentParser) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from flows.serve import build_deployments, serve_config
+    from flows.serve import build_deployments, serve_deployments
 
-    names = [d.name for d in build_deployments(args.config)]
+    deployments = build_deployments(args.config)
+    names = [d.name for d in deployments]
     if not os.environ.get("PREFECT_API_URL"):
         print("no PREFECT_API_URL: Prefect starts a temporary server that lives only as long as this process "
               "(its address follows); for one that lasts, run `prefect server start` and set PREFECT_API_URL",
               flush=True)
     print(f"serving {', '.join(names)} (Ctrl-C stops; trigger one with: prefect deployment run 'FLOW/NAME')",
           flush=True)
-    return serve_config(args.config)
+    return serve_deployments(deployments)
 
 
 def add_serve_parser(sub, ws: argparse.ArgumentParser) -> None:

@@ -40,8 +40,8 @@ def build_deployments(config_path: str) -> list:
 SERVE_STOP_S = 10.0  # how long serve may take to stop after SIGTERM
 
 
-def serve_config(config_path: str, stop_s: float = SERVE_STOP_S) -> int:
-    """Serve the config's deployments until Ctrl-C or SIGTERM; the exit status (128 + the signal).
+def serve_deployments(deployments: list, stop_s: float = SERVE_STOP_S) -> int:
+    """Serve `deployments` (build_deployments) until Ctrl-C or SIGTERM; the exit status (128 + the signal).
 
     Prefect's `serve`, with its runner's SIGTERM handler replaced: that one exits 0 from inside the
     event loop and, once the Prefect server is gone, its shutdown retries API calls for minutes (a
@@ -63,7 +63,7 @@ def serve_config(config_path: str, stop_s: float = SERVE_STOP_S) -> int:
     # start() installs the same handler: this one covers the registration before it
     signal.signal(signal.SIGTERM, runner.handle_sigterm)
     try:
-        for deployment in build_deployments(config_path):
+        for deployment in deployments:
             runner.add_deployment(deployment)
         asyncio.run(runner.start())
     except KeyboardInterrupt:
