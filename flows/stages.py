@@ -90,7 +90,8 @@ def index_flow(workspace: str, embedder: str = "open_clip:ViT-S-32", config: dic
     """The index, its clusters, then each kNN score: {"name": ..., "prompts": [...]} or {"name": ..., "sql": "..."}
     (optional "k", default 5)."""
     ws = resolve_workspace(workspace)
-    out = task(stage_runner.run_index, name="index")(ws, embedder, config or {}, workers)
+    # phase lines through the flow's logger: `run` shows it, while task-run INFO lines are hidden by default
+    out = task(stage_runner.run_index, name="index")(ws, embedder, config or {}, workers, say=get_run_logger().info)
     knn = task(stage_runner.run_knn_score, name="knn-score")
     out["knn"] = {ref["name"]: knn(ws, ref["name"], embedder, ref.get("k", 5), prompts=ref.get("prompts"),
                                    sql=ref.get("sql"), trust_model_code=trust_model_code)

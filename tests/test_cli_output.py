@@ -2,6 +2,7 @@
 a narrow table hides the least needed columns and names them, and --format parquet --out writes a
 file that plain tools open."""
 import json
+import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -73,3 +74,30 @@ def test_a_narrow_table_hides_wide_columns_first_and_names_them(width):
 def test_a_wide_terminal_shows_every_column():
     text = table_text(_wide_table(), width=400)
     assert "not shown" not in text and all(c in text for c in _wide_table().column_names)
+
+
+def test_version_is_one_line_with_the_parts_versions():
+    from importlib.metadata import version
+
+    out = run_cli("--version")
+    assert out.returncode == 0 and out.stdout.count("\n") == 1, out.stderr
+    line = out.stdout.strip()
+    assert line.startswith(f"webdistill {version('webdistill')} (")
+    for package in ("torch", "duckdb", "prefect", "faiss-cpu"):
+        assert f"{package} {version(package)}" in line
+
+
+@pytest.mark.parametrize(("flags", "env"), [
+    ([], {"PREFECT_LOGGING_LOGGERS_PREFECT_TASK_RUNS_LEVEL": "WARNING"}),  # a flow's lines, no per-task INFO
+    (["-v"], {}),  # Prefect's own defaults: every task's INFO line
+    (["-vv"], {"PREFECT_LOGGING_LEVEL": "DEBUG"}),
+    (["-q"], {"PREFECT_LOGGING_LEVEL": "ERROR", "WEBDISTILL_PROGRESS": "0"}),
+])
+def test_verbosity_flags_set_the_log_levels_before_prefect_loads(monkeypatch, flags, env):
+    from flows.cli import _set_verbosity, build_parser
+
+    keys = ("PREFECT_LOGGING_LEVEL", "WEBDISTILL_PROGRESS", "PREFECT_LOGGING_LOGGERS_PREFECT_TASK_RUNS_LEVEL")
+    for key in keys:
+        monkeypatch.delenv(key, raising=False)
+    _set_verbosity(build_parser().parse_args([*flags, "sql", "SELECT 1"]))
+    assert {k: v for k in keys if (v := os.environ.get(k)) is not None} == env

@@ -1,6 +1,7 @@
 """The Prefect flows: the whole pipeline with two student-in-the-loop rounds, per-shard failures
 against the failure fraction, and the Dask runner giving the local runner's results."""
 import json
+import re
 
 import pyarrow.parquet as pq
 import pytest
@@ -53,6 +54,10 @@ def test_pipeline_runs_two_rounds_and_records_them(prefect_server, small_crawl, 
                                  "ORDER BY name").to_pylist()
     assert [s["name"] for s in students] == ["demo-round1", "demo-round2"]
     assert all(s["loss"] == "kd" and 0 <= s["eval_accuracy"] <= 1 for s in students)
+    # lineage by content: each student names the exact manifest it trained on, its own round's
+    lineage = catalog.query(ws, "SELECT st.name, se.name AS selection FROM students st JOIN selections se "
+                                "ON st.selection_sha256 = se.manifest_sha256 ORDER BY 1").to_pylist()
+    assert lineage == [{"name": f"demo-round{r}", "selection": f"demo-round{r}"} for r in (1, 2)]
     # round 2 re-scored the pool with round 1's student: agreement and KD^3 columns exist
     agree = catalog.query(ws, "SELECT count(agreement) AS a, count(*) AS n FROM scores "
                               "WHERE run = 'demo-round2'").to_pylist()[0]
@@ -191,6 +196,9 @@ def test_curation_flow_on_a_workspace_at_an_fsspec_url(prefect_server, small_cra
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["size"] == 120
+    # the index's phases reach the flow's log (a long index used to be silent inside `run`)
+    logged = proc.stdout + proc.stderr
+    assert all(re.search(rf"index \S+: {phase}/3 ", logged) for phase in (1, 2, 3))
     assert any(p.startswith("scores/t-round1/") for p in out["index"])
     assert "selections/t-round1/manifest.json" in out["index"] and "catalog.duckdb" in out["index"]
     assert (tmp_path / "cache" / "workspaces").is_dir()  # the local mirror the stages ran in
