@@ -133,6 +133,16 @@ class DistillConfig(BaseModel):
         return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def missing_eval_shard(patterns: list[str]) -> str | None:
+    """Why the eval shards cannot be read (None when every local one is a file; URLs are read when
+    the job evaluates). Patterns are absolute paths, brace patterns or URLs."""
+    for pattern in patterns:
+        for shard in braceexpand(pattern):
+            if not is_remote(shard) and not Path(shard).is_file():
+                return f"shard not found: {shard}"
+    return None
+
+
 def _resolve_paths(cfg: DistillConfig, base: Path) -> None:
     def resolve(p: str) -> str:
         if is_remote(p):
@@ -149,10 +159,9 @@ def _resolve_paths(cfg: DistillConfig, base: Path) -> None:
         raise ConfigError(f"config key 'selection': no manifest at {cfg.selection}")
     if cfg.eval is not None:
         cfg.eval = [resolve(p) for p in cfg.eval] if isinstance(cfg.eval, list) else resolve(cfg.eval)
-        for pattern in cfg.eval if isinstance(cfg.eval, list) else [cfg.eval]:
-            for shard in braceexpand(pattern):  # local shards are checked now, not after an epoch of training
-                if not is_remote(shard) and not Path(shard).is_file():
-                    raise ConfigError(f"config key 'eval': shard not found: {shard}")
+        missing = missing_eval_shard(cfg.eval if isinstance(cfg.eval, list) else [cfg.eval])
+        if missing:  # local shards are checked now, not after an epoch of training
+            raise ConfigError(f"config key 'eval': {missing}")
     if cfg.init_from is not None:
         cfg.init_from = resolve(cfg.init_from)
         if not Path(cfg.init_from).is_file():

@@ -89,5 +89,7 @@ def student_from_spec(cfg: dict, trust_model_code: bool = False) -> nn.Module:
 
 
 def is_student_name(name: str) -> bool:
-    """True for a registry name or a prefixed architecture name (checked without building it)."""
-    return name in STUDENTS or ":" in name
+    """True for a registry name or a `family:name` architecture name (whether the family has that
+    name is checked by `webdistill validate`, and by build_student when the job starts)."""
+    family, colon, arch = name.partition(":")
+    return name in STUDENTS or bool(colon and family and arch)

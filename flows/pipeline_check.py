@@ -1,7 +1,8 @@
 """The pipeline YAML checked whole before any work: its keys (flows/pipeline_config.py), then every
 model it names, without loading one. A teacher spec that is not there, an architecture torchvision
-does not have, an open_clip model that does not exist, a device this machine lacks or input shards
-that match nothing are one line naming the key, before Prefect starts and before any stage runs:
+does not have, a student the distill job could not build, an open_clip model that does not exist, a
+device this machine lacks, input shards that match nothing or a local eval shard or ground truth that
+is not there are one line naming the key, before Prefect starts and before any stage runs:
 
     p.yaml: score.teacher: model spec not found: /data/teacher/techer.json
 
@@ -99,17 +100,42 @@ def _device_problem(device: str | None) -> str | None:
     return None
 
 
+def student_problem(name: str, trust_model_code: bool = False) -> str | None:
+    """Why the distill job could not build this student (None when it can), resolved as build_student
+    resolves it: the registry, a project factory, a torchvision/timm name, or a module:factory (only
+    named, never imported, and refused without trust, as a teacher's)."""
+    from distill.spec import PROJECT_FACTORIES
+    from distill.students import STUDENTS
+
+    if name in STUDENTS or name in PROJECT_FACTORIES:
+        return None
+    if ":" not in name:
+        return (f"unknown student {name!r} (known: {', '.join(STUDENTS)}, torchvision:<name>, timm:<name>, "
+                "module:factory)")
+    return _architecture_problem(name, trust_model_code, name)
+
+
+def _local_paths(cfg: PipelineConfig, value: str | list[str]) -> list[str]:
+    """A path key's local paths, absolute: URLs and `pipe:` commands are the stage's to read."""
+    paths = [cfg.path(p) for p in ([value] if isinstance(value, str) else value)]
+    return [p.removeprefix("file://") for p in paths if not is_remote(p)]
+
+
 def _shards_problem(cfg: PipelineConfig) -> str | None:
     """Input shards that match nothing, when no crawl section makes them first (URLs are not fetched)."""
     from curation.shards import expand_shards
 
-    shards = cfg.sections["ingest"]["shards"]
-    local = [cfg.path(s) for s in ([shards] if isinstance(shards, str) else shards)]
-    local = [s for s in local if not is_remote(s) and not s.startswith("file://")]
+    local = _local_paths(cfg, cfg.sections["ingest"]["shards"])
     if "crawl" in cfg.sections or not local:
         return None
     _, missing = expand_shards(local)
     return f"no shard matches {missing[0]}" if missing else None
+
+
+def _file_problem(cfg: PipelineConfig, value: str | None) -> str | None:
+    """A local file the config names that is not there (a URL is the stage's to read)."""
+    missing = [p for p in _local_paths(cfg, value or []) if not Path(p).is_file()]
+    return f"file not found: {missing[0]}" if missing else None
 
 
 def model_problems(cfg: PipelineConfig) -> list[tuple[str, str]]:
@@ -136,8 +162,15 @@ def model_problems(cfg: PipelineConfig) -> list[tuple[str, str]]:
     check("score.teacher", spec_problem(cfg.path(s["score"]["teacher"]), trust))
     check("score.options.device", _device_problem((s["score"].get("options") or {}).get("device")))
     distill = s.get("distill") or {}
+    if distill.get("student"):
+        check("distill.student", student_problem(distill["student"], trust))
     if distill.get("teacher"):
         check("distill.teacher", spec_problem(cfg.path(distill["teacher"]), trust))
+    if distill.get("eval"):
+        from distill.config import missing_eval_shard
+
+        check("distill.eval", missing_eval_shard(_local_paths(cfg, distill["eval"])))
+    check("report.truth", _file_problem(cfg, (s.get("report") or {}).get("truth")))
     return found
 
 
