@@ -262,9 +262,15 @@ def _stored_definition(manifest: dict) -> dict:
             "seed": manifest.get("seed"), "synthetic": sorted(manifest.get("synthetic") or {})}
 
 
+def definition_changed(previous: dict, wanted: dict) -> bool:
+    """True when a selection's manifest (empty: none yet) was made with another definition than
+    `wanted`: `select` refuses to replace it without overwrite (the pipeline replaces it)."""
+    return bool(previous) and _stored_definition(previous) != wanted
+
+
 def _refuse_replacing(name: str, previous: dict, wanted: dict) -> None:
-    old = _stored_definition(previous)
-    if old != wanted:
+    if definition_changed(previous, wanted):
+        old = _stored_definition(previous)
         changed = ", ".join(f"{k} {old.get(k)!r} -> {wanted[k]!r}" for k in wanted if old.get(k) != wanted[k])
         raise WouldOverwrite(f"selection {name!r} exists with another definition ({changed}); students trained "
                              "on it would lose their data: choose a new --name, or pass --overwrite to replace it")

@@ -27,7 +27,6 @@ flow publishes its summary as Prefect artifacts (flows/artifacts.py); the pipeli
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 
@@ -119,11 +118,7 @@ def _run_config_on(cfg: PipelineConfig, with_distill: bool, runner) -> dict:
                              s.get("knn_scores") or [], cfg.workers, trust)
     score_opts = dict(s["score"])
     teacher = cfg.path(score_opts.pop("teacher"))
-    select_opts = dict(s.get("select") or {})  # no policy (or no section): the default policy
-    user_synthetic = list(select_opts.pop("synthetic", None) or [])
-    distill_opts = cfg.abs_paths(dict(s.get("distill") or {}), ("eval", "teacher")) if with_distill else {}
-    if distill_opts and trust:
-        distill_opts["trust_model_code"] = True
+    distill_opts = cfg.distill_options() if with_distill else {}
     student_ckpt = init_from = None
     for r in range(1, (cfg.rounds if with_distill else 1) + 1):
         name = f"{cfg.name}-round{r}"
@@ -133,19 +128,18 @@ def _run_config_on(cfg: PipelineConfig, with_distill: bool, runner) -> dict:
                        max_failure_fraction=frac, trust_model_code=trust,
                        **{k: score_opts[k] for k in ("shards_per_task",) if k in score_opts})  # else the flow's default
         # the round's scoring run, by name: synthesize and select read its scores, whichever run is newest
-        synthetic, made = list(user_synthetic), None
-        if "synthesize" in s:  # confident synthetic images, mixed into this round's selection
+        made = None
+        if "synthesize" in s:  # confident synthetic images named as the round, mixed into its selection
             made = timed(f"synthesize r{r}", synthesize_flow, ws, teacher=teacher, name=name,
                          options={**s["synthesize"], "score_run": scored["name"]}, trust_model_code=trust)
-            synthetic.append(made["name"])
-        chosen = timed(f"select r{r}", select_flow, ws, name=name, synthetic=synthetic, score_run=scored["name"],
-                       **select_opts)
+        chosen = timed(f"select r{r}", select_flow, ws, name=name, score_run=scored["name"],
+                       **cfg.select_options(name))
         round_out = {"round": r, "score": scored, "selection": chosen, "synthetic": made}
         if distill_opts:
             student = timed(f"distill r{r}", distill_flow, ws, name, name, distill_opts, init_from)
             round_out["student"] = student
             student_ckpt = student["checkpoint"]
-            init_from = student.get("state_dict") or str(Path(student["checkpoint"]).with_name("student.pt"))
+            init_from = stage_runner.student_weights(student)
         out["rounds"].append(round_out)
     if "report" in s:
         report = cfg.abs_paths(dict(s["report"] or {}), ("out", "truth"))

@@ -181,6 +181,21 @@ class PipelineConfig:
         """A copy of a section whose `keys` (paths) are made absolute with `path`."""
         return {k: (self.path(v) if k in keys and isinstance(v, str) else v) for k, v in section.items()}
 
+    def select_options(self, round_name: str) -> dict:
+        """A round's select options as `run` passes them: the section (absent: the default policy),
+        with the round's synthetic set mixed in when there is a synthesize section."""
+        options = dict(self.sections.get("select") or {})
+        options["synthetic"] = list(options.get("synthetic") or []) + ([round_name] if "synthesize" in
+                                                                        self.sections else [])
+        return options
+
+    def distill_options(self) -> dict:
+        """The distill section as `run` hands it to each round's job: paths absolute, trust added."""
+        options = self.abs_paths(dict(self.sections.get("distill") or {}), ("eval", "teacher"))
+        if options and self.trust_model_code:
+            options["trust_model_code"] = True
+        return options
+
 
 def load_pipeline_config(path: str | Path) -> PipelineConfig:
     path = Path(path)

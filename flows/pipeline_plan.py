@@ -51,29 +51,60 @@ def _index_line(cfg: PipelineConfig, ws: Workspace) -> str:
         f"; knn scores: {', '.join(knn)}" if knn else "")
 
 
-def _round_parts(cfg: PipelineConfig, ws: Workspace, r: int, with_distill: bool) -> list[str]:
-    from curation.select import SelectConfig, definition
+def _select_part(cfg: PipelineConfig, ws: Workspace, name: str) -> tuple[str, bool]:
+    """The round's select line, and whether `run` replaces the selection it finds (its definition changed)."""
+    from curation.select import SelectConfig, definition, definition_changed
     from curation.shard_writer import read_manifest
 
+    options = cfg.select_options(name)
+    wanted = definition(SelectConfig(name=name, **{k: (tuple(v) if k == "synthetic" else v) for k, v in
+                                                   options.items() if k in SelectConfig.__dataclass_fields__}))
+    previous = read_manifest(ws.root / "selections" / name)
+    replaced = definition_changed(previous, wanted)
+    policy = wanted["policy"] or ("SQL" if wanted["query"] else "default policy")
+    state = ("" if not previous else ": will be replaced (its definition changed)" if replaced
+             else ": present, definition unchanged")
+    return f"select {name} ({policy}{', limit ' + str(wanted['limit']) if wanted['limit'] else ''}){state}", replaced
+
+
+def _distill_state(cfg: PipelineConfig, ws: Workspace, r: int, selection_replaced: bool, earlier_replaced: bool
+                   ) -> str:
+    """What `run` does with round r's student: the comparison run_distill makes before it replaces one."""
+    from .stage_runner import distill_job, distill_job_changed, student_weights
+
+    name, init_from = f"{cfg.name}-round{r}", None
+    if r > 1:  # the job starts from the previous round's student (its path, trained before or not)
+        before = ws.root / "students" / f"{cfg.name}-round{r - 1}"
+        summary = before / "summary.json"
+        init_from = student_weights(json.loads(summary.read_text())) if summary.is_file() else str(
+            before / "student.pt")
+    job, out, manifest = distill_job(ws, name, name, cfg.distill_options(), init_from)
+    summary = out / "summary.json"
+    changed = distill_job_changed(job, out, manifest)
+    if changed:
+        return f": will be replaced ({changed})"
+    if selection_replaced and (out / "job.json").is_file():
+        return ": will be replaced (its selection changed)"
+    if earlier_replaced and (out / "job.json").is_file():  # re-scored with a new student: a new selection
+        return f": will likely be replaced (round {r - 1}'s student is replaced)"
+    if summary.is_file():
+        return f": trained before, unchanged (eval accuracy {json.loads(summary.read_text()).get('eval_accuracy')})"
+    return ": resumes its checkpoint" if (out / "checkpoint.pt").is_file() else ""
+
+
+def _round_parts(cfg: PipelineConfig, ws: Workspace, r: int, with_distill: bool, earlier_replaced: bool = False
+                 ) -> list[str]:
     name, s = f"{cfg.name}-round{r}", cfg.sections
     scored = (ws.root / "scores" / name / "run.json").is_file()
     parts = [f"score {name}" + (f" with round {r - 1}'s student" if r > 1 else "")
              + (": finished before (unchanged shards skipped)" if scored else "")]
-    select = {k: v for k, v in (s["select"] or {}).items() if k in SelectConfig.__dataclass_fields__}
-    wanted = definition(SelectConfig(name=name, **select))
-    previous = read_manifest(ws.root / "selections" / name)
-    policy = wanted["policy"] or ("SQL" if wanted["query"] else "default policy")
-    state = ("" if not previous else ": present" if previous.get("definition", wanted) == wanted
-             else ": present, replaced (its definition changed)")
-    parts.append(f"select {name} ({policy}{', limit ' + str(wanted['limit']) if wanted['limit'] else ''}){state}")
+    select_line, selection_replaced = _select_part(cfg, ws, name)
+    parts.append(select_line)
     distill = s.get("distill") if with_distill else None
     if distill:
-        out = ws.root / "students" / name
-        summary = out / "summary.json"
-        state = (f": trained before (eval accuracy {json.loads(summary.read_text()).get('eval_accuracy')})"
-                 if summary.is_file() else ": resumes its checkpoint" if (out / "checkpoint.pt").is_file() else "")
         parts.append(f"distill {name} ({distill.get('student', 'tiny_cnn')}, "
-                     f"{(distill.get('loss') or {}).get('method', 'kd')}, {distill.get('epochs', '?')} epochs){state}")
+                     f"{(distill.get('loss') or {}).get('method', 'kd')}, {distill.get('epochs', '?')} epochs)"
+                     + _distill_state(cfg, ws, r, selection_replaced, earlier_replaced))
     return parts
 
 
@@ -86,8 +117,10 @@ def plan_lines(cfg: PipelineConfig, with_distill: bool = True) -> list[tuple[str
     lines.append(("ingest", _ingest_line(cfg, ws)))
     if "embed" in s:
         lines += [("embed", _embed_line(cfg, ws)), ("index", _index_line(cfg, ws))]
+    replaced = False  # a round's student replaced: the next rounds re-score with a new one
     for r in range(1, (cfg.rounds if with_distill else 1) + 1):
-        parts = _round_parts(cfg, ws, r, with_distill)
+        parts = _round_parts(cfg, ws, r, with_distill, replaced)
+        replaced = replaced or "replaced" in parts[-1]
         lines += [(f"round {r}" if i == 0 else "", part) for i, part in enumerate(parts)]
     if "report" in s:
         lines.append(("report", str(ws.root / "report.html") if not (s["report"] or {}).get("out")

@@ -391,6 +391,36 @@ def run_synthesize(ws: Workspace, config, progress: bool = False) -> dict:
 
 # --- distill --------------------------------------------------------------------------------
 
+def distill_job(ws: Workspace, name: str, selection: str, options: dict, init_from: str | None = None
+                ) -> tuple[dict, Path, Path]:
+    """The job config run_distill writes for a student run (its options less `nproc`), the run's folder
+    and its selection's manifest. Both names pass `Workspace.owned`. Nothing is read or written."""
+    out = ws.owned("students", name, what="student run name")
+    manifest = ws.owned("selections", selection, what="selection name") / "manifest.json"
+    job = {"selection": str(manifest), "out": str(out), "name": name, "progress": False,
+           **{k: v for k, v in options.items() if k != "nproc"}}
+    if init_from:
+        job["init_from"] = init_from
+    return job, out, manifest
+
+
+def distill_job_changed(job: dict, out: Path, manifest: Path) -> str | None:
+    """Why `out` holds a run that run_distill would replace (with overwrite; it refuses without):
+    "its config changed" or "its selection changed". None for no run or the same job."""
+    config_path, stamp = out / "job.json", out / "selection.sha256"
+    if not config_path.is_file():
+        return None
+    if json.loads(config_path.read_text()) != job:
+        return "its config changed"
+    digest = hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else None
+    return None if stamp.is_file() and stamp.read_text() == digest else "its selection changed"
+
+
+def student_weights(summary: dict) -> str:
+    """The state_dict a student's summary names: the next round starts from it."""
+    return summary.get("state_dict") or str(Path(summary["checkpoint"]).with_name("student.pt"))
+
+
 def run_distill(ws_root: str, name: str, selection: str, options: dict, init_from: str | None = None,
                 stream=None, overwrite: bool = False) -> dict:
     """Write the job's config under students/<name>/, run it under torchrun, record the student.
@@ -400,32 +430,24 @@ def run_distill(ws_root: str, name: str, selection: str, options: dict, init_fro
     from distill.config import config_from_dict
     from distill.launch import launch
 
-    options = dict(options)
     ws = Workspace(ws_root)
-    out = ws.owned("students", name, what="student run name")
-    manifest = ws.owned("selections", selection, what="selection name") / "manifest.json"
+    job, out, manifest = distill_job(ws, name, selection, options, init_from)
     if not manifest.is_file():
         raise WebdistillError(f"no selection {selection!r} in {manifest.parent.parent} (see: webdistill sql "
                               "\"SELECT name, size FROM selections\")")
-    nproc = int(options.pop("nproc", 1))
-    job = {"selection": str(manifest), "out": str(out), "name": name, "progress": False, **options}
-    if init_from:
-        job["init_from"] = init_from
+    nproc = int(options.get("nproc", 1))
     config_from_dict(job, out)  # a bad key, student or loss is one line here, not a failed torchrun job
     out.mkdir(parents=True, exist_ok=True)
-    config_path = out / "job.json"
-    stamp = out / "selection.sha256"
-    digest = hashlib.sha256(Path(job["selection"]).read_bytes()).hexdigest()
-    if config_path.exists() and (json.loads(config_path.read_text()) != job
-                                 or not stamp.exists() or stamp.read_text() != digest):
+    if distill_job_changed(job, out, manifest):
         if not overwrite:
             raise WouldOverwrite(f"student run {name!r} exists, trained with another config or on other contents "
                                  f"of selection {selection!r}: choose a new --name, or pass --overwrite to replace it")
         # a new selection or config under this run name (a re-run round): train it from scratch
         remove_tree(out, ws.root / "students")
         out.mkdir(parents=True)
+    config_path = out / "job.json"
     config_path.write_text(json.dumps(job, indent=2))
-    stamp.write_text(digest)
+    (out / "selection.sha256").write_text(hashlib.sha256(manifest.read_bytes()).hexdigest())
     summary = launch(config_path, nproc=nproc, stream=stream)
     catalog.record_student(ws, summary | {"selection": selection})
     return summary
