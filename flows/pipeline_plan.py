@@ -2,7 +2,8 @@
 
 The config is checked whole first (flows/pipeline_check.py), then each stage is listed with what
 the workspace already holds for it: shards ingested unchanged (skipped), shards embedded, scoring
-runs, selections and students of each round. Nothing is loaded, run or written.
+runs, selections and students of each round, and which of those `run` replaces because the YAML
+changed them (the comparisons select and run_distill make). Nothing is loaded, run or written.
 """
 from __future__ import annotations
 
