@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from curation.errors import WouldOverwrite
-from curation.select import SelectConfig, definition
+from curation.select import DEFAULT_POLICY, SelectConfig, definition
 from curation.workspace import Workspace
 from flows import stage_runner
 from flows.pipeline_check import validate_pipeline
@@ -77,12 +77,13 @@ def test_the_plan_prints_with_an_empty_optional_section(full, empty):
     assert "the config is valid" in plan_of(root, raw)
 
 
-def test_validate_without_select_prints_the_default_policy(full):
+def test_validate_without_select_prints_the_plan_with_the_default_policy(full):
     root, raw = full
     del raw["select"]
     done = run_cli("validate", str(write(root, raw)))
     assert done.returncode == 0, done.stderr
-    assert "default policy" in done.stdout and "internal error" not in done.stdout + done.stderr
+    assert f"select plan-round1 ({DEFAULT_POLICY})" in done.stdout, done.stdout  # the policy run would use
+    assert "internal error" not in done.stdout + done.stderr
 
 
 # --- G2: student, eval shards and ground truth checked before any work ------------------------
