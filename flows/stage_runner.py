@@ -109,19 +109,30 @@ def _record(ws: Workspace, stage: str, started: datetime, params: dict, summary:
 # --- crawl ----------------------------------------------------------------------------------
 
 def run_crawl(url_list: str, out: str, config=None, map_shards: MapShards | None = None, workers: int = 1,
-              progress: bool = True, max_failure_fraction: float = 0.0) -> dict:
+              progress: bool = True, max_failure_fraction: float = 0.0, overwrite: bool = False) -> dict:
     """Crawl a URL list into img2dataset-style shards under `out`. There is no workspace yet, so no
     run is recorded. Without `map_shards` (the CLI) shards run `workers` at a time in threads, under one
-    progress bar over URLs (curation.crawl.crawl); a flow passes its Prefect mapper, one task per shard."""
-    from curation.crawl import CrawlConfig, crawl, crawl_shard, plan_shards, read_url_list
+    progress bar over URLs (curation.crawl.crawl); a flow passes its Prefect mapper, one task per shard.
+    Shards of another URL list in `out` are refused (WouldOverwrite) unless `overwrite`."""
+    from curation.crawl import (
+        CrawlConfig,
+        crawl,
+        crawl_shard,
+        is_finished,
+        plan_shards,
+        read_url_list,
+        refuse_other_url_lists,
+    )
 
     started = _now()
     config = config or CrawlConfig()
     if map_shards is None:
-        done = crawl(url_list, out, config, workers=workers, progress=progress)
+        done = crawl(url_list, out, config, workers=workers, progress=progress, overwrite=overwrite)
         results, failed = done.shards, done.failed
     else:
         plans = plan_shards(read_url_list(url_list), config.shard_size)
+        if not overwrite:
+            refuse_other_url_lists([p for p in plans if not is_finished(p, out, config)], out)
         results, failed = map_shards(functools.partial(crawl_shard, out_dir=out, config=config), plans,
                                      [p.name for p in plans])
     crawled = [r for r in results if not r.skipped]
