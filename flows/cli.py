@@ -526,7 +526,7 @@ def cmd_score(args: argparse.Namespace) -> int:
                          reference_rounds=args.reference_rounds, reference_top=args.reference_top,
                          feature_layers=args.feature_layers, device=args.device or ("cuda" if _cuda() else "cpu"),
                          trust_model_code=args.trust_model_code)
-    summary = stage_runner.run_score(ws, config, progress=True)
+    summary = stage_runner.run_score(ws, config, progress=True, overwrite=args.overwrite)
     rate = f" at {summary['samples'] / summary['seconds']:.0f} images/s" if summary["seconds"] else ""
     print(f"score {config.name}: {summary['scored']} shard(s), {summary['samples']} samples{rate}; "
           f"{summary['skipped']} unchanged and skipped; {_reference_line(summary.get('reference'))}. "
@@ -557,6 +557,8 @@ def add_score_parser(sub, ws: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher", required=True, help="teacher model spec (see above)")
     p.add_argument("--student", default=None, help="student model spec, e.g. a distill run's student.json")
     p.add_argument("--name", default="default", help="name of the scoring run (default: %(default)s)")
+    _overwrite_option(p, "a scoring run of this name made with another teacher, student or settings",
+                      "the same ones resume, skipping unchanged shards; --device, --batch-size, --workers may differ")
     p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default: %(default)s)")
     p.add_argument("--workers", type=int, default=1, help="decode workers (default: %(default)s)")
     p.add_argument("--no-odin", action="store_true", help="skip ODIN (it costs a backward and a second forward pass)")

@@ -326,13 +326,15 @@ def score_shards(ws_root: str, config, shards: list[str], progress: bool = False
 
 
 def run_score(ws: Workspace, config, map_shards: MapShards = in_process, shards_per_task: int | None = None,
-              max_failure_fraction: float = 0.0, progress: bool = False) -> dict:
+              max_failure_fraction: float = 0.0, progress: bool = False, overwrite: bool = False) -> dict:
     """Score every ingested sample with the teacher (and student): pass 1 per group of shards,
-    then pass 2 over the pool (config: a ScoreConfig)."""
-    from curation.score import ScoreSummary, finish
+    then pass 2 over the pool (config: a ScoreConfig). A run of that name made with another teacher
+    or settings is refused (WouldOverwrite) unless `overwrite`; the same config resumes."""
+    from curation.score import ScoreSummary, claim_run, finish
     from curation.shard_reader import shard_jobs
 
     started = _now()
+    claim_run(ws, config, overwrite)
     groups = _chunks([j.shard for j in shard_jobs(ws)], shards_per_task)
     work = functools.partial(score_shards, str(ws.root), config, progress=progress)
     results, failed = map_shards(work, groups, [",".join(g) for g in groups])

@@ -110,8 +110,10 @@ def score_flow(workspace: str, teacher: str, student: str | None = None, name: s
 
     config = ScoreConfig(teacher=teacher, student=student, name=name, **(options or {}),
                          trust_model_code=trust_model_code)
+    # a pipeline's YAML (and its rounds' students) define the run: a changed one replaces it
     summary = stage_runner.run_score(resolve_workspace(workspace), config, map_shards=prefect_map("score-shards"),
-                                     shards_per_task=shards_per_task, max_failure_fraction=max_failure_fraction)
+                                     shards_per_task=shards_per_task, max_failure_fraction=max_failure_fraction,
+                                     overwrite=True)
     artifacts.publish_summary("score", summary)
     return summary
 
