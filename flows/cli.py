@@ -485,7 +485,8 @@ def add_knn_parser(sub, ws: argparse.ArgumentParser) -> None:
 def cmd_knn_score(args: argparse.Namespace) -> int:
     ws = resolve_workspace(args.workspace)
     result = stage_runner.run_knn_score(ws, args.name, args.embedder, args.k, prompts=args.prompts, sql=args.sql,
-                                        images=args.images, trust_model_code=args.trust_model_code)
+                                        images=args.images, trust_model_code=args.trust_model_code,
+                                        overwrite=args.overwrite)
     print(f"knn-score {args.name}: {result['samples']} samples scored against {result['reference']} reference "
           f"vectors (k={result['k']}); column knn_sim in view knn_scores "
           f"WHERE name = {user_sql.sql_literal(args.name)}")
@@ -503,6 +504,8 @@ def add_knn_score_parser(sub, ws: argparse.ArgumentParser) -> None:
     r.add_argument("--prompts", nargs="+", help="class prompts, e.g. 'a photo of the digit 3'")
     r.add_argument("--sql", help="a query returning the sample_ids of the reference set")
     p.add_argument("-k", type=int, default=5, help="reference neighbours averaged (default: %(default)s)")
+    _overwrite_option(p, "a kNN score of this name made from another reference set, --embedder or -k",
+                      "the same ones are recomputed over the current pool")
     _trust_option(p)
     p.set_defaults(func=cmd_knn_score)
 

@@ -30,6 +30,7 @@ from typing import Any
 
 from curation import catalog
 from curation.errors import ShardReadError, WebdistillError, WorkerDied, WouldOverwrite, first_line
+from curation.files import file_digest
 from curation.workspace import Workspace, check_name, remove_tree
 
 MapShards = Callable[[Callable, Sequence, Sequence[str]], tuple[list, dict[str, str]]]
@@ -284,33 +285,48 @@ def _refuse_column_collision(name: str) -> None:
                               f"already has ({SCORE_COLUMNS[column]}); choose another name")
 
 
+def _reference_definition(prompts: list[str] | None, sql: str | None, images: str | None,
+                          files: list[Path]) -> dict:
+    """A kNN score's reference set by what it is: the prompts, the query, or the images' names and
+    bytes (a moved folder is the same set)."""
+    if images is None:
+        return {"prompts": list(prompts)} if prompts is not None else {"sql": sql}
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(f"{path.relative_to(images)}\0{file_digest(path)}\n".encode())
+    return {"images_sha256": digest.hexdigest()}
+
+
 def run_knn_score(ws: Workspace, name: str, embedder: str = "open_clip:ViT-S-32", k: int = 5,
                   prompts: list[str] | None = None, sql: str | None = None, images: str | None = None,
-                  trust_model_code: bool = False) -> dict:
+                  trust_model_code: bool = False, overwrite: bool = False) -> dict:
     """Every sample's similarity to a reference set (exactly one of: class prompts, a query returning
-    sample_ids, a folder of images), stored as knn_sim under `name`."""
+    sample_ids, a folder of images), stored as knn_sim under `name`. A score of that name made from
+    another reference set, embedder or k is refused (WouldOverwrite) unless `overwrite`."""
     from curation.embedders import embedder_dir_name, embedder_from_workspace
-    from curation.index import knn_score, vectors_of
+    from curation.index import claim_knn_name, knn_score, vectors_of
 
     if sum(x is not None for x in (prompts, sql, images)) != 1:
         raise WebdistillError("a kNN score needs exactly one reference set: prompts, sql or images")
     emb = embedder_dir_name(embedder)
     check_name(name, "knn score name")  # before the reference set is encoded
     _refuse_column_collision(name)
+    files = sorted(p for p in Path(images).rglob("*") if p.is_file()) if images is not None else []
+    what = (f"sql: {sql}" if sql is not None else f"prompts: {list(prompts)}" if prompts is not None
+            else f"images: {images}")
+    definition = {"embedder": emb, "k": k, "reference": _reference_definition(prompts, sql, images, files)}
+    claim_knn_name(ws, name, definition, what, overwrite)  # before the reference set is encoded too
     started = _now()
     if sql is not None:
         table = catalog.query(ws, sql)
         if "sample_id" not in table.column_names:
             raise WebdistillError("--sql must return a sample_id column")
-        ref, what = vectors_of(ws, emb, table.column("sample_id").to_pylist()), f"sql: {sql}"
+        ref = vectors_of(ws, emb, table.column("sample_id").to_pylist())
     else:
         model = embedder_from_workspace(ws.root, emb, trust_model_code=trust_model_code)
-        if prompts is not None:
-            ref, what = model.encode_text(list(prompts)).numpy(), f"prompts: {list(prompts)}"
-        else:
-            files = sorted(p for p in Path(images).rglob("*") if p.is_file())
-            ref, what = encode_image_files(model, files, strict=False), f"images: {images}"
-    result = knn_score(ws, emb, name, ref, k=k, description=what)
+        ref = model.encode_text(list(prompts)).numpy() if prompts is not None else \
+            encode_image_files(model, files, strict=False)
+    result = knn_score(ws, emb, name, ref, k=k, description=what, definition=definition, overwrite=overwrite)
     _record(ws, "knn-score", started, {"name": name, "embedder": emb, "k": k, "prompts": prompts, "sql": sql,
                                        "images": images}, result)
     return result

@@ -92,8 +92,9 @@ def index_flow(workspace: str, embedder: str = "open_clip:ViT-S-32", config: dic
     ws = resolve_workspace(workspace)
     out = task(stage_runner.run_index, name="index")(ws, embedder, config or {}, workers)
     knn = task(stage_runner.run_knn_score, name="knn-score")
+    # a pipeline's YAML is each kNN score's definition: a changed one replaces it
     out["knn"] = {ref["name"]: knn(ws, ref["name"], embedder, ref.get("k", 5), prompts=ref.get("prompts"),
-                                   sql=ref.get("sql"), trust_model_code=trust_model_code)
+                                   sql=ref.get("sql"), trust_model_code=trust_model_code, overwrite=True)
                   for ref in knn_scores or []}
     index = out["index"]
     artifacts.publish_summary("index", {"embedder": index.get("embedder"), "index": index.get("kind"),
