@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from curation import catalog
-from curation.errors import ShardReadError, WebdistillError, WorkerDied, WouldOverwrite, first_line
+from curation.errors import ShardReadError, WebdistillError, WorkerDied, WouldOverwrite, first_line, would_overwrite
 from curation.files import file_digest
 from curation.workspace import Workspace, check_name, remove_tree
 
@@ -420,12 +420,36 @@ def run_synthesize(ws: Workspace, config, progress: bool = False) -> dict:
 
 # --- distill --------------------------------------------------------------------------------
 
+def _job_identity(job: dict) -> dict:
+    """A distill job by what it trains on, not where: the selection is compared by its manifest's bytes
+    (selection.sha256) and the run folder by its name, so both paths are left out; teacher, student,
+    init_from and eval files count by their bytes. A workspace copied or moved elsewhere, with its
+    files, is the same job."""
+    from distill.spec import by_content
+
+    same = {k: v for k, v in job.items() if k not in ("selection", "out")}
+    for key in ("teacher", "student", "init_from", "eval"):
+        value = same.get(key)
+        if value:
+            same[key] = [by_content(v) for v in value] if isinstance(value, list) else by_content(value)
+    return json.loads(json.dumps(same))  # as it reads back from job.identity.json
+
+
+def _stored_job_identity(config_path: Path, identity_path: Path) -> dict:
+    """The identity recorded when the run last started (its files may have moved since); for a run from
+    before identities were recorded, its job's, from the files its paths still name."""
+    try:
+        return json.loads(identity_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return _job_identity(json.loads(config_path.read_text()))
+
+
 def run_distill(ws_root: str, name: str, selection: str, options: dict, init_from: str | None = None,
                 stream=None, overwrite: bool = False) -> dict:
     """Write the job's config under students/<name>/, run it under torchrun, record the student.
     Both names pass `Workspace.owned`: the job writes, and a changed run deletes, only under students/.
     A run of that name with another config or another selection content is refused (WouldOverwrite)
-    unless `overwrite`; the same job resumes."""
+    unless `overwrite`; the same job resumes, also from a workspace copied or moved elsewhere."""
     from distill.config import config_from_dict
     from distill.launch import launch
 
@@ -442,18 +466,20 @@ def run_distill(ws_root: str, name: str, selection: str, options: dict, init_fro
         job["init_from"] = init_from
     config_from_dict(job, out)  # a bad key, student or loss is one line here, not a failed torchrun job
     out.mkdir(parents=True, exist_ok=True)
-    config_path = out / "job.json"
+    config_path, identity_path = out / "job.json", out / "job.identity.json"
     stamp = out / "selection.sha256"
     digest = hashlib.sha256(Path(job["selection"]).read_bytes()).hexdigest()
-    if config_path.exists() and (json.loads(config_path.read_text()) != job
+    identity = _job_identity(job)
+    if config_path.exists() and (_stored_job_identity(config_path, identity_path) != identity
                                  or not stamp.exists() or stamp.read_text() != digest):
         if not overwrite:
-            raise WouldOverwrite(f"student run {name!r} exists, trained with another config or on other contents "
-                                 f"of selection {selection!r}: choose a new --name, or pass --overwrite to replace it")
+            raise would_overwrite(f"student run {name!r} exists, trained with another config or on other "
+                                  f"contents of selection {selection!r}")
         # a new selection or config under this run name (a re-run round): train it from scratch
         remove_tree(out, ws.root / "students")
         out.mkdir(parents=True)
-    config_path.write_text(json.dumps(job, indent=2))
+    config_path.write_text(json.dumps(job, indent=2))  # this location's paths: what the job reads
+    identity_path.write_text(json.dumps(identity, indent=2))
     stamp.write_text(digest)
     summary = launch(config_path, nproc=nproc, stream=stream)
     catalog.record_student(ws, summary | {"selection": selection})
