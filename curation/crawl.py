@@ -49,7 +49,7 @@ from pydantic import ValidationInfo, field_validator
 from tqdm import tqdm
 from yarl import URL
 
-from .errors import StorageError, WebdistillError, first_line
+from .errors import StorageError, WebdistillError, first_line, would_overwrite
 from .network_policy import AddressPolicy, BlockedAddress, GuardedResolver
 from .progress import bar_disabled
 from .stage_config import Real, stage_config
@@ -510,6 +510,40 @@ def is_finished(plan: ShardPlan, out_dir: str | os.PathLike, config: CrawlConfig
     return done.get("fingerprint") == plan_fingerprint(plan, config) and paths.tar.is_file()
 
 
+def _committed_urls(paths: ShardPaths) -> list[tuple[str, str]] | None:
+    """(key, url) of every row of a committed shard; None when there is none (or only a broken one,
+    which a crawl redoes anyway)."""
+    try:
+        table = pq.read_table(paths.parquet, columns=["key", "url"])
+    except (OSError, pa.ArrowException):
+        return None
+    return list(zip(table["key"].to_pylist(), table["url"].to_pylist()))
+
+
+def _other_urls(plan: ShardPlan, out_dir: str | os.PathLike) -> str | None:
+    """How the committed shard of this plan's name holds other URLs than the plan (None when it holds
+    none, or the same ones: a config or caption change, or a partial last shard the list has grown)."""
+    held = _committed_urls(ShardPaths.of(out_dir, plan.name))
+    planned = [(key, row.url) for key, row in zip(plan.keys, plan.rows)]
+    if held is None or held == planned[:len(held)]:
+        return None
+    for (key, url), (_, new_url) in zip(held, planned):
+        if url != new_url:
+            return f"key {key} is {url} there, {new_url} in this list"
+    return f"it holds {len(held)} URLs, this list puts {len(planned)} there"
+
+
+def refuse_other_url_lists(plans: Iterable[ShardPlan], out_dir: str | os.PathLike) -> None:
+    """Shards about to be (re)crawled that hold another URL list's rows are refused: recrawling would
+    delete them (WouldOverwrite; a rerun of the same list, or of it with more URLs, resumes)."""
+    clashes = [(plan.name, why) for plan in plans if (why := _other_urls(plan, out_dir)) is not None]
+    if clashes:
+        name, why = clashes[0]
+        more = f" (and {len(clashes) - 1} more shard(s))" if len(clashes) > 1 else ""
+        raise would_overwrite(f"shard {name} in {out_dir} comes from another URL list or --shard-size ({why}){more}",
+                              keep="choose another --out")
+
+
 def _clear(paths: ShardPaths) -> None:
     """Remove a shard's old files, and temporaries a killed run left behind."""
     for path in paths.all():
@@ -566,10 +600,12 @@ def crawl_shard(plan: ShardPlan, out_dir: str | os.PathLike, config: CrawlConfig
 
 
 def crawl(url_list: str | os.PathLike | Iterable[UrlRow | str], out_dir: str | os.PathLike,
-          config: CrawlConfig | None = None, workers: int = 1, progress: bool = True) -> CrawlSummary:
+          config: CrawlConfig | None = None, workers: int = 1, progress: bool = True,
+          overwrite: bool = False) -> CrawlSummary:
     """Crawl a URL list (a file or UrlRows) into shards under `out_dir`, `workers` shards at a
     time, skipping finished shards. A shard that raises is reported in `failed`; the others go on,
-    unless the output cannot be written at all (StorageError: a full disk, no permission).
+    unless the output cannot be written at all (StorageError: a full disk, no permission). Shards
+    of another URL list in `out_dir` are refused (WouldOverwrite) unless `overwrite`.
 
     Shards run in threads, not processes: the work is network-bound, each thread runs its own
     event loop, and one progress bar over URLs can count them all."""
@@ -586,6 +622,8 @@ def crawl(url_list: str | os.PathLike | Iterable[UrlRow | str], out_dir: str | o
             summary.shards.append(ShardResult(plan.name, len(plan.rows), skipped=True))
         else:
             todo.append(plan)
+    if not overwrite:
+        refuse_other_url_lists(todo, out_dir)
     bar = tqdm(total=sum(len(p.rows) for p in todo), desc="crawl", unit="url", disable=bar_disabled(progress))
     lock = threading.Lock()
 

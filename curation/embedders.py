@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision import transforms
 
+from distill.spec import spec_fingerprint  # noqa: F401 - where the stages import it from
+
 from .errors import WebdistillError, first_line
 from .files import file_digest
 from .stage_config import check_device
@@ -28,17 +30,6 @@ MODEL_CONFIGS = Path(__file__).parent / "model_configs"  # our own open_clip con
 
 class EmbedderError(WebdistillError):
     """Unknown embedder, or a model that cannot be built or loaded."""
-
-
-def spec_fingerprint(spec: str) -> str:
-    """A model spec by content: the bytes of the files it reads (the spec, its weights), plus the
-    architecture name of an `ARCH@weights` spec. Retraining a teacher in place changes it; moving
-    it does not."""
-    from distill.spec import spec_files
-
-    files = [f for f in spec_files(spec) if f.is_file()]
-    name = "" if Path(spec).is_file() else spec.partition("@")[0]
-    return name + "|" + "|".join("sha256:" + file_digest(f) for f in files)
 
 
 def _uint8_chw(im: Image.Image) -> torch.Tensor:

@@ -141,6 +141,12 @@ class WouldOverwrite(WebdistillError):
     made by another policy, another student's run): refused, with the way to keep both or replace it."""
 
 
+def would_overwrite(conflict: str, keep: str = "choose a new --name") -> WouldOverwrite:
+    """Every stage's refusal to replace a different thing of the same name, in one wording: what is
+    there and how it differs, then how to keep both (`keep`) or replace it (the stages' --overwrite)."""
+    return WouldOverwrite(f"{conflict}: {keep}, or pass --overwrite to replace it")
+
+
 class UnsafeName(WebdistillError):
     """A name (selection, run, source, embedder, ...) or a stored path that would leave its folder."""
 

@@ -32,7 +32,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from . import dup_verify
-from .errors import WebdistillError
+from .errors import WebdistillError, would_overwrite
 from .schemas import SAMPLES
 from .stage_config import Real, stage_config
 from .workspace import Workspace, atomic_path, check_name, config_hash, read_parquet_metadata, write_parquet_atomic
@@ -489,10 +489,31 @@ def vectors_of(ws: Workspace, embedder: str, sample_ids: list[str]) -> np.ndarra
     return vec.x[[row[s] for s in sample_ids]]
 
 
-def knn_score(ws: Workspace, embedder: str, name: str, reference: np.ndarray, k: int = 5,
-              description: str = "") -> dict:
-    """Mean cosine similarity of every sample to its k nearest reference vectors (higher = closer)."""
+def claim_knn_name(ws: Workspace, name: str, definition: dict, description: str, overwrite: bool = False) -> Path:
+    """The score's file, once no kNN score of this name was made from another reference set, embedder
+    or k (WouldOverwrite unless `overwrite`); the same definition is recomputed (a grown pool)."""
     out = ws.owned("knn_scores", check_name(name, "knn score name") + ".parquet", what="knn score name")
+    stored = read_parquet_metadata(out)
+    if not stored or overwrite:
+        return out
+    if "definition" in stored:
+        old, new = stored["definition"], definition
+    else:  # a score from before definitions were stored: its description says what the reference was
+        old, new = {"reference": stored.get("description")}, {"reference": description}
+    changed = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in new.items() if old.get(k) != v]
+    if changed:
+        raise would_overwrite(f"kNN score {name!r} exists, made from another reference set ({', '.join(changed)}; "
+                              f"it was {stored.get('description')})")
+    return out
+
+
+def knn_score(ws: Workspace, embedder: str, name: str, reference: np.ndarray, k: int = 5,
+              description: str = "", definition: dict | None = None, overwrite: bool = False) -> dict:
+    """Mean cosine similarity of every sample to its k nearest reference vectors (higher = closer).
+    `definition`: what the reference set is, by content (default: `description`); a score of this name
+    with another definition is refused (WouldOverwrite) unless `overwrite`."""
+    definition = json.loads(json.dumps(definition or {"embedder": embedder, "k": k, "reference": description}))
+    out = claim_knn_name(ws, name, definition, description, overwrite)
     if len(reference) == 0:
         raise IndexMissing("the reference set is empty")
     vec = load_vectors(ws, embedder)
@@ -509,6 +530,7 @@ def knn_score(ws: Workspace, embedder: str, name: str, reference: np.ndarray, k:
     table = pa.table({"name": [name] * len(score), "embedder": [embedder] * len(score),
                       "sample_id": vec.sample_ids, "knn_sim": score})
     write_parquet_atomic(table, out,
-                         {"k": kk, "reference_size": int(len(ref)), "description": description})
+                         {"k": kk, "reference_size": int(len(ref)), "description": description,
+                          "definition": definition})
     return {"name": name, "samples": int(len(score)), "reference": int(len(ref)), "k": kk,
             "mean": float(score.mean())}

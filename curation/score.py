@@ -8,6 +8,7 @@ per-sample columns where higher = more in-distribution (`schemas.SCORE_COLUMNS` 
     scores/<run>/head.npz                 W and b of the teacher's last Linear (ReAct's logits in pass 2)
     scores/<run>/<shard>.parquet          the final rows (view `scores`): pass 1 + the pool-wide scores
     scores/<run>/run.json                 the run's config and summary
+    scores/<run>/owner.json               the config that owns the name (written when a run starts)
 
 Pass 1 works shard by shard and is skipped for shards already scored with the same inputs and
 config; SCALE and ASH need one sample's features only, so they are pass 1's. Pass 2 needs the
@@ -42,7 +43,7 @@ from distill.spec import LoadedModel, ModelSpecError, load_model
 
 from . import score_fns as sf
 from .embedders import Geometry, SquareResize, spec_fingerprint
-from .errors import WebdistillError
+from .errors import WebdistillError, would_overwrite
 from .feature_taps import PENULTIMATE, LayerNotFound, check_layer_names, feature_taps
 from .reference import build_reference, check_reference, read_summary, reference_stamp
 from .shard_reader import ShardJob, per_shard_outputs, shard_jobs
@@ -475,9 +476,11 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def score(ws: Workspace, config: ScoreConfig, progress: bool = True) -> ScoreSummary:
-    """Score every ingested sample (pass 1 per shard, then pass 2 over the pool)."""
+def score(ws: Workspace, config: ScoreConfig, progress: bool = True, overwrite: bool = False) -> ScoreSummary:
+    """Score every ingested sample (pass 1 per shard, then pass 2 over the pool). A run of that name
+    made with another teacher or settings is refused (WouldOverwrite) unless `overwrite`."""
     started = datetime.now(UTC)
+    claim_run(ws, config, overwrite)
     summary = score_pass1(ws, config, progress)
     return finish(ws, config, summary, started)
 
@@ -507,14 +510,59 @@ def finish(ws: Workspace, config: ScoreConfig, summary: ScoreSummary, started: d
     return summary
 
 
+_HOW_IT_RUNS = ("trust_model_code", "device", "batch_size", "workers")  # the same run on another machine
+
+
+def _settings(config: dict) -> dict:
+    """A stored or new config's fields that make the run (models aside: run_identity hashes their files)."""
+    return {k: v for k, v in config.items() if k not in ("teacher", "student", *_HOW_IT_RUNS)
+            and not (k == "feature_layers" and v is None)}  # the default: runs from before the option
+
+
+def _run_owner(run: Path) -> dict:
+    """The identity and config of whoever holds the run name: the last run started under it (owner.json),
+    else a finished run from before owner.json ({} for a new name)."""
+    for record in (run / "owner.json", run / "run.json"):
+        try:
+            stored = json.loads(record.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        return {"identity": stored.get("identity"), "config": stored.get("config") or {}}
+    return {}
+
+
+def _same_run(owner: dict, identity: str, config: dict) -> bool:
+    """Whether the name's holder is this run (a run.json without an identity: the same config, paths too)."""
+    if owner["identity"] is not None:
+        return owner["identity"] == identity
+    old = owner["config"]
+    return _settings(old) == _settings(config) and (old.get("teacher"), old.get("student")) == (
+        config["teacher"], config["student"])
+
+
+def claim_run(ws: Workspace, config: ScoreConfig, overwrite: bool = False) -> None:
+    """Take the run name for this config before any work: a name another teacher or settings hold is
+    refused (WouldOverwrite) unless `overwrite` (selections read it by name). The same config (a rerun,
+    one after a crash, or the same models moved) keeps the name and resumes."""
+    run, identity = _run_dir(ws, config.name), run_identity(config)
+    new = json.loads(json.dumps(asdict(config), default=str))
+    owner = _run_owner(run)
+    if owner and not overwrite and not _same_run(owner, identity, new):
+        old = owner["config"]
+        changed = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in new.items()
+                   if k not in _HOW_IT_RUNS and old.get(k) != v] or ["the teacher's or student's files"]
+        raise would_overwrite(f"scoring run {config.name!r} exists, made with another teacher or settings "
+                              f"({', '.join(changed)}); selections read its scores by name")
+    with atomic_path(run / "owner.json") as tmp:
+        tmp.write_text(json.dumps({"identity": identity, "config": new}, indent=2))
+
+
 def run_identity(config: ScoreConfig) -> str:
     """What makes a scoring run the same run: its settings and its models by content, not by path
     (a workspace moved with its teacher keeps its runs, and the selections made from them)."""
-    settings = {k: v for k, v in asdict(config).items()
-                if k not in ("teacher", "student", "trust_model_code", "device", "batch_size", "workers")
-                and not (k == "feature_layers" and v is None)}  # the default: runs from before the option
-    return config_hash(settings | {"teacher": spec_fingerprint(config.teacher),
-                                   "student": spec_fingerprint(config.student) if config.student else None})
+    models = {"teacher": spec_fingerprint(config.teacher),
+              "student": spec_fingerprint(config.student) if config.student else None}
+    return config_hash(_settings(asdict(config)) | models)
 
 
 def _describe_teacher(config: ScoreConfig) -> dict:

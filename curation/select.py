@@ -44,7 +44,7 @@ from pydantic import ValidationInfo, field_validator
 
 from . import catalog, policies
 from .coverage import class_coverage
-from .errors import SQLError, WebdistillError, WouldOverwrite
+from .errors import SQLError, WebdistillError, would_overwrite
 from .score import read_run
 from .selection_members import tar_members, write_members
 from .shard_reader import stored_originals
@@ -272,8 +272,8 @@ def _refuse_replacing(name: str, previous: dict, wanted: dict) -> None:
     if definition_changed(previous, wanted):
         old = _stored_definition(previous)
         changed = ", ".join(f"{k} {old.get(k)!r} -> {wanted[k]!r}" for k in wanted if old.get(k) != wanted[k])
-        raise WouldOverwrite(f"selection {name!r} exists with another definition ({changed}); students trained "
-                             "on it would lose their data: choose a new --name, or pass --overwrite to replace it")
+        raise would_overwrite(f"selection {name!r} exists with another definition ({changed}); students trained "
+                              "on it would lose their data")
 
 
 def select(ws: Workspace, config: SelectConfig, overwrite: bool = False) -> SelectResult:

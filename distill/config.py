@@ -128,9 +128,21 @@ class DistillConfig(BaseModel):
         return self.model_dump()
 
     def trajectory_hash(self) -> str:
-        """A hash of everything that decides the data order and the loss trajectory."""
-        keep = {k: v for k, v in self.to_dict().items() if k not in RUNTIME_KEYS}
-        return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        """A hash of everything that decides the data order and the loss trajectory, paths as spelled
+        (what checkpoints from before content_hash carry)."""
+        return _hash({k: v for k, v in self.to_dict().items() if k not in RUNTIME_KEYS})
+
+    def content_hash(self) -> str:
+        """trajectory_hash by content: without the selection's path (a run hash adds its bytes), with
+        the teacher, student and init_from files by their bytes, so a moved workspace resumes."""
+        from .spec import by_content  # torch and the model registry: only where a run is hashed
+
+        keep = {k: v for k, v in self.to_dict().items() if k not in (*RUNTIME_KEYS, "selection")}
+        return _hash(keep | {k: by_content(keep[k]) for k in ("teacher", "student", "init_from") if keep[k]})
+
+
+def _hash(keep: dict) -> str:
+    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def missing_eval_shard(patterns: list[str]) -> str | None:

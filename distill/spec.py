@@ -29,6 +29,7 @@ from pathlib import Path
 from torch import nn
 
 from curation.errors import first_line
+from curation.files import file_digest
 
 from .model_files import (
     ModelSpecError,
@@ -218,3 +219,18 @@ def spec_files(spec: str) -> list[Path]:
         return [path]
     _, at, weights = spec.partition("@")
     return [Path(weights)] if at and weights else []
+
+
+def spec_fingerprint(spec: str) -> str:
+    """A model spec by content: the bytes of the files it reads (the spec, its weights), plus the
+    architecture name of an `ARCH@weights` spec. Retraining a teacher in place changes it; moving
+    it does not."""
+    files = [f for f in spec_files(spec) if f.is_file()]
+    name = "" if Path(spec).is_file() else spec.partition("@")[0]
+    return name + "|" + "|".join("sha256:" + file_digest(f) for f in files)
+
+
+def by_content(value: str) -> str:
+    """A model spec or data file as the bytes it reads, anything else (tiny_cnn, a brace pattern) as
+    itself: what a job reads, wherever the workspace and its files were copied or moved."""
+    return spec_fingerprint(value) if any(f.is_file() for f in spec_files(value)) else value

@@ -421,7 +421,9 @@ class Job:
         # what a checkpoint must match to be resumed: the config and the selection it reads
         selection = Path(cfg.selection).read_bytes()
         self.selection_sha256 = hashlib.sha256(selection).hexdigest()  # lineage: the exact selection trained on
-        self.run_hash = hashlib.sha256(cfg.trajectory_hash().encode() + selection).hexdigest()[:16]
+        self.run_hash = hashlib.sha256(cfg.content_hash().encode() + selection).hexdigest()[:16]
+        # a checkpoint from before content hashes is the same run when its paths are this config's
+        self.resumable = {self.run_hash, hashlib.sha256(cfg.trajectory_hash().encode() + selection).hexdigest()[:16]}
         self.metrics = MetricsLog(self.out / METRICS, world.main)
         self.epoch = self.step_in_epoch = self.global_step = 0
         self.epoch_started = False
@@ -455,7 +457,7 @@ class Job:
         if found != self.d.world:
             raise JobError(f"{path} is visible to {found} of {self.d.world} ranks: the out folder must be shared")
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        if ckpt.get("run_hash") != self.run_hash:
+        if ckpt.get("run_hash") not in self.resumable:
             raise JobError(f"{self.out} holds a checkpoint of another config or selection: use a new 'out' folder, "
                            f"or delete {path} to start over")
         if ckpt["world_size"] != self.d.world:

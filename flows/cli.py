@@ -74,6 +74,11 @@ def _trust_option(p: argparse.ArgumentParser) -> None:
                    "registry (off by default; .json specs, .pt2 programs and state_dicts need no trust)")
 
 
+def _overwrite_option(p: argparse.ArgumentParser, replaces: str, kept: str) -> None:
+    """One --overwrite for every verb that refuses to replace a different thing of the same name."""
+    p.add_argument("--overwrite", action="store_true", help=f"replace {replaces} (refused otherwise; {kept})")
+
+
 def _index_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--embedder", default="open_clip:ViT-S-32", help="which embeddings (default: %(default)s)")
     p.add_argument("--nprobe", type=int, default=32, help="IVF lists probed per query (default: %(default)s)")
@@ -135,7 +140,8 @@ def cmd_crawl(args: argparse.Namespace) -> int:
                          concurrency=args.concurrency, retries=args.retries, allow_private=args.allow_private,
                          allowed_networks=tuple(args.allow_network or ()))
     try:
-        summary, failed = stage_runner.run_crawl(args.url_list, args.out, config, workers=args.workers), False
+        summary, failed = stage_runner.run_crawl(args.url_list, args.out, config, workers=args.workers,
+                                                 overwrite=args.overwrite), False
     except StageFailed as exc:  # printed below, after the shards that did finish
         summary, failed = exc.summary, True
     print(f"crawl: {summary['crawled']} shard(s) crawled, {summary['skipped']} finished before and skipped; "
@@ -179,6 +185,8 @@ def add_crawl_parser(sub, ws: argparse.ArgumentParser) -> None:
     p.add_argument("--concurrency", type=int, default=16, help="requests in flight per shard (default: %(default)s)")
     p.add_argument("--retries", type=int, default=2, help="retries on timeouts and 5xx (default: %(default)s)")
     p.add_argument("--workers", type=int, default=1, help="shards crawled at once (default: %(default)s)")
+    _overwrite_option(p, "shards in --out crawled from another URL list or --shard-size",
+                      "a rerun of the same list, or of it with URLs added at the end, resumes")
     p.add_argument("--allow-private", action="store_true",
                    help="allow private and loopback addresses (tests, intranets); link-local (169.254.0.0/16, the "
                    "cloud metadata range; fe80::/10), multicast, 0.0.0.0/8 and reserved ranges stay refused")
@@ -477,7 +485,8 @@ def add_knn_parser(sub, ws: argparse.ArgumentParser) -> None:
 def cmd_knn_score(args: argparse.Namespace) -> int:
     ws = resolve_workspace(args.workspace)
     result = stage_runner.run_knn_score(ws, args.name, args.embedder, args.k, prompts=args.prompts, sql=args.sql,
-                                        images=args.images, trust_model_code=args.trust_model_code)
+                                        images=args.images, trust_model_code=args.trust_model_code,
+                                        overwrite=args.overwrite)
     print(f"knn-score {args.name}: {result['samples']} samples scored against {result['reference']} reference "
           f"vectors (k={result['k']}); column knn_sim in view knn_scores "
           f"WHERE name = {user_sql.sql_literal(args.name)}")
@@ -495,6 +504,8 @@ def add_knn_score_parser(sub, ws: argparse.ArgumentParser) -> None:
     r.add_argument("--prompts", nargs="+", help="class prompts, e.g. 'a photo of the digit 3'")
     r.add_argument("--sql", help="a query returning the sample_ids of the reference set")
     p.add_argument("-k", type=int, default=5, help="reference neighbours averaged (default: %(default)s)")
+    _overwrite_option(p, "a kNN score of this name made from another reference set, --embedder or -k",
+                      "the same ones are recomputed over the current pool")
     _trust_option(p)
     p.set_defaults(func=cmd_knn_score)
 
@@ -518,7 +529,7 @@ def cmd_score(args: argparse.Namespace) -> int:
                          reference_rounds=args.reference_rounds, reference_top=args.reference_top,
                          feature_layers=args.feature_layers, device=args.device or ("cuda" if _cuda() else "cpu"),
                          trust_model_code=args.trust_model_code)
-    summary = stage_runner.run_score(ws, config, progress=True)
+    summary = stage_runner.run_score(ws, config, progress=True, overwrite=args.overwrite)
     rate = f" at {summary['samples'] / summary['seconds']:.0f} images/s" if summary["seconds"] else ""
     print(f"score {config.name}: {summary['scored']} shard(s), {summary['samples']} samples{rate}; "
           f"{summary['skipped']} unchanged and skipped; {_reference_line(summary.get('reference'))}. "
@@ -549,6 +560,8 @@ def add_score_parser(sub, ws: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher", required=True, help="teacher model spec (see above)")
     p.add_argument("--student", default=None, help="student model spec, e.g. a distill run's student.json")
     p.add_argument("--name", default="default", help="name of the scoring run (default: %(default)s)")
+    _overwrite_option(p, "a scoring run of this name made with another teacher, student or settings",
+                      "the same ones resume, skipping unchanged shards; --device, --batch-size, --workers may differ")
     p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default: %(default)s)")
     p.add_argument("--workers", type=int, default=1, help="decode workers (default: %(default)s)")
     p.add_argument("--no-odin", action="store_true", help="skip ODIN (it costs a backward and a second forward pass)")
@@ -631,9 +644,8 @@ def add_select_parser(sub, ws: argparse.ArgumentParser) -> None:
                    help="policies, applied in order after --sql (default: 'default' when --sql is not given either)")
     p.add_argument("--limit", type=int, default=None,
                    help="keep at most this many samples (the size of the default policy: default a tenth of the pool)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace a selection of this name made with another --sql/--policy/--limit/--seed/"
-                   "--synthetic (refused otherwise; the same definition on new scores is simply brought up to date)")
+    _overwrite_option(p, "a selection of this name made with another --sql/--policy/--limit/--seed/--synthetic",
+                      "the same definition on new scores is simply brought up to date")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per curated shard (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random policies (default: %(default)s)")
     p.add_argument("--synthetic", nargs="+", default=None, metavar="NAME",
@@ -743,9 +755,8 @@ def add_distill_parser(sub, ws: argparse.ArgumentParser) -> None:
     p.add_argument("--eval", default=None, help="labelled WebDataset shards (image + cls) to evaluate on")
     p.add_argument("--init-from", default=None, help="start from these student weights (a previous round's student.pt)")
     p.add_argument("--name", default=None, help="run name (default: SELECTION-STUDENT-LOSS, e.g. digits-tiny_cnn-kd)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace a run of this name trained with another config or on other contents of the "
-                   "selection (refused otherwise; the same job resumes)")
+    _overwrite_option(p, "a run of this name trained with another config or on other contents of the selection",
+                      "the same job resumes")
     _trust_option(p)
     p.set_defaults(func=cmd_distill)
 

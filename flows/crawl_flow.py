@@ -16,8 +16,9 @@ def crawl_flow(url_list: str, out: str, options: dict | None = None, max_failure
     allowed_networks (CIDRs; the only way to open link-local and other special ranges), ..."""
     from curation.crawl import CrawlConfig
 
+    # a pipeline's YAML is the crawl's definition: a changed URL list replaces the shards it planned
     return stage_runner.run_crawl(url_list, out, CrawlConfig(**(options or {})), map_shards=prefect_map("crawl-shard"),
-                                  max_failure_fraction=max_failure_fraction)
+                                  max_failure_fraction=max_failure_fraction, overwrite=True)
 
 
 @flow(name="crawl-config")

@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from curation import catalog
-from curation.errors import ShardReadError, WebdistillError, WorkerDied, WouldOverwrite, first_line
+from curation.errors import ShardReadError, WebdistillError, WorkerDied, WouldOverwrite, first_line, would_overwrite
+from curation.files import file_digest
 from curation.workspace import Workspace, check_name, remove_tree
 
 MapShards = Callable[[Callable, Sequence, Sequence[str]], tuple[list, dict[str, str]]]
@@ -109,19 +110,30 @@ def _record(ws: Workspace, stage: str, started: datetime, params: dict, summary:
 # --- crawl ----------------------------------------------------------------------------------
 
 def run_crawl(url_list: str, out: str, config=None, map_shards: MapShards | None = None, workers: int = 1,
-              progress: bool = True, max_failure_fraction: float = 0.0) -> dict:
+              progress: bool = True, max_failure_fraction: float = 0.0, overwrite: bool = False) -> dict:
     """Crawl a URL list into img2dataset-style shards under `out`. There is no workspace yet, so no
     run is recorded. Without `map_shards` (the CLI) shards run `workers` at a time in threads, under one
-    progress bar over URLs (curation.crawl.crawl); a flow passes its Prefect mapper, one task per shard."""
-    from curation.crawl import CrawlConfig, crawl, crawl_shard, plan_shards, read_url_list
+    progress bar over URLs (curation.crawl.crawl); a flow passes its Prefect mapper, one task per shard.
+    Shards of another URL list in `out` are refused (WouldOverwrite) unless `overwrite`."""
+    from curation.crawl import (
+        CrawlConfig,
+        crawl,
+        crawl_shard,
+        is_finished,
+        plan_shards,
+        read_url_list,
+        refuse_other_url_lists,
+    )
 
     started = _now()
     config = config or CrawlConfig()
     if map_shards is None:
-        done = crawl(url_list, out, config, workers=workers, progress=progress)
+        done = crawl(url_list, out, config, workers=workers, progress=progress, overwrite=overwrite)
         results, failed = done.shards, done.failed
     else:
         plans = plan_shards(read_url_list(url_list), config.shard_size)
+        if not overwrite:
+            refuse_other_url_lists([p for p in plans if not is_finished(p, out, config)], out)
         results, failed = map_shards(functools.partial(crawl_shard, out_dir=out, config=config), plans,
                                      [p.name for p in plans])
     crawled = [r for r in results if not r.skipped]
@@ -273,33 +285,48 @@ def _refuse_column_collision(name: str) -> None:
                               f"already has ({SCORE_COLUMNS[column]}); choose another name")
 
 
+def _reference_definition(prompts: list[str] | None, sql: str | None, images: str | None,
+                          files: list[Path]) -> dict:
+    """A kNN score's reference set by what it is: the prompts, the query, or the images' names and
+    bytes (a moved folder is the same set)."""
+    if images is None:
+        return {"prompts": list(prompts)} if prompts is not None else {"sql": sql}
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(f"{path.relative_to(images)}\0{file_digest(path)}\n".encode())
+    return {"images_sha256": digest.hexdigest()}
+
+
 def run_knn_score(ws: Workspace, name: str, embedder: str = "open_clip:ViT-S-32", k: int = 5,
                   prompts: list[str] | None = None, sql: str | None = None, images: str | None = None,
-                  trust_model_code: bool = False) -> dict:
+                  trust_model_code: bool = False, overwrite: bool = False) -> dict:
     """Every sample's similarity to a reference set (exactly one of: class prompts, a query returning
-    sample_ids, a folder of images), stored as knn_sim under `name`."""
+    sample_ids, a folder of images), stored as knn_sim under `name`. A score of that name made from
+    another reference set, embedder or k is refused (WouldOverwrite) unless `overwrite`."""
     from curation.embedders import embedder_dir_name, embedder_from_workspace
-    from curation.index import knn_score, vectors_of
+    from curation.index import claim_knn_name, knn_score, vectors_of
 
     if sum(x is not None for x in (prompts, sql, images)) != 1:
         raise WebdistillError("a kNN score needs exactly one reference set: prompts, sql or images")
     emb = embedder_dir_name(embedder)
     check_name(name, "knn score name")  # before the reference set is encoded
     _refuse_column_collision(name)
+    files = sorted(p for p in Path(images).rglob("*") if p.is_file()) if images is not None else []
+    what = (f"sql: {sql}" if sql is not None else f"prompts: {list(prompts)}" if prompts is not None
+            else f"images: {images}")
+    definition = {"embedder": emb, "k": k, "reference": _reference_definition(prompts, sql, images, files)}
+    claim_knn_name(ws, name, definition, what, overwrite)  # before the reference set is encoded too
     started = _now()
     if sql is not None:
         table = catalog.query(ws, sql)
         if "sample_id" not in table.column_names:
             raise WebdistillError("--sql must return a sample_id column")
-        ref, what = vectors_of(ws, emb, table.column("sample_id").to_pylist()), f"sql: {sql}"
+        ref = vectors_of(ws, emb, table.column("sample_id").to_pylist())
     else:
         model = embedder_from_workspace(ws.root, emb, trust_model_code=trust_model_code)
-        if prompts is not None:
-            ref, what = model.encode_text(list(prompts)).numpy(), f"prompts: {list(prompts)}"
-        else:
-            files = sorted(p for p in Path(images).rglob("*") if p.is_file())
-            ref, what = encode_image_files(model, files, strict=False), f"images: {images}"
-    result = knn_score(ws, emb, name, ref, k=k, description=what)
+        ref = model.encode_text(list(prompts)).numpy() if prompts is not None else \
+            encode_image_files(model, files, strict=False)
+    result = knn_score(ws, emb, name, ref, k=k, description=what, definition=definition, overwrite=overwrite)
     _record(ws, "knn-score", started, {"name": name, "embedder": emb, "k": k, "prompts": prompts, "sql": sql,
                                        "images": images}, result)
     return result
@@ -315,13 +342,15 @@ def score_shards(ws_root: str, config, shards: list[str], progress: bool = False
 
 
 def run_score(ws: Workspace, config, map_shards: MapShards = in_process, shards_per_task: int | None = None,
-              max_failure_fraction: float = 0.0, progress: bool = False) -> dict:
+              max_failure_fraction: float = 0.0, progress: bool = False, overwrite: bool = False) -> dict:
     """Score every ingested sample with the teacher (and student): pass 1 per group of shards,
-    then pass 2 over the pool (config: a ScoreConfig)."""
-    from curation.score import ScoreSummary, finish
+    then pass 2 over the pool (config: a ScoreConfig). A run of that name made with another teacher
+    or settings is refused (WouldOverwrite) unless `overwrite`; the same config resumes."""
+    from curation.score import ScoreSummary, claim_run, finish
     from curation.shard_reader import shard_jobs
 
     started = _now()
+    claim_run(ws, config, overwrite)
     groups = _chunks([j.shard for j in shard_jobs(ws)], shards_per_task)
     work = functools.partial(score_shards, str(ws.root), config, progress=progress)
     results, failed = map_shards(work, groups, [",".join(g) for g in groups])
@@ -391,6 +420,30 @@ def run_synthesize(ws: Workspace, config, progress: bool = False) -> dict:
 
 # --- distill --------------------------------------------------------------------------------
 
+def _job_identity(job: dict) -> dict:
+    """A distill job by what it trains on, not where: the selection is compared by its manifest's bytes
+    (selection.sha256) and the run folder by its name, so both paths are left out; teacher, student,
+    init_from and eval files count by their bytes. A workspace copied or moved elsewhere, with its
+    files, is the same job."""
+    from distill.spec import by_content
+
+    same = {k: v for k, v in job.items() if k not in ("selection", "out")}
+    for key in ("teacher", "student", "init_from", "eval"):
+        value = same.get(key)
+        if value:
+            same[key] = [by_content(v) for v in value] if isinstance(value, list) else by_content(value)
+    return json.loads(json.dumps(same))  # as it reads back from job.identity.json
+
+
+def _stored_job_identity(config_path: Path, identity_path: Path) -> dict:
+    """The identity recorded when the run last started (its files may have moved since); for a run from
+    before identities were recorded, its job's, from the files its paths still name."""
+    try:
+        return json.loads(identity_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return _job_identity(json.loads(config_path.read_text()))
+
+
 def distill_job(ws: Workspace, name: str, selection: str, options: dict, init_from: str | None = None
                 ) -> tuple[dict, Path, Path]:
     """The job config run_distill writes for a student run (its options less `nproc`), the run's folder
@@ -410,7 +463,7 @@ def distill_job_changed(job: dict, out: Path, manifest: Path) -> str | None:
     config_path, stamp = out / "job.json", out / "selection.sha256"
     if not config_path.is_file():
         return None
-    if json.loads(config_path.read_text()) != job:
+    if _stored_job_identity(config_path, out / "job.identity.json") != _job_identity(job):
         return "its config changed"
     digest = hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else None
     return None if stamp.is_file() and stamp.read_text() == digest else "its selection changed"
@@ -426,7 +479,7 @@ def run_distill(ws_root: str, name: str, selection: str, options: dict, init_fro
     """Write the job's config under students/<name>/, run it under torchrun, record the student.
     Both names pass `Workspace.owned`: the job writes, and a changed run deletes, only under students/.
     A run of that name with another config or another selection content is refused (WouldOverwrite)
-    unless `overwrite`; the same job resumes."""
+    unless `overwrite`; the same job resumes, also from a workspace copied or moved elsewhere."""
     from distill.config import config_from_dict
     from distill.launch import launch
 
@@ -440,13 +493,14 @@ def run_distill(ws_root: str, name: str, selection: str, options: dict, init_fro
     out.mkdir(parents=True, exist_ok=True)
     if distill_job_changed(job, out, manifest):
         if not overwrite:
-            raise WouldOverwrite(f"student run {name!r} exists, trained with another config or on other contents "
-                                 f"of selection {selection!r}: choose a new --name, or pass --overwrite to replace it")
+            raise would_overwrite(f"student run {name!r} exists, trained with another config or on other "
+                                  f"contents of selection {selection!r}")
         # a new selection or config under this run name (a re-run round): train it from scratch
         remove_tree(out, ws.root / "students")
         out.mkdir(parents=True)
     config_path = out / "job.json"
-    config_path.write_text(json.dumps(job, indent=2))
+    config_path.write_text(json.dumps(job, indent=2))  # this location's paths: what the job reads
+    (out / "job.identity.json").write_text(json.dumps(_job_identity(job), indent=2))  # what it is, wherever
     (out / "selection.sha256").write_text(hashlib.sha256(manifest.read_bytes()).hexdigest())
     summary = launch(config_path, nproc=nproc, stream=stream)
     catalog.record_student(ws, summary | {"selection": selection})

@@ -93,8 +93,9 @@ def index_flow(workspace: str, embedder: str = "open_clip:ViT-S-32", config: dic
     # phase lines through the flow's logger: `run` shows it, while task-run INFO lines are hidden by default
     out = task(stage_runner.run_index, name="index")(ws, embedder, config or {}, workers, say=get_run_logger().info)
     knn = task(stage_runner.run_knn_score, name="knn-score")
+    # a pipeline's YAML is each kNN score's definition: a changed one replaces it
     out["knn"] = {ref["name"]: knn(ws, ref["name"], embedder, ref.get("k", 5), prompts=ref.get("prompts"),
-                                   sql=ref.get("sql"), trust_model_code=trust_model_code)
+                                   sql=ref.get("sql"), trust_model_code=trust_model_code, overwrite=True)
                   for ref in knn_scores or []}
     index = out["index"]
     artifacts.publish_summary("index", {"embedder": index.get("embedder"), "index": index.get("kind"),
@@ -111,8 +112,10 @@ def score_flow(workspace: str, teacher: str, student: str | None = None, name: s
 
     config = ScoreConfig(teacher=teacher, student=student, name=name, **(options or {}),
                          trust_model_code=trust_model_code)
+    # a pipeline's YAML (and its rounds' students) define the run: a changed one replaces it
     summary = stage_runner.run_score(resolve_workspace(workspace), config, map_shards=prefect_map("score-shards"),
-                                     shards_per_task=shards_per_task, max_failure_fraction=max_failure_fraction)
+                                     shards_per_task=shards_per_task, max_failure_fraction=max_failure_fraction,
+                                     overwrite=True)
     artifacts.publish_summary("score", summary)
     return summary
 

@@ -127,6 +127,28 @@ def test_distill_config_types_and_hash_are_the_dataclass_ones():
     assert cfg.to_dict()["epochs"] == 10 and cfg.run_name == "o"
 
 
+@pytest.mark.parametrize("change, same", [
+    ({}, True),  # the same files elsewhere, another selection path and out folder: the same run
+    ({"init.pt": b"other weights"}, False),  # other bytes under the same name
+    ({"teacher.pt": b"other teacher"}, False),
+    ({"epochs": 2}, False),
+])
+def test_content_hash_names_files_by_their_bytes_not_their_place(tmp_path, change, same):
+    def config(root, files, **kw):
+        root.mkdir()
+        for name, data in files.items():
+            (root / name).write_bytes(data)
+        return DistillConfig.model_validate({**BASE, "selection": str(root / "manifest.json"), "out": str(root / "o"),
+                                             "init_from": str(root / "init.pt"), "teacher": str(root / "teacher.pt"),
+                                             **kw})
+    files = {"init.pt": b"weights", "teacher.pt": b"teacher"}
+    first = config(tmp_path / "a", files)
+    second = config(tmp_path / "b", files | {k: v for k, v in change.items() if k.endswith(".pt")},
+                    **{k: v for k, v in change.items() if not k.endswith(".pt")})
+    assert (first.content_hash() == second.content_hash()) is same
+    assert first.trajectory_hash() != second.trajectory_hash()  # paths as spelled: what old checkpoints carry
+
+
 # -- loss parameters -------------------------------------------------------------------------------
 @pytest.mark.parametrize("config, expected", [
     ({"method": "kd", "Tx": 2}, "loss 'kd': unknown parameter 'Tx' (did you mean 'T'?)"),

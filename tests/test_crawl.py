@@ -26,11 +26,13 @@ from curation.crawl import (
     plan_shards,
     read_url_list,
 )
+from curation.errors import WouldOverwrite
 from curation.ingest import ingest
 from curation.workspace import Workspace
+from flows import stage_runner
 from flows.demo.crawl import decompression_bomb_png
 
-from .conftest import encode, noise_image
+from .conftest import encode, noise_image, run_cli
 
 JPEG = encode(noise_image(1, (40, 30)), "JPEG", quality=90)
 PNG = encode(noise_image(2, (33, 21)), "PNG")
@@ -421,6 +423,75 @@ def test_resume_skips_finished_shards_and_redoes_changed_or_missing_ones(server,
     assert hits() == [1, 1, 2, 2, 2, 2]
     last = list(wds.WebDataset(str(out / "00002.tar"), shardshuffle=False))
     assert last[1]["txt"] == b"a new caption"
+
+
+def _shard_bytes(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+
+
+def _first_list(server, tmp_path: Path, tag: str) -> tuple[list[str], Path, Path]:
+    """Five URLs crawled in shards of 2 (the last shard holds one): the folder a second list meets."""
+    urls = [server.url(f"/a.jpg?{tag}={i}") for i in range(5)]
+    out = tmp_path / "out"
+    url_list = write_list(tmp_path / "first.parquet", urls, [f"c{i}" for i in range(5)])
+    assert crawl(url_list, out, fast_config(shard_size=2), progress=False).successes == 5
+    return urls, url_list, out
+
+
+# (the second list from the first one's URLs, its shard size): each one would delete a committed shard
+OTHER_LISTS = {
+    "other URLs": (lambda urls: [u.replace("/a.jpg", "/b.png") for u in urls], 2, "00000"),
+    "one URL changed": (lambda urls: urls[:3] + [urls[3].replace("/a.jpg", "/missing")] + urls[4:], 2, "00001"),
+    "a URL inserted": (lambda urls: urls[:1] + [urls[0].replace("/a.jpg", "/missing")] + urls[1:], 2, "00000"),
+    "URLs cut from the end": (lambda urls: urls[:3], 2, "00001"),
+    # shard 00000 of 3 starts with the old 00000's two URLs (as a grown last shard would), 00001 does not
+    "another shard size": (lambda urls: urls, 3, "00001"),
+}
+
+
+@pytest.mark.parametrize("case", OTHER_LISTS)
+def test_a_crawl_of_another_list_into_a_used_folder_is_refused_unless_overwrite(server, tmp_path, case):
+    make, shard_size, clash = OTHER_LISTS[case]
+    urls, _, out = _first_list(server, tmp_path, f"other{list(OTHER_LISTS).index(case)}")
+    before, hits = _shard_bytes(out), server.total_hits()
+    other = write_list(tmp_path / "second.parquet", make(urls), [None] * len(make(urls)))
+    with pytest.raises(WouldOverwrite, match=rf"shard {clash} in .*another URL list.*--out.*--overwrite"):
+        crawl(other, out, fast_config(shard_size=shard_size), progress=False)
+    with pytest.raises(WouldOverwrite):  # a flow's mapper plans the shards itself: refused alike, before any task
+        stage_runner.run_crawl(str(other), str(out), fast_config(shard_size=shard_size),
+                               map_shards=stage_runner.in_process, progress=False)
+    assert (_shard_bytes(out), server.total_hits()) == (before, hits)  # nothing deleted, nothing asked
+    replaced = crawl(other, out, fast_config(shard_size=shard_size), progress=False, overwrite=True)
+    assert replaced.shards and not all(r.skipped for r in replaced.shards)
+    rows = pq.read_table(sorted(out.glob("*.parquet")), columns=["url"])["url"].to_pylist()
+    assert rows[:len(make(urls))] == make(urls)
+
+
+def test_the_same_list_resumes_and_a_grown_list_extends_without_overwrite(server, tmp_path):
+    urls, url_list, out = _first_list(server, tmp_path, "grown")
+    (out / "00001.parquet").unlink()  # a shard a killed run did not commit is redone, not refused
+    assert [r.skipped for r in crawl(url_list, out, fast_config(shard_size=2), progress=False).shards] == \
+        [True, False, True]
+    # new captions and acceptance limits: the same URLs, so the shards are redone, not refused
+    captions, config = [f"new {i}" for i in range(5)], fast_config(shard_size=2, max_bytes=MAX_BYTES - 1)
+    assert not any(r.skipped for r in crawl(write_list(url_list, urls, captions), out, config, progress=False).shards)
+    grown = urls + [server.url(f"/a.jpg?grown={i}") for i in (5, 6)]
+    done = crawl(write_list(tmp_path / "grown.parquet", grown, captions + [None, None]), out, config, progress=False)
+    assert [r.skipped for r in done.shards] == [True, True, False, False]  # the partial last shard grew
+    assert pq.read_table(out / "00002.parquet")["url"].to_pylist() == grown[4:6]
+
+
+def test_the_cli_refuses_another_list_in_one_line_and_overwrite_replaces(server, tmp_path):
+    urls, _, out = _first_list(server, tmp_path, "cli")
+    other = write_list(tmp_path / "other.parquet", [u.replace("/a.jpg", "/c.webp") for u in urls], [None] * 5)
+    args = ("crawl", str(other), "--out", str(out), "--shard-size", "2", "--allow-private", "--retries", "0")
+    refused = run_cli(*args)
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert refused.stderr.count("\n") == 1 and "--overwrite" in refused.stderr and "00000" in refused.stderr
+    replaced = run_cli(*args, "--overwrite")
+    assert replaced.returncode == 0, replaced.stderr
+    assert "3 shard(s) crawled" in replaced.stdout
+    assert "--overwrite" in run_cli("crawl", "--help").stdout
 
 
 def test_a_crash_mid_shard_leaves_no_files(server, tmp_path):

@@ -16,6 +16,7 @@ from curation import catalog
 from curation.dup_verify import MAX_RESIDUAL, PixelCheckError, load_thumbnails, pair_residuals, thumbnail
 from curation.embed import embed
 from curation.embedders import EmbedderError, make_embedder
+from curation.errors import WouldOverwrite
 from curation.index import (
     BadIndexConfig,
     IndexConfig,
@@ -32,7 +33,9 @@ from curation.index import (
 )
 from curation.ingest import ingest
 from curation.select import SelectConfig, select
-from curation.workspace import Workspace
+from curation.workspace import Workspace, read_parquet_metadata
+from flows.cli import main
+from flows.stage_runner import run_knn_score
 
 from .conftest import encode, noise_image, run_cli, write_tar
 
@@ -293,6 +296,85 @@ def test_knn_kmeans_and_knn_scores(dup_crawl):
     top = catalog.query(ws, "SELECT key FROM knn_scores JOIN samples USING (sample_id) WHERE name = 'near_0301' "
                             "ORDER BY knn_sim DESC LIMIT 2").to_pylist()
     assert {family[r["key"]] for r in top} == {family[near_key]}
+
+
+FIRST_KEYS = "SELECT sample_id FROM samples WHERE key < '0005'"
+# another definition under a taken name: (the run's arguments, how the refusal names the change)
+OTHER_KNN = {
+    "another query": ({"sql": "SELECT sample_id FROM samples WHERE key < '0009'"}, "reference {'sql'"),
+    "another k": ({"sql": FIRST_KEYS, "k": 3}, "k 5 -> 3"),
+    "prompts instead": ({"prompts": ["a photo"]}, "reference {'sql': .* -> {'prompts'"),
+}
+
+
+@pytest.mark.parametrize("case", OTHER_KNN)
+def test_a_knn_score_of_another_reference_set_is_refused_unless_overwrite(dup_crawl, case):
+    ws, _ = dup_crawl
+    name = f"taken{list(OTHER_KNN).index(case)}"
+    run_knn_score(ws, name, EMB, sql=FIRST_KEYS)
+    path = ws.root / "knn_scores" / f"{name}.parquet"
+    before = path.read_bytes()
+    args, named = OTHER_KNN[case]
+    kw = {"k": 5, "trust_model_code": True} | args
+    with pytest.raises(WouldOverwrite, match=rf"kNN score '{name}' exists.*{named}.*--overwrite"):
+        run_knn_score(ws, name, EMB, **kw)
+    with pytest.raises(WouldOverwrite):  # the library call refuses alike
+        knn_score(ws, EMB, name, vectors_of(ws, EMB, [catalog.query(ws, "SELECT min(sample_id) AS s FROM samples")
+                                                       ["s"][0].as_py()]), description="something else")
+    assert path.read_bytes() == before
+    assert run_knn_score(ws, name, EMB, sql=FIRST_KEYS)["reference"] == 5  # the same one: recomputed, not refused
+    if "prompts" in args:  # past the name, the teacher embedder itself refuses prompts: it has no text tower
+        with pytest.raises(EmbedderError, match="no text tower"):
+            run_knn_score(ws, name, EMB, **kw, overwrite=True)
+        return
+    replaced = run_knn_score(ws, name, EMB, **kw, overwrite=True)
+    assert read_parquet_metadata(path)["definition"]["k"] == replaced["k"] == kw["k"]
+    with pytest.raises(WouldOverwrite):
+        run_knn_score(ws, name, EMB, sql=FIRST_KEYS)
+
+
+def test_a_knn_score_of_images_is_known_by_their_bytes_not_their_folder(dup_crawl, tmp_path):
+    ws, _ = dup_crawl
+    folder = tmp_path / "targets"
+    (folder / "seven").mkdir(parents=True)
+    _field(7).save(folder / "seven" / "a.png")
+    _field(8).save(folder / "b.png")
+    run_knn_score(ws, "by-images", EMB, images=str(folder), trust_model_code=True)
+    moved = folder.rename(tmp_path / "moved")
+    assert run_knn_score(ws, "by-images", EMB, images=str(moved), trust_model_code=True)["reference"] == 2
+    _field(9).save(moved / "b.png")  # other pixels under the same name: another reference set
+    with pytest.raises(WouldOverwrite, match="images_sha256"):
+        run_knn_score(ws, "by-images", EMB, images=str(moved), trust_model_code=True)
+
+
+def test_a_knn_score_from_before_definitions_is_judged_by_its_description(dup_crawl):
+    ws, _ = dup_crawl
+    run_knn_score(ws, "old", EMB, sql=FIRST_KEYS)
+    path = ws.root / "knn_scores" / "old.parquet"
+    table = pq.read_table(path)
+    meta = {k: v for k, v in table.schema.metadata.items() if k != b"definition"}
+    pq.write_table(table.replace_schema_metadata(meta), path)
+    assert "definition" not in read_parquet_metadata(path)
+    assert run_knn_score(ws, "old", EMB, sql=FIRST_KEYS)["reference"] == 5
+    pq.write_table(table.replace_schema_metadata(meta), path)
+    with pytest.raises(WouldOverwrite, match="another reference set"):
+        run_knn_score(ws, "old", EMB, sql="SELECT sample_id FROM samples WHERE key = '0001'")
+
+
+def test_knn_score_cli_refuses_in_one_line_and_overwrite_replaces(dup_crawl, capsys):
+    ws, _ = dup_crawl
+    base = ["knn-score", "-w", str(ws.root), "--embedder", EMB, "--name", "cli-taken"]
+    assert main([*base, "--sql", FIRST_KEYS]) == 0
+    capsys.readouterr()
+    other = [*base, "--sql", "SELECT sample_id FROM samples WHERE key = '0002'"]
+    assert main(other) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'cli-taken' exists" in err and "--overwrite" in err
+    assert main([*other, "--overwrite"]) == 0
+    assert "against 1 reference" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["knn-score", "--help"])
+    assert "--overwrite" in capsys.readouterr().out
 
 
 @pytest.mark.slow  # a dozen CLI processes, each loading torch

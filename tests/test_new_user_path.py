@@ -140,3 +140,51 @@ def test_a_workspace_copied_elsewhere_with_its_teacher_redoes_nothing(small_craw
     assert (embedded["embedded"], embedded["skipped"]) == (0, shards)
     assert (scored["scored"], scored["skipped"]) == (0, shards)
     assert (moved.root / "scores" / "r1" / "run.json").read_text() == run_json
+
+
+# --- a workspace moved or copied elsewhere keeps its students -------------------------------------
+
+STUDENT_OPTIONS = {"student": "tiny_cnn", "loss": {"method": "kd"}, "teacher_mode": "stored", "epochs": 1,
+                   "batch_size": 16, "lr": 0.05, "nproc": 1, "workers": 0}  # what the CLI line below builds
+STUDENT_ARGS = ["--selection", "few", "--student", "tiny_cnn", "--batch-size", "16", "--loader-workers", "0",
+                "--name", "s1"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["copied", "moved"])
+def test_a_workspace_copied_or_moved_elsewhere_keeps_its_finished_student(small_crawl, tmp_path, how):
+    """A finished student (tiny_cnn, 1 epoch, 32 samples, an eval set beside the workspace), then the
+    folder copied or moved: `distill` there sees the same job (no WouldOverwrite), and so does the
+    pipeline's overwrite=True: neither retrains. Another config there is still refused."""
+    from curation.ingest import ingest as ingest_shards
+    from curation.score import ScoreConfig, score
+    from curation.select import SelectConfig, select
+
+    first = tmp_path / "a"
+    shutil.copytree(small_crawl / "eval", first / "eval")
+    ws = Workspace(first / "ws")
+    ingest_shards(ws, [str(small_crawl / "crawl")], workers=1, progress=False)
+    score(ws, ScoreConfig(teacher="tests.models_for_tests:thumbnail", name="r1", batch_size=128, workers=0,
+                          odin=False, trust_model_code=True), progress=False)
+    catalog.refresh(ws)
+    select(ws, SelectConfig(name="few", sql="SELECT sample_id FROM candidates ORDER BY sample_id LIMIT 32"))
+    eval_set = "eval/mnist-test.tar"
+    trained = stage_runner.run_distill(str(ws.root), "s1", "few", STUDENT_OPTIONS | {"eval": str(first / eval_set)})
+    assert trained["steps"] >= 1 and not trained.get("resumed_from_step")
+    metrics = (ws.root / "students" / "s1" / "metrics.jsonl").read_bytes()
+
+    second = tmp_path / "b"
+    (shutil.copytree if how == "copied" else shutil.move)(first, second)
+    there = second / "ws"
+    again = run_cli("distill", "-w", str(there), *STUDENT_ARGS, "--epochs", "1", "--eval", str(second / eval_set))
+    assert again.returncode == 0, again.stderr
+    summary = json.loads((there / "students" / "s1" / "summary.json").read_text())
+    assert summary["resumed_from_step"] == trained["steps"] == summary["steps"]  # resumed at its end: no training
+    assert summary["selection_sha256"] == trained["selection_sha256"]
+    # the pipeline's distill (overwrite=True) keeps it too: it deleted and retrained every student before
+    kept = stage_runner.run_distill(str(there), "s1", "few", STUDENT_OPTIONS | {"eval": str(second / eval_set)},
+                                    overwrite=True)
+    assert kept["resumed_from_step"] == trained["steps"]
+    assert (there / "students" / "s1" / "metrics.jsonl").read_bytes() == metrics
+    refused = run_cli("distill", "-w", str(there), *STUDENT_ARGS, "--epochs", "2", "--eval", str(second / eval_set))
+    assert refused.returncode == 2 and "'s1' exists" in refused.stderr and "--overwrite" in refused.stderr

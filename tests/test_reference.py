@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from curation import catalog
+from curation.errors import WouldOverwrite
 from curation.ingest import ingest
 from curation.reference import MEMBERS, ReferenceError, build_reference, pick
 from curation.score import BatchScorer, ScoreConfig, ScoreError
@@ -208,9 +209,12 @@ def test_the_score_stage_records_its_reference_set(small_crawl, small_teacher, t
     assert json.loads(logged[-1])["reference"] == ref
     # nothing changed: pass 2 is skipped and the summary still tells the set
     assert run_score(ws, config)["reference"] == ref
-    # the user's target images: the run's Mahalanobis column changes with it
-    folder = run_score(ws, ScoreConfig(teacher=str(small_teacher), name="cnn", batch_size=128, workers=0, odin=False,
-                                       reference=str(target_dir[0])))
+    # the user's target images: another run under this name, so only with overwrite; its Mahalanobis column changes
+    targets = ScoreConfig(teacher=str(small_teacher), name="cnn", batch_size=128, workers=0, odin=False,
+                          reference=str(target_dir[0]))
+    with pytest.raises(WouldOverwrite, match="'cnn' exists.*reference 'agreement' -> "):
+        run_score(ws, targets)
+    folder = run_score(ws, targets, overwrite=True)
     assert folder["reference"]["kind"] == "folder" and folder["reference"]["size"] == 6
     assert any("huge.png" in n for n in folder["notes"])
     catalog.refresh(ws)
