@@ -8,7 +8,7 @@ per-sample columns where higher = more in-distribution (`schemas.SCORE_COLUMNS` 
     scores/<run>/head.npz                 W and b of the teacher's last Linear (ReAct's logits in pass 2)
     scores/<run>/<shard>.parquet          the final rows (view `scores`): pass 1 + the pool-wide scores
     scores/<run>/run.json                 the run's config and summary
-    scores/<run>/owner.json               the config that owns the name (written when a run starts)
+    scores/<run>/owner.json               the config that owns the name (written once its models load)
 
 Pass 1 works shard by shard and is skipped for shards already scored with the same inputs and
 config; SCALE and ASH need one sample's features only, so they are pass 1's. Pass 2 needs the
@@ -304,6 +304,7 @@ def score_pass1(ws: Workspace, config: ScoreConfig, progress: bool = True,
     if not todo:
         return summary
     scorer = BatchScorer(config)
+    record_owner(ws, config)
     summary.teacher = teacher_info(scorer)
     scorer.feature_note = None  # what the probe batch showed, the first real batch shows again
     _write_head(run, scorer.head)
@@ -493,6 +494,7 @@ def finish(ws: Workspace, config: ScoreConfig, summary: ScoreSummary, started: d
                         if not (_run_dir(ws, config.name) / "pass1" / f"{j.shard}.parquet").exists()]
     if len(summary.unscored) == len(shard_jobs(ws)):
         raise ScoreError("no shard could be scored")
+    record_owner(ws, config)  # also when pass 1 had nothing left to do (a pass-2 change, models moved)
     score_pass2(ws, config, summary)
     run = _run_dir(ws, config.name)
     previous, identity = read_run(ws, config.name), run_identity(config)
@@ -541,20 +543,33 @@ def _same_run(owner: dict, identity: str, config: dict) -> bool:
 
 
 def claim_run(ws: Workspace, config: ScoreConfig, overwrite: bool = False) -> None:
-    """Take the run name for this config before any work: a name another teacher or settings hold is
+    """Check the run name for this config before any work: a name another teacher or settings hold is
     refused (WouldOverwrite) unless `overwrite` (selections read it by name). The same config (a rerun,
-    one after a crash, or the same models moved) keeps the name and resumes."""
+    one after a crash, or the same models moved) keeps the name and resumes. Nothing is written here:
+    pass 1 records the owner once its models have loaded (record_owner)."""
     run, identity = _run_dir(ws, config.name), run_identity(config)
     new = json.loads(json.dumps(asdict(config), default=str))
     owner = _run_owner(run)
-    if owner and not overwrite and not _same_run(owner, identity, new):
+    if owner and not overwrite and _holds_scores(run) and not _same_run(owner, identity, new):
         old = owner["config"]
         changed = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in new.items()
                    if k not in _HOW_IT_RUNS and old.get(k) != v] or ["the teacher's or student's files"]
         raise would_overwrite(f"scoring run {config.name!r} exists, made with another teacher or settings "
                               f"({', '.join(changed)}); selections read its scores by name")
-    with atomic_path(run / "owner.json") as tmp:
-        tmp.write_text(json.dumps({"identity": identity, "config": new}, indent=2))
+
+
+def record_owner(ws: Workspace, config: ScoreConfig) -> None:
+    """The config that now holds the run name (scores/<run>/owner.json), written once the run's models
+    have loaded: a run refused for its model files leaves no trace."""
+    new = json.loads(json.dumps(asdict(config), default=str))
+    with atomic_path(_run_dir(ws, config.name) / "owner.json") as tmp:
+        tmp.write_text(json.dumps({"identity": run_identity(config), "config": new}, indent=2))
+
+
+def _holds_scores(run: Path) -> bool:
+    """Whether a run under this name scored anything: a run that failed before its first shard (a bad
+    teacher file, an empty pool) holds the name for no one."""
+    return (run / "run.json").is_file() or any((run / "pass1").glob("*.parquet"))
 
 
 def run_identity(config: ScoreConfig) -> str:

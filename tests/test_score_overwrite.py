@@ -87,6 +87,19 @@ def test_a_run_killed_after_its_first_shard_resumes_without_overwrite(small_craw
         run_score(ws, config(odin=False))
 
 
+@pytest.mark.parametrize("bad_teacher", ["missing/teacher.json", "tests.models_for_tests:no_such_factory",
+                                         "distill.models:tiny_student:extra"])
+def test_a_run_that_failed_before_its_first_shard_holds_the_name_for_no_one(small_crawl, tmp_path, bad_teacher):
+    """A bad teacher file or spec fails before any shard: the next run under that name, with any teacher,
+    is not refused (only a run that scored something owns its name)."""
+    ws = Workspace(tmp_path / "ws")
+    ingest(ws, [str(small_crawl / "crawl")], workers=1, progress=False)
+    with pytest.raises(Exception) as failed:
+        score(ws, config(teacher=bad_teacher), progress=False)
+    assert not isinstance(failed.value, WouldOverwrite)
+    assert len(score(ws, config(), progress=False).scored) == 3
+
+
 def test_the_same_teacher_moved_is_the_same_run(small_crawl, small_teacher, tmp_path):
     ws = Workspace(tmp_path / "ws")
     ingest(ws, [str(small_crawl / "crawl")], workers=1, progress=False)
