@@ -200,31 +200,36 @@ def pair_residuals(thumbs_a: np.ndarray, thumbs_b: np.ndarray, max_crop: float =
     stops there and gets +inf."""
     if thumbs_a.shape != thumbs_b.shape:
         raise PixelCheckError(f"thumbnail batches differ in shape: {thumbs_a.shape} vs {thumbs_b.shape}")
-    a_full, b_full = _as_batch(thumbs_a), _as_batch(thumbs_b)
-    n = a_full.shape[0]
+    n = len(thumbs_a)
     out = np.full(n, np.inf, np.float32)
-    alive = torch.arange(n)
+    alive = np.arange(n)
     p = torch.tensor(IDENTITY).repeat(n, 1)
     for side, steps, give_up in LEVELS:
         if len(alive) == 0:
             break
-        side = min(side, a_full.shape[-1])
-        a, b = _resize(a_full[alive], side), _resize(b_full[alive], side)
+        # only the pairs still alive become float, a level at a time: fresh float copies of every
+        # pair's full thumbnails cost more than the coarse levels' arithmetic (page faults)
+        a, b = (_resize(_as_batch(t if len(alive) == n else t[alive]), min(side, t.shape[-1]))
+                for t in (thumbs_a, thumbs_b))
+        side = a.shape[-1]
         b_window = _sample(b, _grid(torch.tensor(IDENTITY).repeat(len(alive), 1), side)[0])
         p = _align(a, b_window.flatten(1), p, steps, max_crop)
         a_window = _sample(a, _grid(p, side)[0])
         if give_up is None:
-            out[alive.numpy()] = _relative_residual(a_window, b_window).numpy()
+            out[alive] = _relative_residual(a_window, b_window).numpy()
             break
         keep = (a_window - b_window).flatten(1).pow(2).mean(1).sqrt() <= give_up
-        alive, p = alive[keep], p[keep]
+        alive, p = alive[keep.numpy()], p[keep]
     return out
 
 
 def verify_pairs(thumbs: np.ndarray, ok: np.ndarray, i: np.ndarray, j: np.ndarray,
-                 max_residual: float = MAX_RESIDUAL, max_crop: float = MAX_CROP, chunk: int = 2048) -> np.ndarray:
+                 max_residual: float = MAX_RESIDUAL, max_crop: float = MAX_CROP, chunk: int = 512) -> np.ndarray:
     """Which candidate pairs (rows i[k], j[k] of `thumbs`) are near-duplicates on the pixels:
-    relative residual at most `max_residual`. A pair with an unreadable side is never accepted."""
+    relative residual at most `max_residual`. A pair with an unreadable side is never accepted.
+
+    Chunks stay small (512 pairs: 8 MB of float thumbnails a side): memory the allocator must
+    fault in fresh can cost more than the coarse levels' arithmetic."""
     accepted = np.zeros(len(i), bool)
     todo = np.flatnonzero(ok[i] & ok[j])
     threads = torch.get_num_threads()
