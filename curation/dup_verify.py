@@ -24,9 +24,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from tqdm import tqdm
 
 from .errors import ShardReadError, WebdistillError
 from .parallel import map_shards
+from .progress import bar_disabled
 from .shards import TruncatedShard, iter_samples, open_stored_shard
 
 THUMB_SIDE = 64  # side of the stored grayscale thumbnails
@@ -224,7 +226,8 @@ def pair_residuals(thumbs_a: np.ndarray, thumbs_b: np.ndarray, max_crop: float =
 
 
 def verify_pairs(thumbs: np.ndarray, ok: np.ndarray, i: np.ndarray, j: np.ndarray,
-                 max_residual: float = MAX_RESIDUAL, max_crop: float = MAX_CROP, chunk: int = 512) -> np.ndarray:
+                 max_residual: float = MAX_RESIDUAL, max_crop: float = MAX_CROP, chunk: int = 512,
+                 progress: bool = False) -> np.ndarray:
     """Which candidate pairs (rows i[k], j[k] of `thumbs`) are near-duplicates on the pixels:
     relative residual at most `max_residual`. A pair with an unreadable side is never accepted.
 
@@ -235,10 +238,12 @@ def verify_pairs(thumbs: np.ndarray, ok: np.ndarray, i: np.ndarray, j: np.ndarra
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # many small ops per batch: measured 3-8x faster than 2 threads on 2 cores
     try:
-        with torch.no_grad():
+        with torch.no_grad(), tqdm(total=len(todo), desc="pixel check", unit="pair",
+                                   disable=bar_disabled(progress)) as bar:
             for start in range(0, len(todo), chunk):
                 k = todo[start : start + chunk]
                 accepted[k] = pair_residuals(thumbs[i[k]], thumbs[j[k]], max_crop) <= max_residual
+                bar.update(len(k))
     finally:
         torch.set_num_threads(threads)
     return accepted

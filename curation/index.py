@@ -370,7 +370,7 @@ def leader_clusters(n: int, i: np.ndarray, j: np.ndarray, order: np.ndarray) -> 
 
 
 def _pixel_labels(ei: np.ndarray, ej: np.ndarray, sim: np.ndarray, samples: pa.Table, images: _Images,
-                  area: np.ndarray, config: IndexConfig, workers: int) -> tuple[np.ndarray, dict]:
+                  area: np.ndarray, config: IndexConfig, workers: int, progress: bool) -> tuple[np.ndarray, dict]:
     """The leader of every image, from candidate pairs verified on the pixels.
 
     Identical bytes are one image, so they always share a cluster, each image is decoded once, and
@@ -383,14 +383,15 @@ def _pixel_labels(ei: np.ndarray, ej: np.ndarray, sim: np.ndarray, samples: pa.T
     ei, ej = ei[keep], ej[keep]
     located = samples.select(["shard_url", "key", "ext"]).take(rep).to_pylist()
     thumbs, ok = dup_verify.load_thumbnails([(s["shard_url"], s["key"], s["ext"]) if s["shard_url"] else None
-                                             for s in located], workers=workers)
+                                             for s in located], workers=workers, progress=progress)
     del located
     read_done = time.perf_counter()
     readable = np.flatnonzero(ok)  # images that could not be read again are never verified
     ti, tj = _thumbnail_pairs(thumbs[readable], config)
     ci, cj = _unique_pairs(np.concatenate([ei, readable[ti]]), np.concatenate([ej, readable[tj]]), n_images)
     search_done = time.perf_counter()
-    verified = dup_verify.verify_pairs(thumbs, ok, ci, cj, config.dup_max_residual, config.dup_max_crop)
+    verified = dup_verify.verify_pairs(thumbs, ok, ci, cj, config.dup_max_residual, config.dup_max_crop,
+                                       progress=progress)
     leader = leader_clusters(n_images, ci[verified], cj[verified], np.lexsort((images.id_rank[rep], -area[rep])))
     stats = {"pairs": int(verified.sum()), "candidates": int(len(ci)), "candidates_from_embedding": int(len(ei)),
              "unreadable": int((~ok).sum()), "read_seconds": round(read_done - started, 3),
@@ -399,14 +400,16 @@ def _pixel_labels(ei: np.ndarray, ej: np.ndarray, sim: np.ndarray, samples: pa.T
     return leader, stats
 
 
-def near_duplicates(ws: Workspace, embedder: str, config: IndexConfig = DEFAULT_CONFIG, workers: int = 1) -> dict:
+def near_duplicates(ws: Workspace, embedder: str, config: IndexConfig = DEFAULT_CONFIG, workers: int = 1,
+                    progress: bool = False) -> dict:
     """Near-duplicate clusters, one row per sample; identical bytes always share a cluster.
 
     Candidates: each distinct image's at most `dup_max_neighbors` nearest images at cosine >=
     dup_threshold, so memory grows with the pool, never with the pairs above the threshold.
     verify="pixels": candidate pairs (embedding and thumbnails) confirmed on the pixels, clustered
-    around the largest image; `workers` processes read the shards. verify="none": connected
-    components of the embedding pairs."""
+    around the largest image; `workers` processes read the shards; `progress` shows bars for the
+    reading and the pixel check (minutes on a large pool). verify="none": connected components of
+    the embedding pairs."""
     index, ids, meta = open_index(ws, embedder, config.nprobe)
     out = ws.owned("dups", f"{embedder}.parquet", what="embedder")
     stamp = config_hash({"index": meta["stamp"], "dups": config.dups_part(), "version": DUPS_VERSION})
@@ -429,7 +432,7 @@ def near_duplicates(ws: Workspace, embedder: str, config: IndexConfig = DEFAULT_
     area = (pc.fill_null(samples["width"], 0).to_numpy().astype(np.int64)
             * pc.fill_null(samples["height"], 0).to_numpy().astype(np.int64))
     if config.verify == "pixels":
-        image_label, stats = _pixel_labels(ei, ej, sim, samples, images, area, config, workers)
+        image_label, stats = _pixel_labels(ei, ej, sim, samples, images, area, config, workers, progress)
     else:
         graph = coo_matrix((np.ones(len(ei), np.int8), (ei, ej)), shape=(len(images.rep_row),) * 2)
         image_label, stats = connected_components(graph, directed=False)[1], {"pairs": int(len(ei))}

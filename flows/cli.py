@@ -389,7 +389,7 @@ def _index_config(args: argparse.Namespace):
 def cmd_index(args: argparse.Namespace) -> int:
     ws = resolve_workspace(args.workspace)
     config = _index_config(args)
-    out = stage_runner.run_index(ws, args.embedder, config, workers=args.workers, say=_progress_line)
+    out = stage_runner.run_index(ws, args.embedder, config, workers=args.workers, say=_progress_line, progress=True)
     meta, dups = out["index"], out["dups"]
     print(f"index {meta['embedder']}: {meta['kind']} index of {meta['size']} vectors (dim {meta['dim']})"
           + (" unchanged" if meta["skipped"] else f" built in {meta['seconds']:.1f}s"))

@@ -225,10 +225,10 @@ def run_embed(ws: Workspace, embedder: str = "open_clip:ViT-S-32", pretrained: s
 # --- index, near-duplicates, k-means, kNN scores ---------------------------------------------
 
 def run_index(ws: Workspace, embedder: str = "open_clip:ViT-S-32", config=None, workers: int = 2,
-              say=None) -> dict:
+              say=None, progress: bool = False) -> dict:
     """The FAISS index, near-duplicate clusters and k-means clusters of one embedder's vectors
     (config: an IndexConfig, or a dict of its fields). `say` gets a line as each phase starts (the
-    CLI prints them: on a large pool each phase takes minutes)."""
+    CLI prints them: on a large pool each phase takes minutes); `progress`: bars in the pixel check."""
     from curation.embedders import embedder_dir_name
     from curation.index import (
         IndexConfig,
@@ -245,7 +245,7 @@ def run_index(ws: Workspace, embedder: str = "open_clip:ViT-S-32", config=None, 
     meta = build_index(ws, name, config)
     say(f"index {name}: 2/3 near-duplicate clusters (nearest look-alikes, then "
         + ("their pixels compared)" if config.verify == "pixels" else "no pixel check)"))
-    dups = near_duplicates(ws, name, config, workers=workers)
+    dups = near_duplicates(ws, name, config, workers=workers, progress=progress)
     say(f"index {name}: 3/3 k-means clusters (k={config.kmeans_k})")
     clusters = kmeans_clusters(ws, name, config)
     summary = {"index": meta, "dups": dups, "kmeans_k": clusters["k"]}

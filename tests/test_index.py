@@ -13,7 +13,14 @@ import webdataset as wds
 from PIL import Image, ImageDraw
 
 from curation import catalog
-from curation.dup_verify import MAX_RESIDUAL, PixelCheckError, load_thumbnails, pair_residuals, thumbnail
+from curation.dup_verify import (
+    MAX_RESIDUAL,
+    PixelCheckError,
+    load_thumbnails,
+    pair_residuals,
+    thumbnail,
+    verify_pairs,
+)
 from curation.embed import embed
 from curation.embedders import EmbedderError, make_embedder
 from curation.errors import WouldOverwrite
@@ -189,6 +196,42 @@ def test_pixel_check_accepts_a_crop_and_rejects_distinct_look_alikes():
     rejected = pair_residuals(np.stack([original, reframed, stripes, logo]),
                               np.stack([reframed, original, logo, stripes]))
     assert (rejected > 2 * MAX_RESIDUAL).all(), rejected  # ... but they are far from near-duplicates
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:  # tqdm hides its bar on anything else
+        return True
+
+
+def test_verify_pairs_is_the_same_in_any_chunking_and_shows_its_progress(monkeypatch):
+    # pairs drop out of the coarse levels at different points: the survivors of each chunk must be
+    # kept apart from the rest whatever the chunk size (the pairs become float only while alive)
+    photo = Image.fromarray(skimage.data.astronaut()).resize((320, 320), Image.BICUBIC)
+    shirt = _garment("stripes")
+    thumbs = np.stack([thumbnail(_jpeg(photo, 90)),
+                       thumbnail(_jpeg(_crop_resize(photo, (0.05, 0.02, 0.04, 0.06), 0.75), 60)),
+                       thumbnail(_jpeg(shirt, 90)),
+                       thumbnail(_jpeg(_crop_resize(shirt, (0.03, 0.02, 0.04, 0.05), 0.7), 55)),
+                       thumbnail(_jpeg(_garment("logo"), 90)),
+                       thumbnail(_jpeg(_crop_resize(photo, (0.15, 0.0, 0.0, 0.15), 1.0), 90)),
+                       np.zeros((64, 64), np.uint8)])
+    ok = np.array([True] * 6 + [False])  # the last one could not be read
+    i = np.array([0, 2, 0, 2, 1, 3, 0, 4, 6, 0, 5, 1])
+    j = np.array([1, 3, 2, 4, 0, 2, 5, 3, 0, 3, 1, 4])
+    want = [True, True, False, False, True, True, False, False, False, False, False, False]
+    for chunk in (1, 2, 3, 5, 512):
+        assert verify_pairs(thumbs, ok, i, j, chunk=chunk).tolist() == want, chunk
+    stderr = _Terminal()
+    monkeypatch.setattr("sys.stderr", stderr)
+    verify_pairs(thumbs, ok, i, j, chunk=4, progress=True)
+    assert "pixel check" in stderr.getvalue() and "11/11" in stderr.getvalue()  # the unreadable pair is skipped
+    for quiet in ({"progress": False}, {"progress": True, "env": "0"}):
+        stderr = _Terminal()
+        monkeypatch.setattr("sys.stderr", stderr)
+        if "env" in quiet:
+            monkeypatch.setenv("WEBDISTILL_PROGRESS", quiet["env"])  # what `webdistill -q` sets
+        verify_pairs(thumbs, ok, i, j, progress=quiet["progress"])
+        assert stderr.getvalue() == ""
 
 
 def test_thumbnails_flag_what_cannot_be_read(tmp_path):
