@@ -474,12 +474,26 @@ def student_weights(summary: dict) -> str:
     return summary.get("state_dict") or str(Path(summary["checkpoint"]).with_name("student.pt"))
 
 
+def _finished_here(out: Path) -> dict | None:
+    """The summary of a run that finished in `out`, if the student files it names are there: the job is
+    then not launched again. (A resumed job would rewrite them, and torch.save's bytes differ from save
+    to save, so every scoring run keyed on this student would redo its work.) A run moved from
+    elsewhere names its old paths: it is launched, resumes at its end, and records the new ones."""
+    try:
+        summary = json.loads((out / "summary.json").read_text())
+        files = [Path(summary["checkpoint"]), Path(student_weights(summary))]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return summary if all(f.parent == out and f.is_file() for f in files) else None
+
+
 def run_distill(ws_root: str, name: str, selection: str, options: dict, init_from: str | None = None,
                 stream=None, overwrite: bool = False) -> dict:
     """Write the job's config under students/<name>/, run it under torchrun, record the student.
     Both names pass `Workspace.owned`: the job writes, and a changed run deletes, only under students/.
     A run of that name with another config or another selection content is refused (WouldOverwrite)
-    unless `overwrite`; the same job resumes, also from a workspace copied or moved elsewhere."""
+    unless `overwrite`; the same job resumes, also from a workspace copied or moved elsewhere, and a
+    finished one is not launched again."""
     from distill.config import config_from_dict
     from distill.launch import launch
 
@@ -491,7 +505,11 @@ def run_distill(ws_root: str, name: str, selection: str, options: dict, init_fro
     nproc = int(options.get("nproc", 1))
     config_from_dict(job, out)  # a bad key, student or loss is one line here, not a failed torchrun job
     out.mkdir(parents=True, exist_ok=True)
-    if distill_job_changed(job, out, manifest):
+    changed = distill_job_changed(job, out, manifest)
+    if not changed and (finished := _finished_here(out)):
+        catalog.record_student(ws, finished | {"selection": selection})
+        return finished
+    if changed:
         if not overwrite:
             raise would_overwrite(f"student run {name!r} exists, trained with another config or on other "
                                   f"contents of selection {selection!r}")

@@ -172,6 +172,12 @@ def test_a_workspace_copied_or_moved_elsewhere_keeps_its_finished_student(small_
     trained = stage_runner.run_distill(str(ws.root), "s1", "few", STUDENT_OPTIONS | {"eval": str(first / eval_set)})
     assert trained["steps"] >= 1 and not trained.get("resumed_from_step")
     metrics = (ws.root / "students" / "s1" / "metrics.jsonl").read_bytes()
+    files = {f: (ws.root / "students" / "s1" / f).read_bytes() for f in ("student.pt", "student.pt2", "job.log")}
+    same = stage_runner.run_distill(str(ws.root), "s1", "few", STUDENT_OPTIONS | {"eval": str(first / eval_set)})
+    # finished: not launched again (no second attempt in job.log), so the student keeps its bytes and
+    # a scoring run keyed on them (the next round's) is not redone
+    assert same == trained
+    assert all((ws.root / "students" / "s1" / f).read_bytes() == b for f, b in files.items())
 
     second = tmp_path / "b"
     (shutil.copytree if how == "copied" else shutil.move)(first, second)
