@@ -318,25 +318,31 @@ def top_k_per_sample(i: np.ndarray, j: np.ndarray, score: np.ndarray, k: int) ->
     return (rank[: len(i)] < k) | (rank[len(i) :] < k)
 
 
-def _thumbnail_pairs(thumbs: np.ndarray, config: IndexConfig, dims: int = 64,
+def _thumbnail_pairs(thumbs: np.ndarray, rows: np.ndarray, config: IndexConfig, dims: int = 64,
                      chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-    """Each image and its `dup_neighbours` nearest images by blurred thumbnail, whole or centre
-    (a crop's whole matches its original's centre), through the same FAISS path as the index."""
-    n = len(thumbs)
+    """Each of the images `thumbs[rows]` and its `dup_neighbours` nearest of them by blurred
+    thumbnail, whole or centre (a crop's whole matches its original's centre), through the same FAISS
+    path as the index; pairs of positions in `rows`. The thumbnails are read a chunk at a time where
+    they lie: a copy of the selected ones would double the largest array of the pixel check."""
+    n = len(rows)
     if n < 2:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
+
+    def descriptors(positions: np.ndarray):
+        """(offset, (whole, centre)) a chunk at a time: descriptors are float, only their projections
+        stay; small chunks reuse the allocator's memory instead of faulting in fresh pages (slow here)."""
+        for start in range(0, len(positions), chunk):
+            yield start, dup_verify.descriptors(thumbs[rows[positions[start : start + chunk]]])
+
     # an uncentred SVD basis keeps inner products (so cosine search still means something) in fewer dims
     picked = np.random.default_rng(config.seed).choice(n, min(n, 20_000), replace=False)
-    sample = dup_verify.descriptors(thumbs[picked])[0]
+    sample = np.concatenate([whole for _, (whole, _) in descriptors(picked)])
     # its right singular vectors, from the small Gram matrix: a full SVD also builds the sample's
     # (20,000 x 256) left vectors, 10x slower for nothing
     eigenvalues, eigenvectors = np.linalg.eigh(sample.T.astype(np.float64) @ sample)
     basis = np.ascontiguousarray(eigenvectors[:, np.argsort(eigenvalues)[::-1][:dims]], np.float32)
     whole, centre = (np.empty((n, basis.shape[1]), np.float32) for _ in range(2))
-    # descriptors are float: a chunk at a time, only the projections stay; small chunks reuse the
-    # allocator's memory instead of faulting in fresh pages, which is slow on these machines
-    for start in range(0, n, chunk):
-        w, c = dup_verify.descriptors(thumbs[start : start + chunk])
+    for start, (w, c) in descriptors(np.arange(n)):
         whole[start : start + chunk], centre[start : start + chunk] = w @ basis, c @ basis
     faiss.normalize_L2(whole)
     faiss.normalize_L2(centre)
@@ -387,7 +393,7 @@ def _pixel_labels(ei: np.ndarray, ej: np.ndarray, sim: np.ndarray, samples: pa.T
     del located
     read_done = time.perf_counter()
     readable = np.flatnonzero(ok)  # images that could not be read again are never verified
-    ti, tj = _thumbnail_pairs(thumbs[readable], config)
+    ti, tj = _thumbnail_pairs(thumbs, readable, config)
     ci, cj = _unique_pairs(np.concatenate([ei, readable[ti]]), np.concatenate([ej, readable[tj]]), n_images)
     search_done = time.perf_counter()
     verified = dup_verify.verify_pairs(thumbs, ok, ci, cj, config.dup_max_residual, config.dup_max_crop,
