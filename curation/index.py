@@ -375,21 +375,21 @@ def leader_clusters(n: int, i: np.ndarray, j: np.ndarray, order: np.ndarray) -> 
     return leader
 
 
-def _pixel_labels(ei: np.ndarray, ej: np.ndarray, sim: np.ndarray, samples: pa.Table, images: _Images,
+def _pixel_labels(ei: np.ndarray, ej: np.ndarray, samples: pa.Table, images: _Images,
                   area: np.ndarray, config: IndexConfig, workers: int, progress: bool) -> tuple[np.ndarray, dict]:
     """The leader of every image, from candidate pairs verified on the pixels.
 
     Identical bytes are one image, so they always share a cluster, each image is decoded once, and
-    no neighbour slot is spent on a copy. Candidates: each image's `dup_neighbours` most similar
-    embedding pairs (cosine >= dup_threshold) and nearest thumbnails. Clusters are stars around the
-    largest image (see leader_clusters). Pairs are verified a chunk at a time (dup_verify)."""
+    no neighbour slot is spent on a copy. Candidates: the embedding pairs (ei, ej: each image's
+    `dup_neighbours` most similar at cosine >= dup_threshold) and each image's nearest thumbnails.
+    Clusters are stars around the largest image (see leader_clusters). Pairs are verified a chunk at a
+    time (dup_verify)."""
     started = time.perf_counter()
     n_images, rep = len(images.rep_row), images.rep_row
-    keep = top_k_per_sample(ei, ej, sim, config.dup_neighbours)
-    ei, ej = ei[keep], ej[keep]
-    located = samples.select(["shard_url", "key", "ext"]).take(rep).to_pylist()
-    thumbs, ok = dup_verify.load_thumbnails([(s["shard_url"], s["key"], s["ext"]) if s["shard_url"] else None
-                                             for s in located], workers=workers, progress=progress)
+    located = samples.select(["shard_url", "key", "ext"]).take(rep)  # columns as lists: no dict per image
+    located = [(url, key, ext) if url else None
+               for url, key, ext in zip(*(located[c].to_pylist() for c in ("shard_url", "key", "ext")))]
+    thumbs, ok = dup_verify.load_thumbnails(located, workers=workers, progress=progress)
     del located
     read_done = time.perf_counter()
     readable = np.flatnonzero(ok)  # images that could not be read again are never verified
@@ -434,11 +434,14 @@ def near_duplicates(ws: Workspace, embedder: str, config: IndexConfig = DEFAULT_
     if len(x) != len(ids):
         raise IndexMissing(stale)
     ei, ej, sim, capped, examined = _image_pairs(index, x, images, config)
+    embedding_pairs = len(ei)
     del index, x  # the pixel check below needs neither
     area = (pc.fill_null(samples["width"], 0).to_numpy().astype(np.int64)
             * pc.fill_null(samples["height"], 0).to_numpy().astype(np.int64))
     if config.verify == "pixels":
-        image_label, stats = _pixel_labels(ei, ej, sim, samples, images, area, config, workers, progress)
+        keep = top_k_per_sample(ei, ej, sim, config.dup_neighbours)  # each image's best are verified,
+        ei, ej, sim = ei[keep], ej[keep], None  # and the rest freed first (up to 32 an image: 640 MB at 10^6)
+        image_label, stats = _pixel_labels(ei, ej, samples, images, area, config, workers, progress)
     else:
         graph = coo_matrix((np.ones(len(ei), np.int8), (ei, ej)), shape=(len(images.rep_row),) * 2)
         image_label, stats = connected_components(graph, directed=False)[1], {"pairs": int(len(ei))}
@@ -456,7 +459,7 @@ def near_duplicates(ws: Workspace, embedder: str, config: IndexConfig = DEFAULT_
         "candidates_capped": capped[images.of_row],
     })
     summary = {"samples": n, "clusters": n_clusters, "duplicates": n - n_clusters, "threshold": config.dup_threshold,
-               "verify": config.verify, "images": int(len(images.rep_row)), "embedding_pairs": int(len(ei)),
+               "verify": config.verify, "images": int(len(images.rep_row)), "embedding_pairs": int(embedding_pairs),
                "pairs_examined": examined, "max_neighbors": config.dup_max_neighbors,
                "capped_images": int(capped.sum()), **stats, "seconds": round(time.perf_counter() - start, 3)}
     write_parquet_atomic(table, out, {"stamp": stamp, "summary": summary})
