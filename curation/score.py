@@ -499,7 +499,7 @@ def finish(ws: Workspace, config: ScoreConfig, summary: ScoreSummary, started: d
     run = _run_dir(ws, config.name)
     previous, identity = read_run(ws, config.name), run_identity(config)
     if not summary.scored and not summary.finalized and (previous.get("identity") == identity or previous.get(
-            "config") == json.loads(json.dumps(asdict(config), default=str))):
+            "config") == _as_stored(config)):
         return summary  # nothing changed: keep the run's record (and its finished_at) as it is
     if summary.teacher is None:  # every shard was already scored: keep what the last run recorded
         summary.teacher = read_run(ws, config.name).get("teacher") or _describe_teacher(config)
@@ -548,7 +548,7 @@ def claim_run(ws: Workspace, config: ScoreConfig, overwrite: bool = False) -> No
     one after a crash, or the same models moved) keeps the name and resumes. Nothing is written here:
     pass 1 records the owner once its models have loaded (record_owner)."""
     run, identity = _run_dir(ws, config.name), run_identity(config)
-    new = json.loads(json.dumps(asdict(config), default=str))
+    new = _as_stored(config)
     owner = _run_owner(run)
     if owner and not overwrite and _holds_scores(run) and not _same_run(owner, identity, new):
         old = owner["config"]
@@ -561,9 +561,13 @@ def claim_run(ws: Workspace, config: ScoreConfig, overwrite: bool = False) -> No
 def record_owner(ws: Workspace, config: ScoreConfig) -> None:
     """The config that now holds the run name (scores/<run>/owner.json), written once the run's models
     have loaded: a run refused for its model files leaves no trace."""
-    new = json.loads(json.dumps(asdict(config), default=str))
     with atomic_path(_run_dir(ws, config.name) / "owner.json") as tmp:
-        tmp.write_text(json.dumps({"identity": run_identity(config), "config": new}, indent=2))
+        tmp.write_text(json.dumps({"identity": run_identity(config), "config": _as_stored(config)}, indent=2))
+
+
+def _as_stored(config: ScoreConfig) -> dict:
+    """The config as run.json and owner.json read back (paths as strings): what stored ones compare to."""
+    return json.loads(json.dumps(asdict(config), default=str))
 
 
 def _holds_scores(run: Path) -> bool:
