@@ -194,3 +194,28 @@ def test_a_workspace_copied_or_moved_elsewhere_keeps_its_finished_student(small_
     assert (there / "students" / "s1" / "metrics.jsonl").read_bytes() == metrics
     refused = run_cli("distill", "-w", str(there), *STUDENT_ARGS, "--epochs", "2", "--eval", str(second / eval_set))
     assert refused.returncode == 2 and "'s1' exists" in refused.stderr and "--overwrite" in refused.stderr
+
+
+@pytest.mark.parametrize("summary", [
+    {"checkpoint": "/etc/passwd"},                                  # a file outside the run folder
+    {"checkpoint": "{out}/../other/student.json"},                  # a neighbour's run, by ..
+    {"checkpoint": "{out}/student.json", "state_dict": "/etc/hostname"},
+    {"checkpoint": "{out}/missing.json"},                           # named, not there
+    {"checkpoint": 7},
+    [],
+    "not json",
+])
+def test_a_summary_from_elsewhere_never_stands_for_a_finished_run(tmp_path, summary):
+    """A workspace from elsewhere may hold any summary.json: only one whose student files lie in the
+    run's own folder skips the job; anything else launches it (which checks and rewrites it)."""
+    out = tmp_path / "students" / "s1"
+    (tmp_path / "students" / "other").mkdir(parents=True)
+    out.mkdir()
+    for f in ("student.json", "student.pt"):
+        (out / f).write_text("{}")
+        (tmp_path / "students" / "other" / f).write_text("{}")
+    text = summary if isinstance(summary, str) else json.dumps(summary).replace("{out}", str(out))
+    (out / "summary.json").write_text(text)
+    assert stage_runner._finished_here(out) is None
+    (out / "summary.json").write_text(json.dumps({"checkpoint": str(out / "student.json")}))
+    assert stage_runner._finished_here(out) == {"checkpoint": str(out / "student.json")}
