@@ -2,6 +2,9 @@
 
     python bench/scale.py [--sizes 10000 100000] [--stored-sizes 1000000] [--out bench/results/scale]
     python bench/scale.py --quick          # N = 500, 2000; stored 5000 (what CI runs)
+    python bench/scale.py --sizes 1000000 --stored-sizes --work W --keep --stages ingest embed --out A
+    python bench/scale.py --sizes 1000000 --stored-sizes --work W --keep --stages index score select --out B
+    python bench/scale.py --join A.json B.json --out C   # one N measured in two parts, one row
 
 Per N, a crawl from bench/make_scale_crawl.py (10% planted in-domain glyphs), then every stage
 through the CLI in a child process, as a user runs it: its wall time, its peak RSS (the sum over
@@ -294,7 +297,7 @@ def slope(ns: list[int], seconds: list[float]) -> float | None:
 
 
 def run_sizes(sizes: list[int], stored: list[int], work: Path, keep: bool, partial: Path | None = None,
-              decode_workers: int = 1) -> dict:
+              decode_workers: int = 1, stages: tuple[str, ...] = STAGES) -> dict:
     env = os.environ | {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                         "DO_NOT_TRACK": "1"}
     teacher, embedder = write_specs(work / "models")
@@ -307,11 +310,18 @@ def run_sizes(sizes: list[int], stored: list[int], work: Path, keep: bool, parti
 
     for n in sizes:
         crawl, ws = work / f"crawl-{n}", work / f"ws-{n}"
-        shutil.rmtree(ws, ignore_errors=True)
-        made = make_crawl(crawl, n, shard_size=min(10_000, max(250, n // 4)))
+        if "ingest" in stages:
+            shutil.rmtree(ws, ignore_errors=True)
+        elif not ws.is_dir():
+            raise SystemExit(f"--stages {' '.join(stages)} continues the workspace {ws}, which does not exist: "
+                             "run the earlier stages with the same --work and --keep first")
+        # a later stage alone reuses the kept crawl (the same seed writes the same crawl anyway)
+        made = make_crawl(crawl, n, shard_size=min(10_000, max(250, n // 4))) \
+            if "ingest" in stages or not (crawl / "ground_truth.parquet").exists() else {"seconds": None}
         row = {"n": n, "kind": "images", "crawl_seconds": made["seconds"], "stages": {}}
         rows.append(row)
-        for stage, argv in pipeline(ws, crawl, teacher, embedder, n, decode_workers).items():
+        commands = pipeline(ws, crawl, teacher, embedder, n, decode_workers)
+        for stage, argv in ((s, commands[s]) for s in stages):
             row["stages"][stage] = m = measure(argv, env, log)
             m["samples_per_s"] = round(n / m["seconds"], 1)
             save()
@@ -342,8 +352,23 @@ def run_sizes(sizes: list[int], stored: list[int], work: Path, keep: bool, parti
     return summarize(rows, log)
 
 
+def _merged(rows: list[dict]) -> list[dict]:
+    """Rows of one N and kind measured in parts (`--stages`, then `--join`) as one row, stages in order."""
+    merged: dict[tuple, dict] = {}
+    for r in rows:
+        into = merged.setdefault((r["n"], r["kind"]), {**r, "stages": {}})
+        into["stages"].update(r["stages"])
+        if into.get("crawl_seconds") is None:
+            into["crawl_seconds"] = r.get("crawl_seconds")
+    order = {s: i for i, s in enumerate(STAGES)}
+    for r in merged.values():
+        r["stages"] = dict(sorted(r["stages"].items(), key=lambda kv: order.get(kv[0], len(order))))
+    return list(merged.values())
+
+
 def summarize(rows: list[dict], log: Path | str) -> dict:
     """Slopes, totals and the largest N of the rows measured so far (several runs' rows may be joined)."""
+    rows = _merged(rows)
     slopes: dict[str, dict] = {"images": {}, "stored": {}}  # stored score is pass 2 alone: its own fit
     for kind, stages in (("images", STAGES), ("stored", STORED_STAGES)):
         for stage in stages:
@@ -389,6 +414,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--runner", default=None, metavar="SPEC",
                     help="compare runners: the stages as one Prefect flow on the local runner and on SPEC "
                          "(dask://local, dask://HOST:PORT), same crawl, artifacts and speed-up side by side")
+    ap.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES),
+                    help="run only these stages on images (a later one continues the workspace kept by an earlier "
+                         "run with the same --work and --keep); join the parts' results with --join")
     ap.add_argument("--join", nargs="+", default=None, metavar="JSON",
                     help="measure nothing: join the rows of these result files (e.g. runs made in parallel)")
     args = ap.parse_args(argv)
@@ -415,7 +443,8 @@ def main(argv: list[str] | None = None) -> dict:
         work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="webdistill-scale-"))
         partial = Path(args.out + ".partial.json") if args.out else None
         try:
-            result = run_sizes(sizes, stored, work, args.keep, partial, args.decode_workers)
+            result = run_sizes(sizes, stored, work, args.keep, partial, args.decode_workers,
+                               tuple(s for s in STAGES if s in args.stages))
         finally:
             if not args.work and not args.keep:
                 shutil.rmtree(work, ignore_errors=True)
